@@ -1,0 +1,30 @@
+# dfl — every target that runs code installs what it needs first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench lint pretrain-demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: install
+	WANDB_MODE=offline $(BIN)/dfl-train experiment=demo
+
+test: install
+	WANDB_MODE=offline $(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/dfl-bench
+
+lint: install
+	$(BIN)/ruff check dfl datamodules callbacks tests
+
+clean:
+	rm -rf outputs multirun .pytest_cache
