@@ -1,0 +1,3 @@
+from callbacks.loss_weight_balancer import LossWeightBalancer
+
+__all__ = ["LossWeightBalancer"]

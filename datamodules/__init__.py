@@ -1,0 +1,6 @@
+from datamodules.paired_folder import DataError, PairedAudioDataset, PairedFolderDataModule
+
+__all__ = ["DataError", "PairedAudioDataset", "PairedFolderDataModule"]
+from datamodules.synthetic import SyntheticSpeechDataModule  # noqa: E402
+
+__all__ += ["SyntheticSpeechDataModule"]

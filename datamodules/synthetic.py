@@ -1,0 +1,43 @@
+"""The embedded default dataset: synthetic speech in synthetic noise, read as paired folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from datamodules.paired_folder import PairedFolderDataModule
+
+
+class SyntheticSpeechDataModule(PairedFolderDataModule):
+    """Generates (once per settings, deterministically from ``generator_seed``) a paired corpus under
+    ``root`` with :func:`datamodules.synthetic_speech.generate_paired_corpus`, then behaves exactly like
+    :class:`PairedFolderDataModule` on it — so the demo exercises the real file path."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        generator_seed: int = 0,
+        n_train: int = 200,
+        n_val: int = 16,
+        n_test: int = 24,
+        min_seconds: float = 1.0,
+        max_seconds: float = 3.0,
+        snr_range: tuple[float, float] = (-5.0, 20.0),
+        **paired_kwargs,
+    ) -> None:
+        super().__init__(root=root, **paired_kwargs)
+        self.generator_settings = dict(
+            seed=generator_seed,
+            n_train=n_train,
+            n_val=n_val,
+            n_test=n_test,
+            min_seconds=min_seconds,
+            max_seconds=max_seconds,
+            snr_range=tuple(snr_range),
+            sample_rate=self.sample_rate,
+        )
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node before setup(); generation is skipped when up to date.
+        from datamodules.synthetic_speech import generate_paired_corpus
+
+        generate_paired_corpus(self.root, **self.generator_settings)

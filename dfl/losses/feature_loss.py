@@ -1,0 +1,109 @@
+"""The deep feature loss: weighted L1 distance between loss-network activations."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from dfl.models import LossNetwork
+
+log = logging.getLogger(__name__)
+
+RANDOM_LOSSNET_WARNING = (
+    "The loss network is RANDOMLY INITIALISED (no lossnet.checkpoint given). This is a valid "
+    "ablation, not the deep-feature-loss method: pretrain one with `dfl-pretrain` (or import the "
+    "authors' with `dfl-import-tf lossnet`) and pass lossnet.checkpoint=PATH."
+)
+
+
+def build_loss_network(checkpoint: str | None = None, **config) -> LossNetwork:
+    """A frozen-to-be ``LossNetwork``: loaded from ``checkpoint`` if given, else random (with a loud warning).
+
+    A checkpoint carries its own architecture; it wins over ``config`` (differences are logged).
+    """
+    if checkpoint:
+        from dfl.checkpoints import load_model
+
+        net = load_model(os.path.expanduser(str(checkpoint)), "lossnet")
+        differs = {k: (v, net.config.get(k)) for k, v in config.items() if k in net.config and net.config[k] != v}
+        if differs:
+            log.info("lossnet.checkpoint=%s defines the architecture; config values ignored: %s", checkpoint, differs)
+        net.pretrained_from = str(checkpoint)
+        return net
+    net = LossNetwork(**config)
+    net.pretrained_from = None
+    log.warning(RANDOM_LOSSNET_WARNING)
+    import warnings
+
+    warnings.warn(RANDOM_LOSSNET_WARNING, UserWarning, stacklevel=2)
+    return net
+
+
+class FeatureLoss(nn.Module):
+    """Σ_l w_l · mean|φ_l(estimate) − φ_l(target)| over the selected loss-network layers.
+
+    The loss network is frozen (no parameter gets a gradient or changes, BN stays in
+    inference mode unless the network itself normalises with batch statistics), yet
+    gradients flow through it to ``estimate``.
+
+    Args:
+        loss_network: the network φ; ``forward`` must return a list of activations.
+        layers: ``None`` = every layer, an int ``k`` = the first ``k`` layers, or a list of indices.
+        weights: initial per-layer weights (default 1); usually set by ``LossWeightBalancer``.
+
+    ``forward`` returns ``(total, per_layer)`` where ``per_layer`` holds the raw (unweighted)
+    per-layer distances — what the balancer averages.
+    """
+
+    def __init__(
+        self,
+        loss_network: nn.Module,
+        layers: int | Sequence[int] | None = None,
+        weights: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.loss_network = loss_network
+        n_total = len(loss_network.convs) if hasattr(loss_network, "convs") else None
+        if layers is None:
+            if n_total is None:
+                raise ValueError("layers must be given for a loss network without a .convs list")
+            idx = list(range(n_total))
+        elif isinstance(layers, int):
+            idx = list(range(layers))
+        else:
+            idx = [int(i) for i in layers]
+        if not idx or (n_total is not None and (max(idx) >= n_total or min(idx) < 0)):
+            raise ValueError(f"loss.layers={layers!r} does not select layers of a {n_total}-layer loss network")
+        self.layers = idx
+        w = torch.ones(len(idx)) if weights is None else torch.as_tensor(list(weights), dtype=torch.float32)
+        if w.shape != (len(idx),):
+            raise ValueError(f"loss.weights has {w.numel()} values for {len(idx)} layers")
+        self.register_buffer("weights", w.clone())
+        for p in self.loss_network.parameters():
+            p.requires_grad_(False)
+        self.loss_network.eval()
+
+    def train(self, mode: bool = True) -> FeatureLoss:
+        super().train(mode)
+        self.loss_network.eval()  # frozen: running statistics must never move
+        return self
+
+    @property
+    def term_names(self) -> list[str]:
+        return [f"layer_{i}" for i in self.layers]
+
+    def distances(self, estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Raw per-layer mean absolute differences, shape ``[n_layers]``."""
+        depth = max(self.layers) + 1
+        feats_est = self.loss_network(estimate, n_layers=depth)
+        with torch.no_grad():
+            feats_ref = self.loss_network(target, n_layers=depth)
+        return torch.stack([(feats_est[i] - feats_ref[i]).abs().mean() for i in self.layers])
+
+    def forward(self, estimate: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        per_layer = self.distances(estimate, target)
+        return (self.weights * per_layer).sum(), per_layer

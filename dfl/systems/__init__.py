@@ -1,0 +1,3 @@
+from dfl.systems.denoising import DenoisingSystem
+
+__all__ = ["DenoisingSystem"]

@@ -1,0 +1,115 @@
+"""The LightningModule that trains a denoiser with a (feature) loss and validates it with PESQ/STOI/SI-SDR."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+from dfl.checkpoints import model_record
+
+DEFAULT_METRICS = ("pesq", "stoi", "si_sdr")
+
+
+class DenoisingSystem(L.LightningModule):
+    """Denoiser + loss (+ its frozen loss network), Adam, and quality metrics.
+
+    Batches are dicts with ``noisy`` and ``clean`` ``[batch, time]`` tensors (and
+    ``lengths``). Validation/test batches are whole utterances; metrics are computed per
+    utterance with :mod:`dfl.metrics` and averaged over utterances (synchronised across
+    DDP ranks). The unprocessed noisy input is scored once, under ``<stage>/noisy/*``,
+    so the improvement is visible next to ``<stage>/enhanced/*``.
+    """
+
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        loss: nn.Module,
+        lr: float = 1e-4,
+        betas: Sequence[float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        metrics: Sequence[str] = DEFAULT_METRICS,
+        sample_rate: int = 16_000,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["denoiser", "loss"])
+        self.denoiser = torch.compile(denoiser) if compile else denoiser
+        self.loss = loss
+        self.metric_names = list(metrics)
+        self._noisy_scored: set[str] = set()
+
+    @property
+    def plain_denoiser(self) -> nn.Module:
+        return getattr(self.denoiser, "_orig_mod", self.denoiser)
+
+    def forward(self, noisy: torch.Tensor) -> torch.Tensor:
+        return self.denoiser(noisy)
+
+    # -- training -----------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
+        enhanced = self(batch["noisy"])
+        total, per_layer = self.loss(enhanced, batch["clean"])
+        if not torch.isfinite(total):
+            raise FloatingPointError(
+                f"training loss became {total.item()} at epoch {self.current_epoch}, batch {batch_idx}; "
+                "lower model.lr / check the data"
+            )
+        bs = batch["noisy"].shape[0]
+        self.log("train/loss", total, prog_bar=True, batch_size=bs)
+        for name, value in zip(getattr(self.loss, "term_names", []), per_layer):
+            self.log(f"train/feature/{name}", value, batch_size=bs)
+        return {"loss": total, "per_layer": per_layer.detach()}
+
+    def configure_optimizers(self):
+        params = [p for p in self.denoiser.parameters() if p.requires_grad]
+        return torch.optim.Adam(
+            params, lr=self.hparams.lr, betas=tuple(self.hparams.betas), weight_decay=self.hparams.weight_decay
+        )
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def _evaluate(self, batch: dict, stage: str) -> None:
+        from dfl.metrics import MetricFailure, compute_many
+
+        noisy, clean = batch["noisy"], batch["clean"]
+        enhanced = self(noisy)
+        total, per_layer = self.loss(enhanced, clean)
+        self.log(f"{stage}/loss", total, batch_size=noisy.shape[0], sync_dist=True)
+        lengths = batch.get("lengths", torch.full((noisy.shape[0],), noisy.shape[-1]))
+        score_noisy = stage not in self._noisy_scored
+        for i in range(noisy.shape[0]):
+            n = int(lengths[i])
+            ref = clean[i, :n].float().cpu().numpy().astype(np.float64)
+            for kind, signal in (("enhanced", enhanced), ("noisy", noisy)):
+                if kind == "noisy" and not score_noisy:
+                    continue
+                est = signal[i, :n].float().cpu().numpy().astype(np.float64)
+                for name, value in compute_many(self.metric_names, ref, est, self.hparams.sample_rate).items():
+                    if isinstance(value, MetricFailure):
+                        continue  # recorded as missing, never as 0
+                    self.log(f"{stage}/{kind}/{name}", float(value), batch_size=1, sync_dist=True)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._noisy_scored.add("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._noisy_scored.add("test")
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Plain records so `dfl-denoise --model last.ckpt` rebuilds the network safely.
+        records = {"denoiser": model_record("denoiser", self.plain_denoiser)}
+        lossnet = getattr(self.loss, "loss_network", None)
+        if lossnet is not None and hasattr(lossnet, "config"):
+            records["lossnet"] = model_record("lossnet", lossnet)
+        checkpoint["dfl_models"] = records

@@ -1,0 +1,60 @@
+"""``dfl-import-tf {denoiser,lossnet} CKPT_PREFIX -o OUT``: the authors' TF checkpoints → dfl model files."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from dfl.checkpoints import save_model
+from dfl.tf_import.bundle import CheckpointFormatError, TFCheckpoint
+from dfl.tf_import.mapping import TFImportError, import_denoiser, import_lossnet
+
+IMPORTERS = {"denoiser": import_denoiser, "lossnet": import_lossnet}
+
+
+def convert(kind: str, prefix: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Read the TF checkpoint ``prefix``, map it onto the ``kind`` network, write a dfl model file."""
+    if kind not in IMPORTERS:
+        raise ValueError(f"kind must be one of {sorted(IMPORTERS)}, got {kind!r}")
+    ckpt = TFCheckpoint(prefix)
+    model = IMPORTERS[kind](ckpt)
+    meta = {
+        "source": "tensorflow",
+        "tf_checkpoint": str(ckpt.prefix),
+        "tf_variables": len(ckpt.names()),
+        "note": "imported with dfl-import-tf from the authors' TensorFlow 1.x release",
+    }
+    return save_model(out, kind, model, meta)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dfl-import-tf",
+        description="Convert the authors' TensorFlow 1.x checkpoints (se_model.ckpt, loss_model.ckpt) "
+        "into dfl model files usable by dfl-denoise and dfl-train lossnet.checkpoint=...",
+    )
+    p.add_argument("kind", choices=sorted(IMPORTERS), help="which network the checkpoint holds")
+    p.add_argument(
+        "prefix",
+        help="TF checkpoint prefix, e.g. models/se_model.ckpt (the .index and .data-00000-of-00001 "
+        "files must be next to it)",
+    )
+    p.add_argument("-o", "--output", required=True, help="dfl model file to write, e.g. se_model.pt")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        path = convert(args.kind, args.prefix, args.output)
+    except (FileNotFoundError, CheckpointFormatError, TFImportError, OSError) as exc:
+        print(f"dfl-import-tf: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.kind} model {path}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""``dfl-train``: Hydra entry point that wires data, denoiser, loss, callbacks, loggers and trainer."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def instantiate_group(cfg: DictConfig | None) -> list:
+    """Instantiate every entry with a ``_target_`` of a dict-like group (callbacks, loggers)."""
+    from hydra.utils import instantiate
+
+    if not cfg:
+        return []
+    return [instantiate(c, _convert_="all") for c in cfg.values() if c is not None and "_target_" in c]
+
+
+def collect_test_metrics(callback_metrics: dict) -> dict:
+    """``{"noisy": {...}, "enhanced": {...}}`` from the ``test/<kind>/<metric>`` logged values."""
+    out: dict[str, dict[str, float]] = {"noisy": {}, "enhanced": {}}
+    for key, value in callback_metrics.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == "test" and parts[1] in out:
+            out[parts[1]][parts[2]] = float(value)
+    return out
+
+
+def print_metrics_table(metrics: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Test split (mean over utterances)")
+    table.add_column("metric")
+    for col in ("noisy", "enhanced", "Δ"):
+        table.add_column(col, justify="right")
+    for name in sorted(set(metrics["noisy"]) | set(metrics["enhanced"])):
+        n, e = metrics["noisy"].get(name), metrics["enhanced"].get(name)
+        delta = f"{e - n:+.3f}" if n is not None and e is not None else "—"
+        table.add_row(name, f"{n:.3f}" if n is not None else "—", f"{e:.3f}" if e is not None else "—", delta)
+    Console().print(table)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit, then test the best checkpoint; returns the test metrics (written to metrics.json)."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from dfl.audio import atomic_write
+
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+
+    datamodule = instantiate(cfg.data, _convert_="all")
+    system = instantiate(
+        cfg.system, denoiser=instantiate(cfg.model, _convert_="all"), loss=instantiate(cfg.loss, _convert_="all"),
+        _convert_="all",
+    )
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+
+    for lg in loggers:  # the composed config next to every logger's metrics
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    results: dict = {}
+    if cfg.get("test", True):
+        ckpt_cb = getattr(trainer, "checkpoint_callback", None)
+        best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb else ""
+        trainer.test(system, datamodule=datamodule, ckpt_path=best or None)
+        results = collect_test_metrics(trainer.callback_metrics)
+        results["checkpoint"] = best or None
+        if trainer.is_global_zero:
+            atomic_write(out_dir / "metrics.json", lambda p: p.write_text(json.dumps(results, indent=2)))
+            print_metrics_table(results)
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    results = train(cfg)
+    # The value Optuna / other sweepers optimise.
+    objective = cfg.get("optimized_metric")
+    if objective:
+        stage, kind, name = objective.split("/")
+        return results.get(kind, {}).get(name)
+    return None
+
+
+if __name__ == "__main__":
+    main()
