@@ -1,0 +1,1 @@
+"""Dataset downloads, safe archive extraction and preparation (``dfl-prepare``)."""
