@@ -125,7 +125,7 @@ def _tf_conv(w: torch.Tensor) -> np.ndarray:  # torch [cout, cin, k] → TF [1, 
 def tf_variables_of_denoiser(net: ContextAggregationNet) -> dict[str, np.ndarray]:
     out = {}
     scopes = [f"se_conv_{i}" for i in range(len(net.convs) - 1)] + ["se_conv_last"]
-    for scope, conv, norm in zip(scopes, net.convs, net.norms):
+    for scope, conv, norm in zip(scopes, net.convs, net.norms, strict=True):
         out[f"{scope}/weights"] = _tf_conv(conv.weight)
         out[f"{scope}/w0"] = np.float32(norm.alpha.item()).reshape(())
         out[f"{scope}/w1"] = np.float32(norm.beta.item()).reshape(())
@@ -137,7 +137,7 @@ def tf_variables_of_denoiser(net: ContextAggregationNet) -> dict[str, np.ndarray
 
 def tf_variables_of_lossnet(net: LossNetwork) -> dict[str, np.ndarray]:
     out = {}
-    for i, (conv, norm) in enumerate(zip(net.convs, net.norms)):
+    for i, (conv, norm) in enumerate(zip(net.convs, net.norms, strict=True)):
         out[f"loss_conv_{i}/weights"] = _tf_conv(conv.weight)
         out[f"loss_conv_{i}/BatchNorm/beta"] = norm.bias.detach().numpy().copy()
         out[f"loss_conv_{i}/BatchNorm/moving_mean"] = norm.running_mean.numpy().copy()
@@ -174,6 +174,7 @@ def fake_lossnet(tmp_path_factory):
 
 # ---------------------------------------------------------------------------------------------
 # Bundle reader.
+
 
 def test_crc32c_check_value():
     assert crc32c(b"123456789") == 0xE3069283  # the Castagnoli polynomial's published check value
@@ -222,11 +223,15 @@ def test_reader_hand_built_bytes(tmp_path):
     footer = (bytes([0, 0, index_off, len(index)])).ljust(40, b"\0") + struct.pack("<Q", 0xDB4775248B80FB57)
     (tmp_path / "h.ckpt.index").write_bytes(block + trailer + index + itrailer + footer)
     (tmp_path / "h.ckpt.data-00000-of-00001").write_bytes(value)
-    np.testing.assert_array_equal(TFCheckpoint(tmp_path / "h.ckpt").read("v"), np.array([1.5, -2.0], np.float32))
+    np.testing.assert_array_equal(
+        TFCheckpoint(tmp_path / "h.ckpt").read("v"), np.array([1.5, -2.0], np.float32)
+    )
 
 
 def test_reader_errors(tmp_path):
-    prefix = write_bundle(tmp_path / "a" / "m.ckpt", {"x": np.ones(4, np.float32), "y": np.zeros(2, np.float32)})
+    prefix = write_bundle(
+        tmp_path / "a" / "m.ckpt", {"x": np.ones(4, np.float32), "y": np.zeros(2, np.float32)}
+    )
     index = Path(f"{prefix}.index")
     data = Path(f"{prefix}.data-00000-of-00001")
 
@@ -270,6 +275,7 @@ def test_reader_errors(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Variable mapping (independent of ../shared).
+
 
 def test_authors_configs_build_the_authors_networks():
     den = ContextAggregationNet(**AUTHORS_DENOISER_CONFIG)
@@ -328,7 +334,9 @@ def test_import_errors_name_the_problem(fake_denoiser, fake_lossnet, tmp_path):
     variables = tf_variables_of_denoiser(den)
     bad = dict(variables)
     bad["se_conv_5/weights"] = bad["se_conv_5/weights"][:, :, :, :32]
-    with pytest.raises(TFImportError, match=r"'se_conv_5/weights' has shape \[1, 3, 64, 32\], expected \[1, 3, 64, 64\]"):
+    with pytest.raises(
+        TFImportError, match=r"'se_conv_5/weights' has shape \[1, 3, 64, 32\], expected \[1, 3, 64, 64\]"
+    ):
         import_denoiser(TFCheckpoint(write_bundle(tmp_path / "shape" / "m.ckpt", bad)))
 
     missing = {k: v for k, v in variables.items() if k not in ("se_conv_last/w1", "se_fc_last/biases")}
@@ -372,10 +380,13 @@ def test_cli_writes_a_safe_loadable_dfl_model(fake_denoiser, fake_lossnet, tmp_p
 # ---------------------------------------------------------------------------------------------
 # Parity with the authors' TensorFlow graph (../shared).
 
+
 def _need_shared(*paths: Path) -> None:
     for p in paths:
         if not p.exists():
-            pytest.skip(f"reference data not present ({p} is missing; it only exists beside the dev checkout)")
+            pytest.skip(
+                f"reference data not present ({p} is missing; it only exists beside the dev checkout)"
+            )
 
 
 def _read(path: Path) -> np.ndarray:
@@ -454,7 +465,9 @@ def test_lossnet_parity_with_authors_tf(authors_lossnet):
         ref = golden[f"clean_features_{i}"]  # [time, channels]
         assert f.shape[1:] == ref.shape[::-1], i
         assert _rel(f[0].T.numpy(), ref) <= 1e-4, f"layer {i}"
-    losses = np.array([(a - b).abs().mean().item() for a, b in zip(feats_noisy, feats_clean[:6])])
+    losses = np.array(
+        [(a - b).abs().mean().item() for a, b in zip(feats_noisy, feats_clean[:6], strict=True)]
+    )
     assert _rel(losses, golden["feature_loss_layers"]) <= 1e-4
     assert losses.sum() == pytest.approx(float(golden["feature_loss_total"]), rel=1e-4)
     assert _rel(logits["scene"][0].numpy(), golden["asc_logits"]) <= 1e-4
@@ -476,7 +489,9 @@ def test_lossnet_moving_statistics_imported():
     ckpt = TFCheckpoint(AUTHORS_TF / "random_loss_model.ckpt")
     net = import_lossnet(ckpt)
     for i in (0, 13):
-        np.testing.assert_array_equal(net.norms[i].running_mean.numpy(), ckpt.read(f"loss_conv_{i}/BatchNorm/moving_mean"))
+        np.testing.assert_array_equal(
+            net.norms[i].running_mean.numpy(), ckpt.read(f"loss_conv_{i}/BatchNorm/moving_mean")
+        )
         np.testing.assert_array_equal(
             net.norms[i].running_var.numpy(), ckpt.read(f"loss_conv_{i}/BatchNorm/moving_variance")
         )

@@ -51,6 +51,7 @@ class CheckpointFormatError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # crc32c (Castagnoli), as TF uses it for table blocks and tensor data.
 
+
 def _crc32c_table() -> list[int]:
     table = []
     for i in range(256):
@@ -80,6 +81,7 @@ def mask_crc(crc: int) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Minimal protobuf wire-format decoding.
+
 
 def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
     """Decode a base-128 varint at ``pos``; returns (value, next position)."""
@@ -148,7 +150,9 @@ class BundleEntry:
     @property
     def dtype_name(self) -> str:
         np_dtype = TF_DTYPES.get(self.dtype)
-        return str(np_dtype) if np_dtype is not None else TF_DTYPE_NAMES.get(self.dtype, f"dtype#{self.dtype}")
+        return (
+            str(np_dtype) if np_dtype is not None else TF_DTYPE_NAMES.get(self.dtype, f"dtype#{self.dtype}")
+        )
 
 
 def _parse_shape(buf: bytes) -> tuple[int, ...]:
@@ -204,10 +208,13 @@ def parse_header(buf: bytes) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Sorted-table (.index) reading.
 
+
 def _read_block(data: bytes, offset: int, size: int, path: Path, verify: bool) -> bytes:
     end = offset + size
     if offset < 0 or end + BLOCK_TRAILER_SIZE > len(data):
-        raise CheckpointFormatError(f"{path}: block at offset {offset} (size {size}) runs past the end of the file")
+        raise CheckpointFormatError(
+            f"{path}: block at offset {offset} (size {size}) runs past the end of the file"
+        )
     contents = data[offset:end]
     kind = data[end]
     if kind != NO_COMPRESSION:
@@ -219,7 +226,9 @@ def _read_block(data: bytes, offset: int, size: int, path: Path, verify: bool) -
     if verify:
         stored = struct.unpack_from("<I", data, end + 1)[0]
         if mask_crc(crc32c(data[offset : end + 1])) != stored:
-            raise CheckpointFormatError(f"{path}: checksum mismatch in index block at offset {offset} (corrupt file)")
+            raise CheckpointFormatError(
+                f"{path}: checksum mismatch in index block at offset {offset} (corrupt file)"
+            )
     return contents
 
 
@@ -278,6 +287,7 @@ def read_table(path: str | os.PathLike, verify: bool = True) -> list[tuple[bytes
 # ---------------------------------------------------------------------------------------------
 # Bundle = index + data shards.
 
+
 def _strip_prefix(prefix: str | os.PathLike) -> Path:
     """Accept the prefix TF prints (``model.ckpt``) or any of its files (``model.ckpt.index`` …)."""
     p = str(prefix)
@@ -321,7 +331,9 @@ class TFCheckpoint:
         self.data_paths = [Path(f"{self.prefix}.data-{i:05d}-of-{n:05d}") for i in range(n)]
         missing = [str(p) for p in self.data_paths if not p.is_file()]
         if missing:
-            raise FileNotFoundError(f"{missing[0]}: TF checkpoint data file not found (index is {self.index_path})")
+            raise FileNotFoundError(
+                f"{missing[0]}: TF checkpoint data file not found (index is {self.index_path})"
+            )
         self._shards: dict[int, bytes] = {}
 
     def names(self) -> list[str]:
@@ -368,7 +380,9 @@ class TFCheckpoint:
             )
         raw = shard[e.offset : e.offset + e.size]
         if self.verify and e.crc32c is not None and mask_crc(crc32c(raw)) != e.crc32c:
-            raise CheckpointFormatError(f"{where}: crc32c mismatch in {self.data_paths[e.shard_id]} (corrupt data)")
+            raise CheckpointFormatError(
+                f"{where}: crc32c mismatch in {self.data_paths[e.shard_id]} (corrupt data)"
+            )
         return np.frombuffer(raw, dtype=dtype).reshape(e.shape).astype(dtype.newbyteorder("="))
 
     def read_all(self) -> dict[str, np.ndarray]:

@@ -141,7 +141,10 @@ def _check_kind(ckpt, kind: str) -> None:
         return
     other = "lossnet" if kind == "denoiser" else "denoiser"
     if any(n.startswith(KIND_PREFIXES[other]) for n in names):
-        what = {"denoiser": "a denoiser (se_* variables)", "lossnet": "a loss network (loss_conv_* variables)"}
+        what = {
+            "denoiser": "a denoiser (se_* variables)",
+            "lossnet": "a loss network (loss_conv_* variables)",
+        }
         raise TFImportError(
             f"{ckpt.prefix}: this checkpoint holds {what[other]}, not a {kind}; "
             f"use `dfl-import-tf {other} {ckpt.prefix} -o ...`"
