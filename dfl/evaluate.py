@@ -1,0 +1,206 @@
+"""``dfl-eval``: every metric for noisy and enhanced speech of a paired test set, with reports.
+
+    dfl-eval model=models/denoiser.pt data_dir=data/voicebank
+    dfl-eval enhanced_dir=out/enhanced data_dir=data/voicebank split=val
+    dfl-eval experiment=eval_voicebank model=models/denoiser.pt logger=wandb
+
+Writes into the Hydra run directory: ``per_file.csv``, ``summary.json``, ``summary.md``,
+``plots/`` (and ``paper_table.md``, ``enhanced/`` when a model was run).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from dfl.audio import read_audio, write_audio
+from dfl.metrics import METRIC_NAMES, compute_many
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _load_checked(path: Path, sample_rate: int) -> np.ndarray:
+    """A mono file at ``sample_rate``; another rate is an error (metrics never resample silently)."""
+    data, sr = read_audio(path)
+    if sr != sample_rate:
+        raise ValueError(f"{path}: sample rate {sr} Hz, expected {sample_rate} Hz (set sample_rate= or resample)")
+    if data.shape[0] != 1:
+        raise ValueError(f"{path}: {data.shape[0]} channels, metrics need mono files")
+    return data[0]
+
+
+def score_file(job: tuple) -> dict:
+    """Metrics of one file for noisy and enhanced (run in a worker process)."""
+    name, noisy_path, clean_path, enhanced_path, metrics, sample_rate = job
+    clean = _load_checked(clean_path, sample_rate)
+    row = {"file": name}
+    for kind, path in (("noisy", noisy_path), ("enhanced", enhanced_path)):
+        x = _load_checked(path, sample_rate)
+        if x.shape != clean.shape:
+            raise ValueError(
+                f"{path}: {x.size} samples but its clean reference {clean_path} has {clean.size}; "
+                "enhanced and clean files must have the same length"
+            )
+        row[kind] = compute_many(metrics, clean, x, sample_rate)
+    return row
+
+
+def score_all(jobs: list[tuple], num_workers: int, progress: bool = True) -> list[dict]:
+    """Score every file, in input order; ``num_workers <= 1`` runs serially (same numbers)."""
+    from tqdm import tqdm
+
+    bar = dict(total=len(jobs), desc="metrics", unit="file", disable=not progress)
+    if num_workers <= 1 or len(jobs) <= 1:
+        return [score_file(j) for j in tqdm(jobs, **bar)]
+    # spawn, not fork: the parent may hold torch / onnxruntime thread pools
+    with ProcessPoolExecutor(max_workers=num_workers, mp_context=get_context("spawn")) as pool:
+        return list(tqdm(pool.map(score_file, jobs), **bar))
+
+
+def list_pairs(data_dir: Path, split: str) -> list[tuple[str, Path, Path]]:
+    """``(name, noisy, clean)`` of a split of a paired folder (``ROOT/<split>set_{noisy,clean}``)."""
+    from datamodules.paired_folder import SPLITS, scan_pairs
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    prefix = SPLITS[split]
+    pairs = scan_pairs(data_dir / f"{prefix}_noisy", data_dir / f"{prefix}_clean")
+    return [(noisy.name, noisy, clean) for noisy, clean, _ in pairs]
+
+
+def enhance_with_model(model_path: Path, pairs, out_dir: Path, sample_rate: int, progress: bool = True) -> Path:
+    """Run a dfl denoiser on every noisy file (one whole file at a time) into ``out_dir`` (float wav)."""
+    import torch
+    from tqdm import tqdm
+
+    from dfl.checkpoints import load_model
+
+    model = load_model(model_path, "denoiser").eval()
+    with torch.inference_mode():
+        for name, noisy, _ in tqdm(pairs, desc="enhance", unit="file", disable=not progress):
+            x = torch.from_numpy(_load_checked(noisy, sample_rate)).float()[None]
+            y = model(x)[0].cpu().numpy()
+            if not np.isfinite(y).all():
+                raise ValueError(f"{model_path}: the model produced NaN/Inf for {noisy}")
+            write_audio(out_dir / name, y, sample_rate, subtype="FLOAT")
+    return out_dir
+
+
+def _enhanced_paths(enhanced_dir: Path, pairs) -> list[Path]:
+    if not enhanced_dir.is_dir():
+        raise ValueError(f"enhanced_dir={enhanced_dir}: directory not found")
+    paths = [enhanced_dir / name for name, _, _ in pairs]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise ValueError(
+            f"{missing[0]}: enhanced file missing (enhanced_dir needs one file per noisy test file, same name)"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+    return paths
+
+
+def _wandb_logger(cfg: DictConfig):
+    """The W&B logger of ``logger=wandb``, or None (other loggers have nothing to do here)."""
+    from hydra.utils import instantiate
+
+    for entry in (cfg.get("logger") or {}).values():
+        if entry is not None and "WandbLogger" in str(entry.get("_target_", "")):
+            return instantiate(entry, _convert_="all")
+    return None
+
+
+def _log_wandb(logger, rows, metrics, summary, plots: list[Path], cfg: DictConfig) -> None:
+    import wandb
+
+    from dfl.eval_report import KINDS
+
+    def cell(v):
+        return None if not isinstance(v, (int, float)) else float(v)
+
+    columns = ["file"] + [f"{k}_{m}" for k in KINDS for m in metrics]
+    data = [[r["file"]] + [cell(r[k][m]) for k in KINDS for m in metrics] for r in rows]
+    stats = ["noisy", "enhanced", "difference"]
+    summary_rows = [[m] + [summary[m][s]["mean"] for s in stats] + [summary[m][s]["ci95"] for s in stats]
+                    + [summary[m]["noisy"]["missing"], summary[m]["enhanced"]["missing"]] for m in metrics]
+    run = logger.experiment
+    run.config.update(OmegaConf.to_container(cfg, resolve=True), allow_val_change=True)
+    run.log({
+        "eval/per_file": wandb.Table(columns=columns, data=data),
+        "eval/summary": wandb.Table(
+            columns=["metric"] + [f"{s}_mean" for s in stats] + [f"{s}_ci95" for s in stats]
+            + ["noisy_missing", "enhanced_missing"], data=summary_rows),
+        **{f"eval/plots/{p.stem}": wandb.Image(str(p)) for p in plots},
+        **{f"eval/{s}/{m}": summary[m][s]["mean"] for m in metrics for s in stats
+           if summary[m][s]["mean"] is not None},
+    })
+    run.finish()
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Run the whole evaluation; returns the summary (also written to the run directory)."""
+    from dfl import eval_report
+
+    out_dir = Path(cfg.paths.output_dir)
+    metrics = list(cfg.metrics)
+    unknown = [m for m in metrics if m not in METRIC_NAMES]
+    if unknown:
+        raise ValueError(f"metrics: unknown {unknown}; known: {', '.join(METRIC_NAMES)}")
+    if (cfg.get("model") is None) == (cfg.get("enhanced_dir") is None):
+        raise ValueError("give exactly one of model=PATH (a dfl checkpoint) or enhanced_dir=DIR")
+    if cfg.get("data_dir") is None:
+        raise ValueError("data_dir=ROOT is required (ROOT/<split>set_noisy and ROOT/<split>set_clean)")
+    sr = int(cfg.sample_rate)
+    pairs = list_pairs(Path(cfg.data_dir), cfg.split)
+    if cfg.get("max_files"):
+        pairs = pairs[: int(cfg.max_files)]
+    if cfg.get("model") is not None:
+        source = Path(cfg.model).name
+        enhanced_dir = enhance_with_model(Path(cfg.model), pairs, out_dir / "enhanced", sr, cfg.progress)
+    else:
+        enhanced_dir = Path(cfg.enhanced_dir)
+        source = enhanced_dir.name
+    enhanced = _enhanced_paths(enhanced_dir, pairs)
+    jobs = [(name, noisy, clean, enh, metrics, sr) for (name, noisy, clean), enh in zip(pairs, enhanced, strict=True)]
+    workers = int(cfg.num_workers) if cfg.get("num_workers") is not None else (os.cpu_count() or 1)
+    rows = score_all(jobs, workers, cfg.progress)
+
+    eval_report.write_per_file_csv(out_dir / "per_file.csv", rows, metrics)
+    summary = eval_report.summarize(rows, metrics)
+    eval_report.write_summaries(out_dir, summary, len(rows), source, bool(cfg.paper_table))
+
+    plots = []
+    for name, noisy, clean in pairs[: int(cfg.plots.num_spectrograms)]:
+        signals = {"noisy": _load_checked(noisy, sr), "enhanced": _load_checked(enhanced_dir / name, sr),
+                   "clean": _load_checked(clean, sr)}
+        plots.append(eval_report.spectrogram_png(out_dir / "plots" / f"spectrogram_{Path(name).stem}.png",
+                                                 signals, sr, name))
+    if "pesq" in metrics:
+        gains = [r["enhanced"]["pesq"] - r["noisy"]["pesq"] for r in rows
+                 if all(isinstance(r[k]["pesq"], float) for k in ("noisy", "enhanced"))]
+        if gains:
+            plots.append(eval_report.improvement_histogram_png(out_dir / "plots" / "pesq_improvement.png", gains))
+
+    logger = _wandb_logger(cfg)
+    if logger is not None:
+        _log_wandb(logger, rows, metrics, summary, plots, cfg)
+    print((out_dir / "summary.md").read_text())
+    log.info("dfl-eval wrote %s", out_dir)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()
