@@ -8,13 +8,14 @@ finished step, so a re-run skips it. Archives go to ``<root>/downloads/``
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from dfl.audio import atomic_write
-from dfl.data.download import download, extract
+from dfl.data.download import Downloaded, download, extract
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def with_checksums(specs: list[ArchiveSpec], sums: dict[str, str], origin: str) 
     if unknown:
         raise ValueError(f"{origin}: names no archive of this dataset: {', '.join(sorted(unknown))}")
     return [
-        ArchiveSpec(s.name, s.base_url, sums[s.name], None, f"from {origin}") if s.name in sums else s
+        ArchiveSpec(s.name, s.base_url, sums[s.name], None, f"from {Path(origin).name}") if s.name in sums else s
         for s in specs
     ]
 
@@ -116,7 +117,7 @@ class Preparation:
         staging = self.root / ".dfl-prepare" / "staging" / spec.name
         shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted run
         extract(got.path, staging, include=include, progress=self.progress)
-        return Unpacked(spec, staging, what, self._integrity(spec, got.path))
+        return Unpacked(spec, staging, what, self._integrity(spec, got))
 
     def finish(self, unpacked: Unpacked, **info) -> None:
         """Mark the archive processed, drop its staging dir (and the archive unless kept)."""
@@ -127,9 +128,12 @@ class Preparation:
             (self.downloads / unpacked.spec.name).unlink(missing_ok=True)
 
     @staticmethod
-    def _integrity(spec: ArchiveSpec, path: Path) -> str:
-        checks = []
-        checks.append(f"size ✓ ({spec.source})" if spec.size is not None else "size ✓ (as served)")
+    def _integrity(spec: ArchiveSpec, got: Downloaded) -> str:
+        path, checks = got.path, []
+        if spec.size is not None:
+            checks.append(f"size ✓ ({spec.source})")
+        else:
+            checks.append("size unchecked (no published size)" if got.reused else "size ✓ (as served)")
         checks.append(f"MD5 ✓ ({spec.source})" if spec.md5 else "no published checksum")
         if path.suffix == ".zip":
             checks.append("zip CRCs ✓")
@@ -148,9 +152,9 @@ class Preparation:
         table.add_column("integrity")
         for row in self.rows:
             table.add_row(*row)
-        console = Console(record=True, width=140)
-        with console.capture():
-            console.print(table)
-            for note in self.notes:
-                console.print(note, highlight=False)
-        return console.export_text()
+        out = io.StringIO()
+        console = Console(file=out, width=160, no_color=True)
+        console.print(table)
+        for note in self.notes:
+            console.print(note, highlight=False, soft_wrap=True)
+        return out.getvalue()
