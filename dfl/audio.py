@@ -14,6 +14,10 @@ import soundfile as sf
 import torch
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class AudioError(ValueError):
     """A file that cannot be used as audio; the message names the file."""
 
@@ -64,6 +68,7 @@ def atomic_write(path: str | os.PathLike, writer) -> Path:
     os.close(fd)
     try:
         writer(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the user's usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
