@@ -10,7 +10,6 @@ import zipfile
 
 import numpy as np
 import pytest
-from tests.helpers.local_http_server import serve
 
 from dfl.data.download import (
     ArchiveError,
@@ -20,6 +19,7 @@ from dfl.data.download import (
     download,
     extract,
 )
+from tests.helpers.local_http_server import serve
 
 
 @pytest.fixture

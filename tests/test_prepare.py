@@ -250,6 +250,19 @@ def test_dcase2016_console_script_layout_and_rerun(tmp_path, dcase_archives):
         (dev / "audio" / "a003_0_30.wav").unlink()
         with pytest.raises(ValueError, match=r"meta.txt:3: audio/a003_0_30.wav"):
             dcase2016.prepare_dcase2016(root, progress=False)
+        (dev / "meta.txt").write_text("audio/../../secret.wav\tbeach\n")
+        with pytest.raises(ValueError, match=r"meta.txt:1: audio path .* points outside"):
+            dcase2016.prepare_dcase2016(root, progress=False)
+
+
+def test_checksums_file_errors_name_the_line(tmp_path):
+    sums = tmp_path / "sums.md5"
+    sums.write_text("d41d8cd98f00b204e9800998ecf8427e  clean_testset_wav.zip\nnot-a-sum\n")
+    with pytest.raises(ValueError, match=r"sums.md5:2: expected '<md5>  <file name>'"):
+        read_checksums(sums)
+    sums.write_text("d41d8cd98f00b204e9800998ecf8427e  other.zip\n")
+    with pytest.raises(ValueError, match="names no archive of this dataset: other.zip"):
+        with_checksums(voicebank.ARCHIVES, read_checksums(sums), str(sums))
 
 
 def test_dcase2016_chunk_without_majority_vote(tmp_path, dcase_archives, capsys):

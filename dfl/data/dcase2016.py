@@ -154,6 +154,8 @@ def _finalise_tut_meta(folder: Path) -> str:
             raise ValueError(f"{source}:{number}: expected '<audio file><TAB><scene>', got {line!r}")
         name = fields[0].strip().replace("\\", "/")
         name = "audio/" + name.split("audio/", 1)[1] if "audio/" in name else name
+        if name.startswith("/") or ".." in PurePosixPath(name).parts:
+            raise ValueError(f"{source}:{number}: audio path {name!r} points outside {folder}")
         if not (folder / name).is_file():
             missing.append(f"{source}:{number}: {name}")
         entries.append((name, fields[1].strip()))

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> str:
     archives = dcase2016.ARCHIVES
     if sums:
         folders = [folder for folder, _ in archives]
-        archives = list(zip(folders, with_checksums([s for _, s in archives], sums, args.checksums)))
+        archives = list(zip(folders, with_checksums([s for _, s in archives], sums, args.checksums), strict=True))
     urls = {"*": args.base_url, dcase2016.TUT_DEV: args.tut_dev_url,
             dcase2016.TUT_EVAL: args.tut_eval_url, dcase2016.CHIME: args.chime_url}
     return dcase2016.prepare_dcase2016(
