@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+from scipy import fft as sp_fft
 from scipy import signal
 
 from dfl.audio import atomic_write
@@ -217,23 +218,49 @@ def _formant_tracks(rng, talker: Talker, syllables: list[dict], times: np.ndarra
     return np.stack([np.interp(times, key_t, key_f[:, k]) for k in range(4)], axis=1)
 
 
-def _resonator_sos(freqs: np.ndarray, bws: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Klatt resonators (unity gain at DC) as second-order sections, shape [..., K, 6]."""
+def _resonator_response(freqs: np.ndarray, bws: np.ndarray, sample_rate: int, n_fft: int) -> np.ndarray:
+    """Frequency response of a cascade of Klatt resonators (each unity gain at DC),
+    y[n] = A x[n] + B y[n-1] + C y[n-2]; ``freqs``/``bws`` are ``[frames, K]``."""
     c = -np.exp(-2 * np.pi * bws / sample_rate)
     b = 2 * np.exp(-np.pi * bws / sample_rate) * np.cos(2 * np.pi * freqs / sample_rate)
     a = 1 - b - c
-    zeros = np.zeros_like(a)
-    return np.stack([a, zeros, zeros, np.ones_like(a), -b, -c], axis=-1)
+    # Denominator polynomial in z^-1 per frame (product of the K quadratics), evaluated
+    # on the unit circle by one FFT: far cheaper than K complex divisions per bin.
+    den = np.zeros((freqs.shape[0], 2 * freqs.shape[1] + 1))
+    den[:, 0] = 1.0
+    for k in range(freqs.shape[1]):
+        quad = (1.0, -b[:, k, None], -c[:, k, None])
+        den = den * quad[0] + np.pad(den[:, :-1], ((0, 0), (1, 0))) * quad[1] + np.pad(den[:, :-2], ((0, 0), (2, 0))) * quad[2]
+    return np.prod(a, axis=1)[:, None] / sp_fft.rfft(den, n_fft)
 
 
-def _time_varying_formants(x: np.ndarray, sos_blocks: np.ndarray, block: int) -> np.ndarray:
-    """Filter ``x`` block by block with per-block sections, carrying the filter state."""
-    y = np.empty_like(x)
-    zi = np.zeros((sos_blocks.shape[1], 2))
-    for i in range(sos_blocks.shape[0]):
-        sl = slice(i * block, (i + 1) * block)
-        y[sl], zi = signal.sosfilt(sos_blocks[i], x[sl], zi=zi)
-    return y
+def _formant_frames(sample_rate: int) -> tuple[int, int]:
+    """(FFT size, hop) of the time-varying filter: >= 64 ms FFTs (the resonators ring out
+    inside them), 8 hops per FFT (8 ms at 16 kHz: formants move over tens of ms)."""
+    n_fft = 1 << int(np.ceil(np.log2(0.064 * sample_rate)))
+    return n_fft, n_fft // 8
+
+
+def _time_varying_formants(x: np.ndarray, freqs_at, bws: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Filter ``x`` with formants that move over time, vectorised: the excitation is cut
+    into Hann-windowed pieces (2 hops long, summing to one), each piece is filtered with
+    the formants at its time (zero-padded FFT: the full impulse response, no wrap-around)
+    and the outputs are overlap-added. ``freqs_at(times) -> [frames, K]`` in Hz."""
+    n = len(x)
+    n_fft, hop = _formant_frames(sample_rate)
+    win_len = 2 * hop
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(win_len) / win_len)  # periodic Hann
+    padded = np.concatenate([np.zeros(hop), x, np.zeros(win_len + hop)])
+    n_frames = (len(padded) - win_len) // hop + 1
+    frames = np.lib.stride_tricks.sliding_window_view(padded, win_len)[::hop][:n_frames] * window
+    centres = np.arange(n_frames) * hop / sample_rate  # frame j is centred on x[j * hop]
+    freqs = np.minimum(freqs_at(centres), 0.45 * sample_rate)
+    spec = sp_fft.rfft(frames, n_fft) * _resonator_response(freqs, np.broadcast_to(bws, freqs.shape), sample_rate, n_fft)
+    pieces = sp_fft.irfft(spec, n_fft).reshape(n_frames, n_fft // hop, hop)
+    out = np.zeros((n_frames + n_fft // hop, hop))
+    for m in range(n_fft // hop):  # overlap-add, one hop-offset at a time
+        out[m : m + n_frames] += pieces[:, m]
+    return out.reshape(-1)[hop : hop + n]
 
 
 def synthesize_utterance(
@@ -255,7 +282,7 @@ def synthesize_utterance(
         raise ValueError(f"seconds must be at least {MIN_UTTERANCE_SECONDS}, got {seconds}")
     talker = talker if talker is not None else random_talker(rng)
     n = int(round(seconds * sample_rate))
-    block = max(1, int(round(0.005 * sample_rate)))  # formants/pitch change every 5 ms
+    block = max(1, int(round(0.005 * sample_rate)))  # control tracks (pitch, formants) every 5 ms
     n_blocks = -(-n // block)
     syllables = _plan_syllables(rng, n / sample_rate, talker.rate)
     t_blocks = (np.arange(n_blocks) + 0.5) * block / sample_rate
@@ -297,12 +324,14 @@ def synthesize_utterance(
 
     # Vocal tract: moving F1..F4 plus a fixed F5, as a cascade of resonators.
     formants = _formant_tracks(rng, talker, syllables, t_blocks)
-    f5 = np.full((n_blocks, 1), _F5 * talker.formant_scale)
-    freqs = np.minimum(np.concatenate([formants, f5], axis=1), 0.45 * sample_rate)
+    f5 = _F5 * talker.formant_scale
+
+    def freqs_at(times):
+        f = np.stack([np.interp(times, t_blocks, formants[:, k]) for k in range(4)], axis=1)
+        return np.concatenate([f, np.full((len(times), 1), f5)], axis=1)
+
     bws = _BANDWIDTHS * rng.uniform(0.8, 1.25, 5) * np.sqrt(talker.formant_scale)
-    excitation = np.zeros(n_blocks * block)
-    excitation[:n] = voicing * (voiced_source + aspiration)
-    speech = _time_varying_formants(excitation, _resonator_sos(freqs, np.broadcast_to(bws, freqs.shape), sample_rate), block)[:n]
+    speech = _time_varying_formants(voicing * (voiced_source + aspiration), freqs_at, bws, sample_rate)
     speech = signal.sosfilt(_highpass_sos(60.0, sample_rate), speech)  # no DC/subsonic drift
     # Match the noise consonants to the vowels' level, then set the utterance level.
     speech = speech / (np.sqrt(np.mean(speech[voicing > 0.5] ** 2)) + 1e-12) if np.any(voicing > 0.5) else speech
@@ -339,11 +368,11 @@ def _set_level(x: np.ndarray, rms_db: float, peak: float) -> np.ndarray:
 
 def _spectral_shape(rng, n: int, sample_rate: int, exponent: float, f_min: float) -> np.ndarray:
     """Gaussian noise with power ∝ 1/f**exponent (flat below ``f_min``), no DC."""
-    spec = np.fft.rfft(rng.standard_normal(n))
+    spec = sp_fft.rfft(rng.standard_normal(n))
     f = np.fft.rfftfreq(n, 1.0 / sample_rate)
     spec *= np.maximum(f, f_min) ** (-exponent / 2)
     spec[0] = 0.0
-    return np.fft.irfft(spec, n)
+    return sp_fft.irfft(spec, n)
 
 
 def _babble(rng, n, sample_rate):

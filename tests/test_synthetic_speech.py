@@ -328,3 +328,19 @@ def test_invalid_settings_name_the_setting(tmp_path, override, setting):
     with pytest.raises(ValueError, match=setting):
         generate_paired_corpus(tmp_path / "synth", **{**SMALL, **override})
     assert not (tmp_path / "synth").exists()
+
+
+def test_time_varying_formant_filter_equals_the_resonator_cascade_when_formants_hold_still():
+    from scipy import signal
+
+    from datamodules.synthetic_speech import _time_varying_formants
+
+    x = _rng(0).standard_normal(4000)
+    freqs = np.array([500.0, 1500.0, 2500.0, 3500.0, 4500.0])
+    bws = np.array([60.0, 90.0, 120.0, 200.0, 300.0])
+    y = _time_varying_formants(x, lambda t: np.tile(freqs, (len(t), 1)), bws, SR)
+    c = -np.exp(-2 * np.pi * bws / SR)
+    b = 2 * np.exp(-np.pi * bws / SR) * np.cos(2 * np.pi * freqs / SR)
+    sos = np.stack([1 - b - c, 0 * b, 0 * b, np.ones(5), -b, -c], axis=1)
+    ref = signal.sosfilt(sos, x)
+    assert np.max(np.abs(y - ref)) < 1e-4 * np.max(np.abs(ref))
