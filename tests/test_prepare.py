@@ -95,6 +95,15 @@ def test_voicebank_layout_resampling_and_speaker_split(tmp_path, voicebank_archi
         assert "valset: 3 pairs, 2 speakers" in out
         assert not (root / ".dfl-prepare" / "staging").exists() or not any((root / ".dfl-prepare" / "staging").iterdir())
 
+        # The paired-folder datamodule (data=voicebank) reads the layout as is.
+        from datamodules.paired_folder import PairedFolderDataModule
+
+        dm = PairedFolderDataModule(root)
+        dm.setup()
+        assert [len(dm.dataset(s)) for s in ("train", "val", "test")] == [3, 3, 2]
+        item = dm.dataset("val")[0]
+        assert item["noisy"].shape == item["clean"].shape == (1600,)
+
         # Re-run: every archive is skipped, nothing is requested again.
         before = len(server.requests)
         assert run_voicebank(server.url, root, sums) == 0
@@ -236,6 +245,15 @@ def test_dcase2016_console_script_layout_and_rerun(tmp_path, dcase_archives):
             "CR_kitchen_chunk7.16kHz.wav", "CR_lounge_chunk0.16kHz.wav", "CR_lounge_chunk1.16kHz.wav"]
         assert "majorityvote,cm" in (chunks / "CR_lounge_chunk0.csv").read_text()
         assert (root / "chime_home" / "evaluation_chunks_refined.csv").exists()
+
+        # The pretraining datamodule reads the layout as is (each TUT channel is one example).
+        from datamodules.dcase2016 import DCASE2016DataModule
+
+        dm = DCASE2016DataModule(root)
+        dm.setup()
+        assert {k: len(v) for k, v in dm.train_sets.items()} == {"scene": 16, "tags": 2}
+        assert {k: len(v) for k, v in dm.val_sets.items()} == {"scene": 6, "tags": 1}
+        assert dm.train_sets["scene"][1]["wav"].shape == (800,)
 
         before = len(server.requests)
         assert main(["dcase2016", "--root", str(root), "--base-url", server.url,
