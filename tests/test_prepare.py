@@ -294,3 +294,12 @@ def test_dcase2016_chunk_without_majority_vote(tmp_path, dcase_archives, capsys)
         with pytest.raises(ValueError, match=r"CR_lounge_chunk1.csv: no 'majorityvote' row"):
             dcase2016.prepare_dcase2016(root, base_urls={"*": server.url}, archives=archives, progress=False)
     assert not (root / dcase2016.TUT_DEV).exists()
+
+
+def test_voicebank_delete_archives(tmp_path, voicebank_archives):
+    served, sums, _ = voicebank_archives
+    root = tmp_path / "vb"
+    with serve(served) as server:
+        assert run_voicebank(server.url, root, sums, "--delete-archives") == 0
+    assert list((root / "downloads").iterdir()) == []
+    assert len(list((root / "testset_noisy").glob("*.wav"))) == len(VB_TEST)
