@@ -234,6 +234,7 @@ class DCASE2016DataModule(L.LightningDataModule):
     """
 
     MODES = ("alternate", "mixed")
+    scene_names, tag_names = SCENES, TAGS
 
     def __init__(
         self,

@@ -159,7 +159,7 @@ def _impacts(rng, n, sr):
 def _sweeps(rng, n, sr):
     x = np.zeros(n)
     for _ in range(rng.integers(1, 4)):
-        m = int(rng.uniform(0.3, 0.9) * sr)
+        m = min(n, int(rng.uniform(0.3, 0.9) * sr))
         start = int(rng.integers(0, max(1, n - m)))
         f_start, f_end = sorted(rng.uniform(300, 4000, size=2))[:: rng.choice([1, -1])]
         x[start : start + m] += signal.chirp(np.arange(m) / sr, f_start, m / sr, f_end) * np.hanning(m)

@@ -64,6 +64,9 @@ class PretrainSystem(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes=n_scenes, average="micro")
         self.val_eer = EqualErrorRate(num_labels=n_tags)
         self.val_scene_loss, self.val_tags_loss = MeanMetric(), MeanMetric()
+        # The latest validation's metrics (floats) and the global step it ran at.
+        self.last_val_metrics: dict[str, float] = {}
+        self.last_val_step: int | None = None
 
     def forward(self, wav: torch.Tensor) -> dict[str, torch.Tensor]:
         """Head logits ``{"scene": [batch, 15], "tags": [batch, 7]}`` for ``[batch, time]`` audio."""
@@ -149,7 +152,10 @@ class PretrainSystem(L.LightningModule):
             metrics["val/tags_loss"] = self.val_tags_loss.compute()
         if "val/scene_acc" in metrics and "val/tags_eer_mean" in metrics:
             metrics["val/score"] = (metrics["val/scene_acc"] + 1 - metrics["val/tags_eer_mean"]) / 2
-        self.log_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in metrics.items()}, prog_bar=False)
+        self.log_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in metrics.items()})
+        if not self.trainer.sanity_checking:
+            self.last_val_metrics = {k: float(v) for k, v in metrics.items()}
+            self.last_val_step = self.global_step
         for metric in (self.val_acc, self.val_eer, self.val_scene_loss, self.val_tags_loss):
             metric.reset()
 

@@ -1,0 +1,99 @@
+"""``dfl-pretrain``: Hydra entry point that pretrains the loss network (scenes + tagging).
+
+Wires the loss network, :class:`~dfl.systems.pretrain.PretrainSystem`, the data, callbacks,
+loggers and trainer; then exports the chosen checkpoint's network as a dfl model file
+(``lossnet.pt``) and its validation metrics (``metrics.json``) into the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from dfl.train import CONF_DIR, instantiate_group
+
+log = logging.getLogger(__name__)
+
+
+def summarize(metrics: dict[str, float], tag_names) -> dict:
+    """The validation numbers reported in ``metrics.json`` and the model file's meta."""
+    return {
+        "scene_acc": metrics.get("val/scene_acc"),
+        "tags_eer_mean": metrics.get("val/tags_eer_mean"),
+        "tags_eer": {t: metrics.get(f"val/tags_eer_{t}") for t in tag_names},
+        "score": metrics.get("val/score"),
+    }
+
+
+def pretrain(cfg: DictConfig) -> dict:
+    """Fit, validate the exported checkpoint, write ``lossnet.pt`` + ``metrics.json``; returns the metrics."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from dfl.audio import atomic_write
+    from dfl.checkpoints import save_model
+
+    if cfg.export_from not in ("best", "last"):
+        raise ValueError(f"export_from must be 'best' or 'last', got {cfg.export_from!r}")
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / "config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(cfg, resolve=True)))
+
+    net = instantiate(cfg.net, _convert_="all")
+    system = instantiate(cfg.system, net=net, _convert_="all")
+    # Training crops start at the network's minimum input length (2^(layers+1) - 1 samples).
+    datamodule = instantiate(cfg.data, min_crop_length=net.min_input_length, _convert_="all")
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    ckpt_cb = trainer.checkpoint_callback
+    best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb else ""
+    last = getattr(ckpt_cb, "last_model_path", "") if ckpt_cb else ""
+    chosen = best if cfg.export_from == "best" and best else last or None
+    in_memory = chosen is None or chosen == last  # last.ckpt holds the in-memory weights
+    if not (in_memory and system.last_val_step == trainer.global_step):
+        # Measure the exported weights (this also loads them into `system`).
+        trainer.validate(system, datamodule=datamodule, ckpt_path=chosen, verbose=False)
+
+    tag_names = list(getattr(datamodule, "tag_names", system.tag_names))
+    metrics = summarize(system.last_val_metrics, tag_names)
+    metrics.update(checkpoint=chosen, global_step=trainer.global_step, epoch=trainer.current_epoch)
+    if trainer.is_global_zero:
+        meta = {
+            "trained_by": "dfl-pretrain",
+            "data": cfg.data._target_,
+            "scenes": list(getattr(datamodule, "scene_names", [])),
+            "tags": tag_names,
+            "val": summarize(system.last_val_metrics, tag_names),
+        }
+        model_file = save_model(out_dir / "lossnet.pt", "lossnet", system.net, meta)
+        atomic_write(out_dir / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
+        if cfg.get("export_path"):
+            export = atomic_write(Path(cfg.export_path), lambda p: shutil.copyfile(model_file, p))
+            log.info("exported the loss network to %s", export)
+        log.info(
+            "loss network %s: val scene accuracy %s, mean tagging EER %s",
+            model_file, metrics["scene_acc"], metrics["tags_eer_mean"],
+        )  # fmt: skip
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="pretrain")
+def main(cfg: DictConfig) -> float | None:
+    return pretrain(cfg).get("score")
+
+
+if __name__ == "__main__":
+    main()
