@@ -148,8 +148,12 @@ def _plan_syllables(rng: np.random.Generator, seconds: float, rate: float) -> li
                 else:
                     return syllables
             onset = rng.choice(["none", "fricative", "plosive", "nasal"], p=(0.3, 0.3, 0.25, 0.15))
-            cons = {"none": 0.0, "fricative": rng.uniform(0.05, 0.11),
-                    "plosive": rng.uniform(0.035, 0.07), "nasal": rng.uniform(0.04, 0.08)}[onset]
+            cons = {
+                "none": 0.0,
+                "fricative": rng.uniform(0.05, 0.11),
+                "plosive": rng.uniform(0.035, 0.07),
+                "nasal": rng.uniform(0.04, 0.08),
+            }[onset]
             cons = min(cons, 0.4 * dur)
             coda = dur - cons > 0.16 and rng.random() < 0.2
             coda_dur = rng.uniform(0.04, 0.08) if coda else 0.0
@@ -193,7 +197,9 @@ def _pitch_track(rng, talker: Talker, syllables: list[dict], times: np.ndarray, 
     final = np.clip((times - (last_end - 0.3)) / 0.3, 0.0, 1.0)
     st += (rng.uniform(3.0, 6.0) if rng.random() < 0.25 else -rng.uniform(1.5, 4.0)) * r * final
     for _ in range(2):  # slow drift
-        st += rng.uniform(0.1, 0.5) * np.sin(2 * np.pi * rng.uniform(0.3, 2.0) * times + rng.uniform(0, 2 * np.pi))
+        st += rng.uniform(0.1, 0.5) * np.sin(
+            2 * np.pi * rng.uniform(0.3, 2.0) * times + rng.uniform(0, 2 * np.pi)
+        )
     st += 0.01 * np.cumsum(rng.normal(0.0, 1.0, len(times)))  # slow random wander
     return talker.f0 * 2.0 ** (st / 12.0)
 
@@ -230,7 +236,11 @@ def _resonator_response(freqs: np.ndarray, bws: np.ndarray, sample_rate: int, n_
     den[:, 0] = 1.0
     for k in range(freqs.shape[1]):
         quad = (1.0, -b[:, k, None], -c[:, k, None])
-        den = den * quad[0] + np.pad(den[:, :-1], ((0, 0), (1, 0))) * quad[1] + np.pad(den[:, :-2], ((0, 0), (2, 0))) * quad[2]
+        den = (
+            den * quad[0]
+            + np.pad(den[:, :-1], ((0, 0), (1, 0))) * quad[1]
+            + np.pad(den[:, :-2], ((0, 0), (2, 0))) * quad[2]
+        )
     return np.prod(a, axis=1)[:, None] / sp_fft.rfft(den, n_fft)
 
 
@@ -255,7 +265,9 @@ def _time_varying_formants(x: np.ndarray, freqs_at, bws: np.ndarray, sample_rate
     frames = np.lib.stride_tricks.sliding_window_view(padded, win_len)[::hop][:n_frames] * window
     centres = np.arange(n_frames) * hop / sample_rate  # frame j is centred on x[j * hop]
     freqs = np.minimum(freqs_at(centres), 0.45 * sample_rate)
-    spec = sp_fft.rfft(frames, n_fft) * _resonator_response(freqs, np.broadcast_to(bws, freqs.shape), sample_rate, n_fft)
+    spec = sp_fft.rfft(frames, n_fft) * _resonator_response(
+        freqs, np.broadcast_to(bws, freqs.shape), sample_rate, n_fft
+    )
     pieces = sp_fft.irfft(spec, n_fft).reshape(n_frames, n_fft // hop, hop)
     out = np.zeros((n_frames + n_fft // hop, hop))
     for m in range(n_fft // hop):  # overlap-add, one hop-offset at a time
@@ -308,7 +320,9 @@ def synthesize_utterance(
     ms = sample_rate / 1000
     for s in syllables:
         v0, v1 = int(s["vowel_start"] * sample_rate), int(s["vowel_end"] * sample_rate)
-        _add_window(voicing, v0, v1 - v0, s["gain"], int(rng.uniform(15, 40) * ms), int(rng.uniform(30, 70) * ms))
+        _add_window(
+            voicing, v0, v1 - v0, s["gain"], int(rng.uniform(15, 40) * ms), int(rng.uniform(30, 70) * ms)
+        )
         c0, cn = int(s["start"] * sample_rate), int(s["onset_dur"] * sample_rate)
         if s["onset"] == "nasal":
             _add_window(voicing, c0, cn + int(10 * ms), 0.3 * s["gain"], int(10 * ms), int(10 * ms))
@@ -317,10 +331,14 @@ def synthesize_utterance(
             _add_noise_event(unvoiced, rng, c0, cn, 0.35 * s["gain"], band, sample_rate)
         elif s["onset"] == "plosive":  # closure (silence) then a short burst before the vowel
             burst = int(rng.uniform(8, 20) * ms)
-            _add_noise_event(unvoiced, rng, c0 + cn - burst, burst, 0.6 * s["gain"], (500.0, 7800.0), sample_rate)
+            _add_noise_event(
+                unvoiced, rng, c0 + cn - burst, burst, 0.6 * s["gain"], (500.0, 7800.0), sample_rate
+            )
         if s["coda_dur"] > 0:
             band = _FRICATIVE_BANDS[int(rng.integers(len(_FRICATIVE_BANDS)))]
-            _add_noise_event(unvoiced, rng, v1, int(s["coda_dur"] * sample_rate), 0.25 * s["gain"], band, sample_rate)
+            _add_noise_event(
+                unvoiced, rng, v1, int(s["coda_dur"] * sample_rate), 0.25 * s["gain"], band, sample_rate
+            )
 
     # Vocal tract: moving F1..F4 plus a fixed F5, as a cascade of resonators.
     formants = _formant_tracks(rng, talker, syllables, t_blocks)
@@ -334,8 +352,12 @@ def synthesize_utterance(
     speech = _time_varying_formants(voicing * (voiced_source + aspiration), freqs_at, bws, sample_rate)
     speech = signal.sosfilt(_highpass_sos(60.0, sample_rate), speech)  # no DC/subsonic drift
     # Match the noise consonants to the vowels' level, then set the utterance level.
-    speech = speech / (np.sqrt(np.mean(speech[voicing > 0.5] ** 2)) + 1e-12) if np.any(voicing > 0.5) else speech
+    speech = (
+        speech / (np.sqrt(np.mean(speech[voicing > 0.5] ** 2)) + 1e-12) if np.any(voicing > 0.5) else speech
+    )
     speech = speech + unvoiced
+    # A faint floor (75 dB below the speech) so pauses are quiet, not digital zero.
+    speech += 10 ** (-75 / 20) * np.sqrt(np.mean(speech**2)) * rng.standard_normal(n)
     return _set_level(speech, rng.uniform(-30.0, -20.0), peak=0.9)
 
 
@@ -418,7 +440,9 @@ def _bursts(rng, n, sample_rate):
     out = 0.03 * rng.standard_normal(n)
     for _ in range(int(rng.integers(1, 4))):
         low = rng.uniform(100.0, 2000.0)
-        band = signal.sosfilt(_bandpass_sos(low, low * 2 ** rng.uniform(1, 3), sample_rate), rng.standard_normal(n))
+        band = signal.sosfilt(
+            _bandpass_sos(low, low * 2 ** rng.uniform(1, 3), sample_rate), rng.standard_normal(n)
+        )
         band /= np.sqrt(np.mean(band**2)) + 1e-12
         env = np.zeros(n)
         count = max(1, int(rng.poisson(rng.uniform(1.0, 4.0) * n / sample_rate)))
@@ -480,7 +504,9 @@ def _check_sample_rate(sample_rate) -> int:
     return int(sample_rate)
 
 
-def _settings(seed, n_train, n_val, n_test, min_seconds, max_seconds, snr_range, sample_rate, noise_kinds) -> dict:
+def _settings(
+    seed, n_train, n_val, n_test, min_seconds, max_seconds, snr_range, sample_rate, noise_kinds
+) -> dict:
     """Validate the corpus settings; return them normalised (JSON-friendly)."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
@@ -504,7 +530,9 @@ def _settings(seed, n_train, n_val, n_test, min_seconds, max_seconds, snr_range,
         raise ValueError(f"noise_kinds must name at least one of {', '.join(NOISE_KINDS)}")
     unknown = [k for k in kinds if k not in NOISE_KINDS]
     if unknown:
-        raise ValueError(f"noise_kinds: unknown noise kind(s) {unknown}; choose from {', '.join(NOISE_KINDS)}")
+        raise ValueError(
+            f"noise_kinds: unknown noise kind(s) {unknown}; choose from {', '.join(NOISE_KINDS)}"
+        )
     return dict(
         generator_version=GENERATOR_VERSION,
         seed=int(seed),
@@ -550,7 +578,13 @@ def _make_pair(ss: np.random.SeedSequence, settings: dict) -> tuple[np.ndarray, 
     sr = settings["sample_rate"]
     n_min = int(np.ceil(settings["min_seconds"] * sr))
     n_max = int(np.floor(settings["max_seconds"] * sr))
-    n = int(np.clip(int(meta_rng.uniform(settings["min_seconds"], settings["max_seconds"]) * sr), n_min, max(n_min, n_max)))
+    n = int(
+        np.clip(
+            int(meta_rng.uniform(settings["min_seconds"], settings["max_seconds"]) * sr),
+            n_min,
+            max(n_min, n_max),
+        )
+    )
     kinds = settings["noise_kinds"]
     kind = kinds[int(meta_rng.integers(len(kinds)))]
     snr = float(meta_rng.uniform(*settings["snr_range"]))
@@ -560,13 +594,17 @@ def _make_pair(ss: np.random.SeedSequence, settings: dict) -> tuple[np.ndarray, 
     peak = np.max(np.abs(noisy))
     if peak > 0.99:  # scale the pair together: keeps the SNR, avoids clipping if saved as PCM
         clean, noisy = clean * (0.99 / peak), noisy * (0.99 / peak)
-    return noisy.astype(np.float32), clean.astype(np.float32), dict(noise=kind, snr_db=round(snr, 4), samples=n)
+    return (
+        noisy.astype(np.float32),
+        clean.astype(np.float32),
+        dict(noise=kind, snr_db=round(snr, 4), samples=n),
+    )
 
 
 def _write_corpus(tmp: Path, settings: dict) -> None:
     rows = []
     counts = (settings["n_train"], settings["n_val"], settings["n_test"])
-    for split_index, (split, count) in enumerate(zip(SPLITS, counts)):
+    for split_index, (split, count) in enumerate(zip(SPLITS, counts, strict=True)):
         for i in range(count):
             # Splits are independent streams; utterance i of a split does not depend on the counts.
             ss = np.random.SeedSequence(settings["seed"], spawn_key=(split_index, i))
@@ -576,7 +614,9 @@ def _write_corpus(tmp: Path, settings: dict) -> None:
             write_float_wav(tmp / f"{split}_clean" / name, clean, settings["sample_rate"])
             rows.append(dict(split=split, name=name, **meta))
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["split", "name", "noise", "snr_db", "samples"], lineterminator="\n")
+    writer = csv.DictWriter(
+        buf, fieldnames=["split", "name", "noise", "snr_db", "samples"], lineterminator="\n"
+    )
     writer.writeheader()
     writer.writerows(rows)
     (tmp / MANIFEST).write_text(buf.getvalue())
@@ -605,7 +645,9 @@ def generate_paired_corpus(
     ``root`` never holds a half-written corpus. A non-empty ``root`` that is not
     a corpus written here is never deleted.
     """
-    settings = _settings(seed, n_train, n_val, n_test, min_seconds, max_seconds, snr_range, sample_rate, noise_kinds)
+    settings = _settings(
+        seed, n_train, n_val, n_test, min_seconds, max_seconds, snr_range, sample_rate, noise_kinds
+    )
     digest = settings_hash(settings)
     root = Path(root)
     if _marker_matches(root, digest):
@@ -619,7 +661,9 @@ def generate_paired_corpus(
     tmp = Path(tempfile.mkdtemp(prefix=f"{root.name}.tmp-", dir=root.parent))
     try:
         _write_corpus(tmp, settings)
-        (tmp / MARKER).write_text(json.dumps({"hash": digest, "settings": settings}, sort_keys=True, indent=1))
+        (tmp / MARKER).write_text(
+            json.dumps({"hash": digest, "settings": settings}, sort_keys=True, indent=1)
+        )
         old = None
         if root.exists():  # an outdated corpus (or an empty dir): move it aside, then replace
             old = root.with_name(f"{root.name}.old-{uuid.uuid4().hex[:8]}")

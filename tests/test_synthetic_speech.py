@@ -64,7 +64,9 @@ def test_utterance_level_is_bounded_and_varies():
 
 
 def test_utterance_voiced_frames_are_periodic_at_the_talkers_pitch():
-    talker = Talker(f0=120.0, pitch_range=1.0, formant_scale=1.0, open_quotient=0.6, breathiness=0.05, rate=1.0)
+    talker = Talker(
+        f0=120.0, pitch_range=1.0, formant_scale=1.0, open_quotient=0.6, breathiness=0.05, rate=1.0
+    )
     x = synthesize_utterance(_rng(3), SR, 1.5, talker=talker).astype(np.float64)
     frame = 640  # 40 ms
     db = _frame_db(x, frame)
@@ -129,7 +131,9 @@ def test_each_noise_kind_is_finite_non_silent_and_deterministic(kind):
 
 
 def test_coloured_noises_have_their_spectral_slopes():
-    white, pink, brown = (synthesize_noise(k, _rng(0), 4 * SR, SR).astype(np.float64) for k in ("white", "pink", "brown"))
+    white, pink, brown = (
+        synthesize_noise(k, _rng(0), 4 * SR, SR).astype(np.float64) for k in ("white", "pink", "brown")
+    )
     for lo in (100, 400):  # one octave band vs the one a decade up
         r_white = _band_power(white, lo, 2 * lo) / _band_power(white, 10 * lo, 20 * lo)
         r_pink = _band_power(pink, lo, 2 * lo) / _band_power(pink, 10 * lo, 20 * lo)
@@ -163,7 +167,9 @@ def test_clicks_are_impulsive_and_bursts_are_non_stationary():
 def test_babble_is_speech_like_and_denser_than_one_talker():
     babble = synthesize_noise("babble", _rng(3), 2 * SR, SR)
     one = synthesize_utterance(_rng(3), SR, 2.0)
-    assert (_frame_db(babble) < _frame_db(babble).max() - 40).mean() < (_frame_db(one) < _frame_db(one).max() - 40).mean()
+    assert (_frame_db(babble) < _frame_db(babble).max() - 40).mean() < (
+        _frame_db(one) < _frame_db(one).max() - 40
+    ).mean()
     # Speech-shaped: most power below 1.5 kHz.
     assert _band_power(babble, 100, 1500) > 10 * _band_power(babble, 4000, 7800)
 
