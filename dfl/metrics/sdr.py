@@ -12,6 +12,8 @@ from dfl.metrics.frames import windowed_frames
 SEG_SNR_MIN_DB = -10.0
 SEG_SNR_MAX_DB = 35.0
 _EPS = np.finfo(np.float64).eps  # MATLAB ``eps``
+# A residual below 1e-25 of the target (> 250 dB) is float64 rounding of an exact copy, not a score.
+_EXACT_COPY_RATIO = 1e-25
 
 
 def si_sdr(clean: np.ndarray, estimate: np.ndarray) -> float:
@@ -24,7 +26,7 @@ def si_sdr(clean: np.ndarray, estimate: np.ndarray) -> float:
     target = (np.dot(e, s) / ss) * s
     noise = e - target
     tt, nn = float(np.dot(target, target)), float(np.dot(noise, noise))
-    if nn == 0.0:
+    if nn <= tt * _EXACT_COPY_RATIO:
         raise MetricError("SI-SDR: estimate is an exact scaled copy of clean, the ratio is infinite")
     if tt == 0.0:
         raise MetricError("SI-SDR: estimate is orthogonal to clean, the ratio is -infinite")
