@@ -13,7 +13,6 @@ import numpy as np
 import soundfile as sf
 import torch
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
