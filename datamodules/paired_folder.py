@@ -10,32 +10,39 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-import soundfile as sf
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from datamodules.bucketing import BucketBatchSampler
+from datamodules.manifest import AudioEntry, DataError, require_usable, scan_audio_dir
 from dfl.audio import AudioError, load_mono
 
 log = logging.getLogger(__name__)
 
 SPLITS = {"train": "trainset", "val": "valset", "test": "testset"}
-AUDIO_SUFFIXES = (".wav", ".flac")
 
 
-class DataError(ValueError):
-    """A dataset that cannot be used; the message names the file or directory at fault."""
+def scan_pairs(
+    noisy_dir: Path, clean_dir: Path, manifest_dir: str | Path | None = None
+) -> list[tuple[Path, Path, int]]:
+    """Validate a split's pairs from the file headers; returns ``(noisy, clean, frames)`` per pair.
+
+    Headers come from cached manifests (:mod:`datamodules.manifest`) when ``manifest_dir`` is given.
+    """
+    return [(noisy_dir / n.relpath, clean_dir / c.relpath, n.frames) for n, c in scan_pair_entries(
+        noisy_dir, clean_dir, manifest_dir
+    )]
 
 
-def _audio_files(directory: Path) -> dict[str, Path]:
-    return {p.name: p for p in sorted(directory.iterdir()) if p.suffix.lower() in AUDIO_SUFFIXES}
-
-
-def scan_pairs(noisy_dir: Path, clean_dir: Path) -> list[tuple[Path, Path, int]]:
-    """Validate a split's pairs from the file headers; returns ``(noisy, clean, frames)`` per pair."""
+def scan_pair_entries(
+    noisy_dir: Path, clean_dir: Path, manifest_dir: str | Path | None = None
+) -> list[tuple[AudioEntry, AudioEntry]]:
+    """:func:`scan_pairs` with the manifest entries (sample rates, channels) of both files."""
     for d in (noisy_dir, clean_dir):
         if not d.is_dir():
             raise DataError(f"{d}: directory not found")
-    noisy, clean = _audio_files(noisy_dir), _audio_files(clean_dir)
+    noisy = {e.relpath: e for e in scan_audio_dir(noisy_dir, cache_dir=manifest_dir)}
+    clean = {e.relpath: e for e in scan_audio_dir(clean_dir, cache_dir=manifest_dir)}
     if not noisy:
         raise DataError(f"{noisy_dir}: empty split (no .wav/.flac files)")
     missing = sorted(set(noisy) - set(clean))
@@ -45,23 +52,17 @@ def scan_pairs(noisy_dir: Path, clean_dir: Path) -> list[tuple[Path, Path, int]]
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
     pairs = []
-    for name, npath in noisy.items():
-        cpath = clean[name]
-        frames = []
-        for path in (npath, cpath):
-            try:
-                info = sf.info(str(path))
-            except Exception as exc:
-                raise DataError(f"{path}: unreadable audio file ({exc})") from exc
-            if info.frames == 0:
-                raise DataError(f"{path}: audio file is empty (0 samples)")
-            frames.append((info.frames, info.samplerate))
-        if frames[0] != frames[1]:
+    for name, nentry in noisy.items():
+        centry = clean[name]
+        for entry in (nentry, centry):
+            require_usable(entry)
+        if (nentry.frames, nentry.sample_rate) != (centry.frames, centry.sample_rate):
             raise DataError(
-                f"{npath}: {frames[0][0]} samples at {frames[0][1]} Hz but its clean pair {cpath} has "
-                f"{frames[1][0]} samples at {frames[1][1]} Hz; pairs must have the same length"
+                f"{noisy_dir / name}: {nentry.frames} samples at {nentry.sample_rate} Hz but its clean pair "
+                f"{clean_dir / name} has "
+                f"{centry.frames} samples at {centry.sample_rate} Hz; pairs must have the same length"
             )
-        pairs.append((npath, cpath, frames[0][0]))
+        pairs.append((nentry, centry))
     return pairs
 
 
@@ -76,8 +77,13 @@ class PairedAudioDataset(Dataset):
         sample_rate: int = 16_000,
         crop_samples: int | None = None,
         seed: int = 0,
+        manifest_dir: str | Path | None = None,
     ) -> None:
-        self.pairs = scan_pairs(Path(noisy_dir), Path(clean_dir))
+        noisy_dir, clean_dir = Path(noisy_dir), Path(clean_dir)
+        entries = scan_pair_entries(noisy_dir, clean_dir, manifest_dir)
+        self.pairs = [(noisy_dir / n.relpath, clean_dir / c.relpath, n.frames) for n, c in entries]
+        # utterance lengths at `sample_rate`, known from the headers: what length bucketing sorts by
+        self.lengths = [n.frames_at(sample_rate) for n, _ in entries]
         self.sample_rate = sample_rate
         self.crop_samples = crop_samples
         self.seed = seed
@@ -147,11 +153,37 @@ def collate_pairs(items: list[dict]) -> dict:
     }
 
 
+def audio_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    bucket_window: int | None = None,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A loader over an epoch-encoding dataset: :class:`EpochSampler` order, padded batches with ``lengths``.
+
+    With ``bucket_window`` (and ``batch_size > 1``), batches group similar ``dataset.lengths``.
+    """
+    sampler = EpochSampler(len(dataset), shuffle, seed)
+    common = dict(num_workers=num_workers, collate_fn=collate_pairs, pin_memory=pin_memory,
+                  persistent_workers=num_workers > 0)
+    if bucket_window and batch_size > 1:
+        batches = BucketBatchSampler(sampler, dataset.lengths, batch_size, seed=seed, window=bucket_window)
+        return DataLoader(dataset, batch_sampler=batches, **common)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **common)
+
+
 class PairedFolderDataModule(L.LightningDataModule):
     """Train/val/test splits from ``root/{trainset,valset,testset}_{noisy,clean}/``.
 
-    Training uses whole utterances with ``batch_size=1`` (the paper) or random crops of
-    ``crop_seconds`` for batching; validation and test always use whole utterances, one per batch.
+    Training uses whole utterances with ``batch_size=1`` (the paper), random crops of
+    ``crop_seconds`` for batching, or (``bucket=True``) batches of whole utterances of similar
+    length (:class:`~datamodules.bucketing.BucketBatchSampler`), the padding masked out of the loss;
+    validation and test always use whole utterances, one per batch. ``manifest_dir`` caches the
+    file lists with their lengths (:mod:`datamodules.manifest`).
     """
 
     def __init__(
@@ -163,11 +195,16 @@ class PairedFolderDataModule(L.LightningDataModule):
         sample_rate: int = 16_000,
         seed: int = 0,
         pin_memory: bool = False,
+        bucket: bool = False,
+        bucket_window: int = 50,
+        manifest_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
-        if batch_size > 1 and not crop_seconds:
+        if bucket and crop_seconds:
+            raise ValueError("data.bucket=true batches whole utterances by length; unset data.crop_seconds to use it")
+        if batch_size > 1 and not crop_seconds and not bucket:
             log.info("data.batch_size=%d without crop_seconds: utterances are zero-padded to the longest", batch_size)
         self.root = Path(root).expanduser()
         self.batch_size = batch_size
@@ -176,6 +213,9 @@ class PairedFolderDataModule(L.LightningDataModule):
         self.sample_rate = sample_rate
         self.seed = seed
         self.pin_memory = pin_memory
+        self.bucket = bucket
+        self.bucket_window = bucket_window
+        self.manifest_dir = manifest_dir
         self.datasets: dict[str, PairedAudioDataset] = {}
 
     def split_dirs(self, split: str) -> tuple[Path, Path]:
@@ -188,7 +228,11 @@ class PairedFolderDataModule(L.LightningDataModule):
                 raise DataError(f"data.root={self.root}: directory not found")
             crop = self.crop_samples if split == "train" else None
             self.datasets[split] = PairedAudioDataset(
-                *self.split_dirs(split), sample_rate=self.sample_rate, crop_samples=crop, seed=self.seed
+                *self.split_dirs(split),
+                sample_rate=self.sample_rate,
+                crop_samples=crop,
+                seed=self.seed,
+                manifest_dir=self.manifest_dir,
             )
         return self.datasets[split]
 
@@ -198,15 +242,15 @@ class PairedFolderDataModule(L.LightningDataModule):
             self.dataset(split)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        ds = self.dataset(split)
-        return DataLoader(
-            ds,
-            batch_size=self.batch_size if split == "train" else 1,
-            sampler=EpochSampler(len(ds), shuffle, self.seed),
+        train = split == "train"
+        return audio_loader(
+            self.dataset(split),
+            batch_size=self.batch_size if train else 1,
+            shuffle=shuffle,
+            seed=self.seed,
+            bucket_window=self.bucket_window if train and self.bucket else None,
             num_workers=self.num_workers,
-            collate_fn=collate_pairs,
             pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
