@@ -350,3 +350,9 @@ def test_time_varying_formant_filter_equals_the_resonator_cascade_when_formants_
     sos = np.stack([1 - b - c, 0 * b, 0 * b, np.ones(5), -b, -c], axis=1)
     ref = signal.sosfilt(sos, x)
     assert np.max(np.abs(y - ref)) < 1e-4 * np.max(np.abs(ref))
+
+
+def test_noise_kinds_restrict_the_noises_used(tmp_path):
+    root = generate_paired_corpus(tmp_path / "synth", seed=2, noise_kinds=["hum"], **SMALL)
+    rows = list(csv.DictReader((root / "manifest.csv").open()))
+    assert len(rows) == 7 and {r["noise"] for r in rows} == {"hum"}
