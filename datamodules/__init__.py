@@ -4,3 +4,6 @@ __all__ = ["DataError", "PairedAudioDataset", "PairedFolderDataModule"]
 from datamodules.synthetic import SyntheticSpeechDataModule  # noqa: E402
 
 __all__ += ["SyntheticSpeechDataModule"]
+from datamodules.mixing import MixingDataModule  # noqa: E402
+
+__all__ += ["MixingDataModule"]

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from dfl.losses.masking import masked_mean
 from dfl.models import LossNetwork
 
 log = logging.getLogger(__name__)
@@ -96,14 +97,45 @@ class FeatureLoss(nn.Module):
     def term_names(self) -> list[str]:
         return [f"layer_{i}" for i in self.layers]
 
-    def distances(self, estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Raw per-layer mean absolute differences, shape ``[n_layers]``."""
+    def distances(
+        self, estimate: torch.Tensor, target: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Raw per-layer mean absolute differences, shape ``[n_layers]``.
+
+        With ``lengths`` (a zero-padded batch), layer ``l`` is averaged over each utterance's valid
+        frames only — ``ceil(length / (s_0 · … · s_l))`` for strides ``s`` — then over the batch.
+        This matches the utterances taken one at a time up to the convolution edges: the frame
+        that straddles an utterance's end, the activations of the padding leaking into deeper
+        layers' receptive fields near the end, and TF-SAME padding, which shifts the sampling grid
+        by a sample when an utterance's length parity at some layer differs from the batch's.
+        The difference shrinks with utterance length relative to the layer's stride; see
+        ``tests/test_bucketing.py``.
+        """
         depth = max(self.layers) + 1
         feats_est = self.loss_network(estimate, n_layers=depth)
         with torch.no_grad():
             feats_ref = self.loss_network(target, n_layers=depth)
-        return torch.stack([(feats_est[i] - feats_ref[i]).abs().mean() for i in self.layers])
+        if lengths is None:
+            return torch.stack([(feats_est[i] - feats_ref[i]).abs().mean() for i in self.layers])
+        lengths = torch.as_tensor(lengths, device=estimate.device).to(torch.long)
+        hops = self._layer_hops(estimate.shape[-1], [f.shape[-1] for f in feats_est])
+        return torch.stack(
+            [masked_mean((feats_est[i] - feats_ref[i]).abs(), -(-lengths // hops[i])) for i in self.layers]
+        )
 
-    def forward(self, estimate: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        per_layer = self.distances(estimate, target)
+    def _layer_hops(self, n_samples: int, frames: list[int]) -> list[int]:
+        """Input samples per frame of each layer: the product of the strides up to it."""
+        strides = getattr(self.loss_network, "strides", None)
+        if strides is None:  # a network without declared strides: infer from the shapes
+            return [max(1, round(n_samples / t)) for t in frames]
+        hops, hop = [], 1
+        for s in strides[: len(frames)]:
+            hop *= s
+            hops.append(hop)
+        return hops
+
+    def forward(
+        self, estimate: torch.Tensor, target: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        per_layer = self.distances(estimate, target, lengths)
         return (self.weights * per_layer).sum(), per_layer

@@ -1,9 +1,15 @@
-"""Waveform-domain losses with the same ``(total, terms)`` interface as ``FeatureLoss``."""
+"""Waveform-domain losses with the same ``(total, terms)`` interface as ``FeatureLoss``.
+
+With ``lengths`` (padded batches) each utterance is averaged over its own samples, then the
+batch: exactly the mean of the utterances' losses taken one at a time.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from dfl.losses.masking import masked_mean
 
 
 class WaveformL1Loss(nn.Module):
@@ -11,8 +17,11 @@ class WaveformL1Loss(nn.Module):
 
     term_names: list[str] = []
 
-    def forward(self, estimate: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return (estimate - target).abs().mean(), estimate.new_zeros(0)
+    def forward(
+        self, estimate: torch.Tensor, target: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        diff = (estimate - target).abs()
+        return (diff.mean() if lengths is None else masked_mean(diff, lengths)), estimate.new_zeros(0)
 
 
 class WaveformL2Loss(nn.Module):
@@ -20,5 +29,8 @@ class WaveformL2Loss(nn.Module):
 
     term_names: list[str] = []
 
-    def forward(self, estimate: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return ((estimate - target) ** 2).mean(), estimate.new_zeros(0)
+    def forward(
+        self, estimate: torch.Tensor, target: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        diff = (estimate - target) ** 2
+        return (diff.mean() if lengths is None else masked_mean(diff, lengths)), estimate.new_zeros(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import lightning as L
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from dfl.checkpoints import model_record
+from dfl.losses.masking import zero_padding
 
 DEFAULT_METRICS = ("pesq", "stoi", "si_sdr")
 
@@ -50,9 +52,24 @@ class DenoisingSystem(L.LightningModule):
         return self.denoiser(noisy)
 
     # -- training -----------------------------------------------------------------------------
+    def _loss(self, enhanced: torch.Tensor, clean: torch.Tensor, lengths: torch.Tensor | None):
+        """The loss with the padding of variable-length batches masked out.
+
+        The denoiser's output beyond each utterance's length is zeroed (it is padding, and a
+        convolutional net fills it with non-zero values), and ``lengths`` goes to the loss.
+        """
+        if lengths is None or bool((lengths >= enhanced.shape[-1]).all()):
+            return self.loss(enhanced, clean)  # no padding: every loss works
+        if "lengths" not in inspect.signature(self.loss.forward).parameters:
+            raise ValueError(
+                f"loss {type(self.loss).__name__} cannot mask the padding of variable-length batches "
+                "(its forward has no `lengths`); use data.batch_size=1 or data.crop_seconds"
+            )
+        return self.loss(zero_padding(enhanced, lengths), clean, lengths=lengths)
+
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         enhanced = self(batch["noisy"])
-        total, per_layer = self.loss(enhanced, batch["clean"])
+        total, per_layer = self._loss(enhanced, batch["clean"], batch.get("lengths"))
         if not torch.isfinite(total):
             raise FloatingPointError(
                 f"training loss became {total.item()} at epoch {self.current_epoch}, batch {batch_idx}; "
@@ -76,7 +93,7 @@ class DenoisingSystem(L.LightningModule):
 
         noisy, clean = batch["noisy"], batch["clean"]
         enhanced = self(noisy)
-        total, per_layer = self.loss(enhanced, clean)
+        total, per_layer = self._loss(enhanced, clean, batch.get("lengths"))
         self.log(f"{stage}/loss", total, batch_size=noisy.shape[0], sync_dist=True)
         lengths = batch.get("lengths", torch.full((noisy.shape[0],), noisy.shape[-1]))
         score_noisy = stage not in self._noisy_scored
