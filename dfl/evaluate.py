@@ -1,11 +1,13 @@
 """``dfl-eval``: every metric for noisy and enhanced speech of a paired test set, with reports.
 
-    dfl-eval model=models/denoiser.pt data_dir=data/voicebank
+    dfl-eval checkpoint=models/denoiser.pt data_dir=data/voicebank
     dfl-eval enhanced_dir=out/enhanced data_dir=data/voicebank split=val
-    dfl-eval experiment=eval_voicebank model=models/denoiser.pt logger=wandb
+    dfl-eval experiment=eval_voicebank checkpoint=models/denoiser.pt logger=wandb
 
 Writes into the Hydra run directory: ``per_file.csv``, ``summary.json``, ``summary.md``,
 ``plots/`` (and ``paper_table.md``, ``enhanced/`` when a model was run).
+
+The model is ``checkpoint=`` (not ``model=``: that name is the model config group of dfl-train).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dfl.metrics import METRIC_NAMES, compute_many
 log = logging.getLogger(__name__)
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+EVAL_KEYS = ("task_name", "checkpoint", "enhanced_dir", "data_dir", "split", "sample_rate", "max_files", "metrics")
 
 
 def _load_checked(path: Path, sample_rate: int) -> np.ndarray:
@@ -112,6 +115,13 @@ def _wandb_logger(cfg: DictConfig):
     """The W&B logger of ``logger=wandb``, or None (other loggers have nothing to do here)."""
     from hydra.utils import instantiate
 
+    try:  # the logger configs use dfl's OmegaConf resolvers (run name, sweep group)
+        from dfl.hydra_resolvers import register
+    except ImportError:
+        pass
+    else:
+        register()
+
     for entry in (cfg.get("logger") or {}).values():
         if entry is not None and "WandbLogger" in str(entry.get("_target_", "")):
             return instantiate(entry, _convert_="all")
@@ -132,7 +142,9 @@ def _log_wandb(logger, rows, metrics, summary, plots: list[Path], cfg: DictConfi
     summary_rows = [[m] + [summary[m][s]["mean"] for s in stats] + [summary[m][s]["ci95"] for s in stats]
                     + [summary[m]["noisy"]["missing"], summary[m]["enhanced"]["missing"]] for m in metrics]
     run = logger.experiment
-    run.config.update(OmegaConf.to_container(cfg, resolve=True), allow_val_change=True)
+    # only dfl-eval's own settings: the shared logger group may drag in training-only entries
+    own = {k: cfg.get(k) for k in EVAL_KEYS}
+    run.config.update(OmegaConf.to_container(OmegaConf.create(own), resolve=True), allow_val_change=True)
     run.log({
         "eval/per_file": wandb.Table(columns=columns, data=data),
         "eval/summary": wandb.Table(
@@ -154,17 +166,17 @@ def evaluate(cfg: DictConfig) -> dict:
     unknown = [m for m in metrics if m not in METRIC_NAMES]
     if unknown:
         raise ValueError(f"metrics: unknown {unknown}; known: {', '.join(METRIC_NAMES)}")
-    if (cfg.get("model") is None) == (cfg.get("enhanced_dir") is None):
-        raise ValueError("give exactly one of model=PATH (a dfl checkpoint) or enhanced_dir=DIR")
+    if (cfg.get("checkpoint") is None) == (cfg.get("enhanced_dir") is None):
+        raise ValueError("give exactly one of checkpoint=PATH (a dfl model/checkpoint) or enhanced_dir=DIR")
     if cfg.get("data_dir") is None:
         raise ValueError("data_dir=ROOT is required (ROOT/<split>set_noisy and ROOT/<split>set_clean)")
     sr = int(cfg.sample_rate)
     pairs = list_pairs(Path(cfg.data_dir), cfg.split)
     if cfg.get("max_files"):
         pairs = pairs[: int(cfg.max_files)]
-    if cfg.get("model") is not None:
-        source = Path(cfg.model).name
-        enhanced_dir = enhance_with_model(Path(cfg.model), pairs, out_dir / "enhanced", sr, cfg.progress)
+    if cfg.get("checkpoint") is not None:
+        source = Path(cfg.checkpoint).name
+        enhanced_dir = enhance_with_model(Path(cfg.checkpoint), pairs, out_dir / "enhanced", sr, cfg.progress)
     else:
         enhanced_dir = Path(cfg.enhanced_dir)
         source = enhanced_dir.name
