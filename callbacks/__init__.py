@@ -1,3 +1,5 @@
 from callbacks.loss_weight_balancer import LossWeightBalancer
+from callbacks.preemption import CheckpointOnSigterm
+from callbacks.wandb_media import WandbMediaLogger
 
-__all__ = ["LossWeightBalancer"]
+__all__ = ["CheckpointOnSigterm", "LossWeightBalancer", "WandbMediaLogger"]

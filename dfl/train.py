@@ -9,7 +9,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from dfl import hydra_resolvers
+
 log = logging.getLogger(__name__)
+hydra_resolvers.register()
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -48,6 +51,23 @@ def print_metrics_table(metrics: dict) -> None:
     Console().print(table)
 
 
+def check_required(cfg: DictConfig) -> None:
+    """Every key in ``required_settings`` (set by experiments) must be given a non-null value."""
+    missing = [k for k in cfg.get("required_settings") or [] if OmegaConf.select(cfg, k) in (None, "")]
+    if missing:
+        raise ValueError(
+            f"{', '.join(missing)} must be set for this configuration (required_settings); "
+            f"add e.g. {missing[0]}=PATH to the command line"
+        )
+
+
+def is_global_zero() -> bool:
+    """Rank 0 of a (possibly distributed) run, known before the Trainer exists (from the launcher's env)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
 def train(cfg: DictConfig) -> dict:
     """Fit, then test the best checkpoint; returns the test metrics (written to metrics.json)."""
     import lightning as L
@@ -55,11 +75,13 @@ def train(cfg: DictConfig) -> dict:
 
     from dfl.audio import atomic_write
 
+    check_required(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / "config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(cfg, resolve=True)))
+    if is_global_zero():  # DDP ranks > 0 re-run this script: only rank 0 writes files
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(out_dir / "config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(cfg, resolve=True)))
 
     datamodule = instantiate(cfg.data, _convert_="all")
     system = instantiate(
