@@ -1,0 +1,298 @@
+"""`dfl-bench`: inference speed (plain vs fast path vs ONNX Runtime) and training throughput.
+
+Reports, for the ``can_paper`` and ``can_authors`` denoisers, fp32, batch 1, a
+10 s 16 kHz input: real-time factor (compute seconds per audio second; the
+minimum over repeats, since shared machines are noisy), FLOPs per second of
+audio, achieved GFLOP/s next to a 2048³ fp32 GEMM measured in the same run
+(the practical ceiling), peak memory, and the max abs difference of each fast
+path to the plain model; on CUDA also bf16. Training throughput is audio
+seconds per second for one feature-loss step (``can_paper`` + a 14-layer loss
+network, first 6 layers in the loss, batch 1, 3 s). Results go to JSON too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dfl import SAMPLE_RATE
+from dfl.audio import atomic_write
+from dfl.fast_inference import FastContextAggregationNet
+from dfl.models import ContextAggregationNet, LossNetwork
+
+MODELS = {
+    "can_paper": {},
+    "can_authors": dict(
+        dilations=[*[2**i for i in range(13)], 1],
+        padding="tf_authors",
+        batch_stats_at_eval=True,
+        bn_eps=1e-3,
+        bn_scale=False,
+    ),
+}
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 5 ms)."""
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self.start = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def min_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
+    """Minimum wall time of ``fn`` over ``repeats`` runs after one warm-up."""
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def gemm_gflops(device: torch.device, dtype=torch.float32, n: int = 2048, repeats: int = 5) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return 2 * n**3 / min_time(lambda: a @ b, repeats, sync) / 1e9
+
+
+def trained_like(config: dict, seed: int = 0) -> ContextAggregationNet:
+    """A model with random weights, non-trivial adaptive-BN scalars and running statistics."""
+    torch.manual_seed(seed)
+    model = ContextAggregationNet(**config)
+    with torch.no_grad():
+        for norm in model.norms:
+            if hasattr(norm, "alpha"):
+                norm.alpha.uniform_(0.5, 1.0)
+                norm.beta.uniform_(0.2, 0.6)
+        model.train()
+        model(0.1 * torch.randn(1, SAMPLE_RATE))
+    return model.eval()
+
+
+def bench_inference(name: str, config: dict, args, gemm: float) -> dict:
+    model = trained_like(config)
+    fast = FastContextAggregationNet(model)
+    seconds = args.seconds
+    x = 0.1 * torch.randn(1, int(seconds * SAMPLE_RATE), generator=torch.Generator().manual_seed(1))
+    flops_per_audio_second = fast.flops_per_sample() * SAMPLE_RATE
+    flops = flops_per_audio_second * seconds
+    with torch.inference_mode():
+        reference = model(x)
+    result = {
+        "model": name,
+        "batch_stats_at_eval": fast.batch_stats,
+        "receptive_field": fast.receptive_field,
+        "input_seconds": seconds,
+        "gflop_per_audio_second": flops_per_audio_second / 1e9,
+        "cpu": {},
+    }
+
+    def record(label: str, fn: Callable[[], torch.Tensor], target: dict, sync=lambda: None, peak=None) -> None:
+        with PeakRSS() as mem:
+            t = min_time(fn, args.repeats, sync)
+        out = fn()
+        entry = {
+            "rtf": t / seconds,
+            "gflops": flops / t / 1e9,
+            "fraction_of_gemm": flops / t / 1e9 / gemm,
+            "max_abs_diff_to_plain": float((out.float().cpu() - reference).abs().max()),
+            "peak_rss_mb": mem.peak / 2**20,
+            "rss_increase_mb": (mem.peak - mem.start) / 2**20,
+        }
+        if peak is not None:
+            entry["peak_gpu_mb"] = peak() / 2**20
+        target[label] = entry
+        print(
+            f"  {name:12s} {label:22s} RTF {entry['rtf']:.4f}  {entry['gflops']:6.1f} GFLOP/s "
+            f"({100 * entry['fraction_of_gemm']:.0f}% of GEMM)  max|Δ| {entry['max_abs_diff_to_plain']:.1e}  "
+            f"peak RSS {entry['peak_rss_mb']:.0f} MB",
+            flush=True,
+        )
+
+    def plain() -> torch.Tensor:
+        with torch.inference_mode():
+            return model(x)
+
+    record("plain_fp32", plain, result["cpu"])
+    record("fast_fp32", lambda: fast.forward_cpu(x), result["cpu"])
+    if not args.skip_onnxruntime:
+        from dfl.export import export_onnx, load_onnx_session
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export_onnx(model, Path(tmp) / "model.onnx")
+            session, _ = load_onnx_session(path)
+        feed = {"waveform": x.numpy()}
+        record("onnxruntime_fp32", lambda: torch.from_numpy(session.run(None, feed)[0]), result["cpu"])
+    if torch.cuda.is_available() and not args.skip_cuda:
+        result["cuda"] = {}
+        dev = torch.device("cuda")
+        xg, model_g, fast_g = x.to(dev), trained_like(config).to(dev), FastContextAggregationNet(model).to(dev)
+        sync, peak = torch.cuda.synchronize, torch.cuda.max_memory_allocated
+
+        def plain_cuda(dtype):
+            def run():
+                with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                    return model_g(xg)
+
+            return run
+
+        def fast_cuda(dtype):
+            def run():
+                with torch.inference_mode():
+                    return fast_g(xg.to(dtype))
+
+            return run
+
+        for label, fn in [
+            ("plain_fp32", plain_cuda(torch.float32)),
+            ("fast_fp32", fast_cuda(torch.float32)),
+            ("plain_bf16_autocast", plain_cuda(torch.bfloat16)),
+            ("fast_bf16", fast_cuda(torch.bfloat16)),
+        ]:
+            torch.cuda.reset_peak_memory_stats()
+            record(label, fn, result["cuda"], sync, peak)
+    return result
+
+
+def bench_training(device: torch.device, args) -> dict:
+    """Audio seconds per second of one feature-loss step (forward, loss, backward, Adam step)."""
+    from dfl.losses import FeatureLoss
+
+    torch.manual_seed(0)
+    model = ContextAggregationNet().to(device).train()
+    loss_fn = FeatureLoss(LossNetwork(n_layers=14), layers=6).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    seconds = 3.0
+    noisy = 0.1 * torch.randn(1, int(seconds * SAMPLE_RATE), device=device)
+    clean = 0.1 * torch.randn(1, int(seconds * SAMPLE_RATE), device=device)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = loss_fn(model(noisy), clean)
+        loss.backward()
+        optimizer.step()
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t = min_time(step, args.train_repeats, sync)
+    result = {"step_seconds": t, "audio_seconds_per_second": seconds / t, "utterance_seconds": seconds}
+    print(f"  training {device.type}: {result['audio_seconds_per_second']:.2f} audio-s/s ({t:.3f} s/step)")
+    return result
+
+
+def bench_long_file(minutes: float, args) -> dict:
+    """Peak resident memory of `dfl-denoise` on a generated ``minutes``-long 16 kHz mono file."""
+    from dfl.audio import write_audio
+    from dfl.checkpoints import save_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        save_model(tmp / "model.pt", "denoiser", trained_like(MODELS["can_paper"]))
+        n = int(minutes * 60 * SAMPLE_RATE)
+        rng = np.random.default_rng(0)
+        write_audio(tmp / "in" / "long.wav", (0.1 * rng.standard_normal(n)).astype(np.float32), SAMPLE_RATE)
+        cmd = [sys.executable, "-m", "dfl.enhance", str(tmp / "in"), "-o", str(tmp / "out"),
+               "--model", str(tmp / "model.pt"), "--quiet"]  # fmt: skip
+        start = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        elapsed = time.perf_counter() - start
+        if done.returncode != 0:
+            raise RuntimeError(f"dfl-denoise failed on the long file:\n{done.stderr}")
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    result = {"minutes": minutes, "peak_rss_mb": peak_mb, "under_1_5_gb": peak_mb < 1536, "rtf": elapsed / (n / SAMPLE_RATE)}
+    print(f"  {minutes:g}-minute file: peak RSS {peak_mb:.0f} MB, RTF {result['rtf']:.3f} (whole CLI run)")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dfl-bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-o", "--output", type=Path, default=Path("bench_results/bench.json"))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--seconds", type=float, default=10.0, help="input length (default 10 s)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the minimum counts")
+    parser.add_argument("--train-repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--skip-onnxruntime", action="store_true")
+    parser.add_argument("--skip-cuda", action="store_true")
+    parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument(
+        "--long-file-minutes", type=float, default=0.0, help="also check memory on a file this long (e.g. 60)"
+    )
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    cpu = torch.device("cpu")
+    gemm = gemm_gflops(cpu)
+    print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
+          f"2048³ fp32 GEMM {gemm:.1f} GFLOP/s")  # fmt: skip
+    results: dict = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "load_average": os.getloadavg(),
+        },
+        "gemm_gflops": {"cpu_fp32": gemm},
+        "inference": {},
+        "timing": f"minimum over {args.repeats} runs after a warm-up",
+    }
+    if torch.cuda.is_available() and not args.skip_cuda:
+        cuda = torch.device("cuda")
+        results["gemm_gflops"]["cuda_fp32"] = gemm_gflops(cuda)
+        results["gemm_gflops"]["cuda_bf16"] = gemm_gflops(cuda, torch.bfloat16)
+        print(f"CUDA: {results['machine']['cuda']}; GEMM fp32 {results['gemm_gflops']['cuda_fp32']:.0f}, "
+              f"bf16 {results['gemm_gflops']['cuda_bf16']:.0f} GFLOP/s")  # fmt: skip
+    print("inference (10 s input, batch 1):" if args.seconds == 10 else f"inference ({args.seconds:g} s input):")
+    for name in args.models:
+        results["inference"][name] = bench_inference(name, MODELS[name], args, gemm)
+    if not args.skip_training:
+        print("training (can_paper + 14-layer loss network, 6 layers in the loss, batch 1, 3 s):")
+        results["training"] = {"cpu": bench_training(cpu, args)}
+        if torch.cuda.is_available() and not args.skip_cuda:
+            results["training"]["cuda"] = bench_training(torch.device("cuda"), args)
+    if args.long_file_minutes > 0:
+        results["long_file"] = bench_long_file(args.long_file_minutes, args)
+    atomic_write(args.output, lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
+    print(f"results written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

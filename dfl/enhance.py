@@ -1,0 +1,186 @@
+"""`dfl-denoise INPUT... -o OUTDIR --model CKPT`: denoise files, folders (recursive) and globs.
+
+Each output keeps its input's path relative to the folder (or glob prefix) it
+came from, its sample rate, channel count, format and subtype. Outputs are
+written atomically; a bad input is reported with its path and skipped, and
+the exit code is 1 when any file failed (2 for unusable arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from dfl.audio import AudioError, read_audio, write_audio
+
+AUDIO_SUFFIXES = {f".{ext.lower()}" for ext in sf.available_formats()} | {".ogg", ".opus", ".mp3"}
+FLOAT_SUBTYPES = {"FLOAT", "DOUBLE", "VORBIS", "OPUS", "MPEG_LAYER_III"}
+
+
+@dataclass(frozen=True)
+class Job:
+    source: Path
+    relative: Path  # output path below OUTDIR
+
+
+def _glob_root(pattern: str) -> Path:
+    """The folder part of a glob before its first wildcard (outputs keep paths relative to it)."""
+    parts = Path(pattern).parts
+    fixed = []
+    for part in parts:
+        if glob.has_magic(part):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
+
+
+def collect_jobs(inputs: list[str]) -> tuple[list[Job], list[str]]:
+    """Expand files, folders (recursively, audio suffixes only) and globs; returns (jobs, errors)."""
+    jobs, errors = [], []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+            if not found:
+                errors.append(f"{path}: folder holds no audio files")
+            jobs += [Job(p, p.relative_to(path)) for p in found]
+        elif path.is_file():
+            jobs.append(Job(path, Path(path.name)))
+        elif glob.has_magic(item):
+            root = _glob_root(item)
+            found = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            if not found:
+                errors.append(f"{item}: glob matches no files")
+            jobs += [Job(p, p.relative_to(root)) for p in found]
+        else:
+            errors.append(f"{path}: no such file or folder")
+    return jobs, errors
+
+
+def check_outputs(jobs: list[Job], outdir: Path) -> str | None:
+    """Why writing these jobs into ``outdir`` is refused (overwrites an input, or two share a path)."""
+    sources = {job.source.resolve() for job in jobs}
+    seen: dict[Path, Path] = {}
+    for job in jobs:
+        target = (outdir / job.relative).resolve()
+        if target in sources:
+            return f"output {target} would overwrite an input; choose an OUTDIR outside the inputs"
+        if target in seen:
+            return f"{seen[target]} and {job.source} would both be written to {target}"
+        seen[target] = job.source
+    return None
+
+
+def denoise_file(denoiser, job: Job, outdir: Path, progress) -> float:
+    """Denoise one file into ``outdir``; returns its duration in seconds. Raises AudioError naming it."""
+    try:
+        info = sf.info(str(job.source))
+    except Exception as exc:
+        raise AudioError(f"{job.source}: cannot read audio ({exc})") from exc
+    wav, sr = read_audio(job.source)
+    try:
+        out = np.stack([denoiser.denoise_channel(channel, sr, progress) for channel in wav])
+    except (ValueError, FloatingPointError) as exc:
+        raise AudioError(f"{job.source}: {exc}") from exc
+    if info.subtype not in FLOAT_SUBTYPES:
+        np.clip(out, -1.0, 1.0, out=out)  # integer PCM would wrap around
+    write_audio(outdir / job.relative, out, sr, subtype=info.subtype, format=info.format)
+    return wav.shape[1] / sr
+
+
+def _total_seconds(jobs: list[Job]) -> float:
+    total = 0.0
+    for job in jobs:
+        try:
+            info = sf.info(str(job.source))
+            total += info.frames / info.samplerate * info.channels
+        except Exception:  # reported when the file is processed
+            pass
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dfl-denoise", description=__doc__.split("\n\n")[0])
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="audio files, folders or globs")
+    parser.add_argument("-o", "--outdir", required=True, type=Path)
+    parser.add_argument("--model", required=True, type=Path, help="dfl model file, dfl-train checkpoint or .onnx")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--batch-size", type=int, default=1, help="chunks processed together (default 1)")
+    parser.add_argument(
+        "--chunk-seconds", type=float, default=20.0, help="chunk length; 0 = whole files (default 20)"
+    )
+    parser.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"))
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+
+    from tqdm import tqdm
+
+    from dfl.checkpoints import CheckpointError
+    from dfl.inference import Denoiser
+
+    jobs, errors = collect_jobs(args.inputs)
+    for message in errors:
+        print(f"dfl-denoise: {message}", file=sys.stderr)
+    if not jobs:
+        print("dfl-denoise: nothing to denoise", file=sys.stderr)
+        return 2
+    refusal = check_outputs(jobs, args.outdir)
+    if refusal:
+        print(f"dfl-denoise: refusing to run: {refusal}", file=sys.stderr)
+        return 2
+    try:
+        denoiser = Denoiser.from_checkpoint(
+            args.model,
+            device=args.device,
+            backend=args.backend,
+            chunk_seconds=args.chunk_seconds,
+            batch_size=args.batch_size,
+        )
+    except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"dfl-denoise: {exc}", file=sys.stderr)
+        return 2
+    if denoiser.batch_stats:
+        print(
+            "dfl-denoise: this model normalises with batch statistics (the authors' release): "
+            "each file is processed whole, --chunk-seconds is ignored",
+            file=sys.stderr,
+        )
+
+    bar = tqdm(
+        total=round(_total_seconds(jobs), 1), unit="s", desc="audio", disable=args.quiet, file=sys.stderr
+    )
+    done, failed, seconds = 0, list(errors), 0.0
+    start = time.perf_counter()
+    for job in jobs:
+        bar.set_postfix_str(str(job.relative), refresh=False)
+        try:
+            seconds += denoise_file(
+                denoiser, job, args.outdir, lambda n, sr=16_000: bar.update(round(n / sr, 3))
+            )
+            done += 1
+        except (AudioError, OSError, RuntimeError) as exc:
+            failed.append(str(exc))
+            bar.write(f"FAILED {exc}", file=sys.stderr)
+    bar.close()
+    elapsed = time.perf_counter() - start
+    rtf = elapsed / seconds if seconds else float("nan")
+    print(
+        f"denoised {done} file(s), {seconds / 3600:.3f} h of audio in {elapsed:.1f} s "
+        f"(real-time factor {rtf:.3f}); {len(failed)} failed; outputs in {args.outdir}"
+    )
+    for message in failed:
+        print(f"  failed: {message}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Fast inference for a trained ``ContextAggregationNet`` (same outputs, less work).
+
+Every layer is conv → (adaptive) BN → leaky ReLU. In eval mode with running
+statistics the norm is a per-channel affine map, so it folds into the conv:
+``W' = a·W``, ``b' = a·b_conv + c``. Models that normalise with the batch's
+own statistics (the authors' release) keep the conv plain and compute that
+affine map from each input's statistics; such models must see the whole file.
+
+Two layouts of the same computation:
+
+* :meth:`FastContextAggregationNet.forward` — ``F.conv1d`` with dilation; runs
+  on any device, is what ``dfl-export`` scripts/exports (dynamic time axis).
+* :meth:`FastContextAggregationNet.forward_cpu` — channels-last ``[time, channels]``
+  buffers with zero margins, each layer computed tile by tile as three
+  accumulating GEMMs over shifted row slices (no im2col copy, no per-layer
+  padding copy), bias and leaky ReLU applied while the tile is in cache. On a
+  2-core CPU this beats oneDNN's dilated ``Conv1d`` by about 2×.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dfl.models import AdaptiveBatchNorm, BatchNorm, ContextAggregationNet
+
+
+def _norm_coefficients(norm: nn.Module, channels: int):
+    """(alpha, gain, shift) such that norm(z) = alpha·z + gain·(z − μ)/√(σ²+ε) + shift."""
+    ones, zeros = torch.ones(channels), torch.zeros(channels)
+    if isinstance(norm, nn.Identity):
+        return zeros + 1, zeros, zeros, None
+    if isinstance(norm, AdaptiveBatchNorm):
+        alpha, beta, bn = norm.alpha.detach(), norm.beta.detach(), norm.bn
+    elif isinstance(norm, BatchNorm):
+        alpha, beta, bn = torch.zeros(()), torch.ones(()), norm
+    else:  # pragma: no cover - the model only builds the three kinds above
+        raise TypeError(f"unsupported normalisation module {type(norm).__name__}")
+    gamma = bn.weight.detach() if bn.weight is not None else ones
+    return alpha * ones, beta * gamma, beta * bn.bias.detach(), bn
+
+
+class _Layer(nn.Module):
+    """One conv layer with its norm reduced to per-channel coefficients (TorchScript-friendly)."""
+
+    def __init__(self, conv: nn.Conv1d, norm: nn.Module, dilation: int, pad_to_multiple: bool) -> None:
+        super().__init__()
+        w = conv.weight.detach().float()
+        cb = conv.bias.detach().float() if conv.bias is not None else torch.zeros(w.shape[0])
+        alpha, gain, shift, bn = _norm_coefficients(norm, w.shape[0])
+        self.dilation = dilation
+        self.batch_stats = bool(bn is not None and bn.batch_stats_at_eval)
+        self.pad_to_multiple = pad_to_multiple and self.batch_stats  # only changes the batch statistics
+        self.eps = float(bn.eps) if bn is not None else 0.0
+        if bn is None or self.batch_stats:
+            scale = torch.ones(w.shape[0])
+            bias = cb
+        else:  # fold the running-statistics affine map into the conv
+            inv_std = torch.rsqrt(bn.running_var.detach().float() + bn.eps)
+            scale = alpha + gain * inv_std
+            bias = scale * cb + shift - gain * inv_std * bn.running_mean.detach().float()
+        self.register_buffer("weight", (w * scale[:, None, None]).contiguous())
+        self.register_buffer("bias", bias.contiguous())
+        # only used with batch statistics: z ↦ (alpha + gain·s)·z + shift − gain·s·μ
+        self.register_buffer("alpha", alpha.float())
+        self.register_buffer("gain", gain.float())
+        self.register_buffer("shift", shift.float())
+
+    def batch_affine(self, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (scale, offset) of the norm for batch statistics ``mean``, ``var``."""
+        inv_std = torch.rsqrt(var + self.eps)
+        return self.alpha + self.gain * inv_std, self.shift - self.gain * inv_std * mean
+
+    def forward(self, x: torch.Tensor, negative_slope: float) -> torch.Tensor:
+        d = self.dilation
+        length = x.shape[-1]
+        if self.pad_to_multiple:  # authors' graph: BN sees the signal padded to a multiple of d
+            x = F.pad(x, (0, (d - length % d) % d))
+        z = F.conv1d(F.pad(x, (d, d)), self.weight.to(x.dtype), self.bias.to(x.dtype), dilation=d)
+        if self.batch_stats:
+            var, mean = torch.var_mean(z.float(), dim=(0, 2), unbiased=False)
+            scale, offset = self.batch_affine(mean, var)
+            z = z * scale.to(z.dtype)[None, :, None] + offset.to(z.dtype)[None, :, None]
+        return F.leaky_relu(z, negative_slope)[..., :length]
+
+
+class FastContextAggregationNet(nn.Module):
+    """Inference-only twin of a trained :class:`ContextAggregationNet` (eval semantics)."""
+
+    def __init__(self, model: ContextAggregationNet, tile: int = 2048) -> None:
+        super().__init__()
+        if model.kernel_size != 3:
+            raise ValueError(f"the fast path supports kernel_size=3 only, got {model.kernel_size}")
+        tf_pad = model.padding == "tf_authors"
+        self.layers = nn.ModuleList(
+            _Layer(conv, norm, d, tf_pad and d > 1)
+            for conv, norm, d in zip(model.convs, model.norms, model.dilations)
+        )
+        self.register_buffer("out_weight", model.output.weight.detach().float()[0, :, 0].contiguous())
+        self.register_buffer("out_bias", model.output.bias.detach().float().clone())
+        self.negative_slope = float(model.negative_slope)
+        self.batch_stats = any(layer.batch_stats for layer in self.layers)
+        self.receptive_field = int(model.receptive_field)
+        self.tile = int(tile)
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        """``[batch, time]`` → ``[batch, time]`` (portable conv layout; exported by ``dfl-export``)."""
+        x = wav.unsqueeze(1)
+        for layer in self.layers:
+            x = layer(x, self.negative_slope)
+        w = self.out_weight.to(x.dtype)
+        return torch.einsum("bct,c->bt", x, w) + self.out_bias.to(x.dtype)
+
+    def flops_per_sample(self) -> int:
+        """Multiply-adds ×2 of the convs per output sample (norm/activation not counted)."""
+        convs = sum(2 * layer.weight.numel() for layer in self.layers)
+        return convs + 2 * self.out_weight.numel()
+
+    @torch.inference_mode()
+    def forward_cpu(self, wav: torch.Tensor) -> torch.Tensor:
+        """Same as :meth:`forward`, fp32 on CPU, with the tiled channels-last GEMM layout."""
+        if wav.dim() != 2:
+            raise ValueError(f"expected [batch, time], got shape {tuple(wav.shape)}")
+        wav = wav.float().cpu()
+        batch, length = wav.shape
+        margin = max(layer.dilation for layer in self.layers) * 2  # ≥ d + padding to a multiple of d
+        channels = self.out_weight.numel()
+        rows = margin + length + margin
+        # ping-pong buffers [batch, margin + time + margin, channels]; the margins stay zero = 'same' padding
+        bufs = [torch.zeros(batch, rows, channels), torch.zeros(batch, rows, channels)]
+        x = torch.zeros(batch, rows, 1)
+        x[:, margin : margin + length, 0] = wav
+        for i, layer in enumerate(self.layers):
+            out = bufs[i % 2]
+            self._layer_cpu(layer, x, out, margin, length)
+            x = out
+        return x[:, margin : margin + length] @ self.out_weight + self.out_bias
+
+    def _layer_cpu(self, layer: _Layer, x: torch.Tensor, out: torch.Tensor, margin: int, length: int) -> None:
+        d = layer.dilation
+        taps = [layer.weight[:, :, k].t().contiguous() for k in range(3)]  # [Cin, Cout] each
+        n_rows = length + (-length) % d if layer.pad_to_multiple else length
+        tile = self.tile
+        for b in range(x.shape[0]):
+            xb, ob = x[b], out[b]
+            for s in range(0, n_rows, tile):
+                n = min(tile, n_rows - s)
+                o = ob[margin + s : margin + s + n]
+                r = margin + s
+                torch.addmm(layer.bias, xb[r - d : r - d + n], taps[0], out=o)
+                o.addmm_(xb[r : r + n], taps[1])
+                o.addmm_(xb[r + d : r + d + n], taps[2])
+                if not layer.batch_stats:
+                    F.leaky_relu_(o, self.negative_slope)
+        if layer.batch_stats:
+            z = out[:, margin : margin + n_rows]
+            var, mean = torch.var_mean(z, dim=(0, 1), unbiased=False)
+            scale, offset = layer.batch_affine(mean, var)
+            for b in range(out.shape[0]):
+                for s in range(0, n_rows, tile):
+                    o = out[b, margin + s : margin + min(s + tile, n_rows)]
+                    F.leaky_relu_(o.mul_(scale).add_(offset), self.negative_slope)
+        out[:, margin + length : margin + n_rows] = 0  # the cut tail must read as zero padding
+
+    def run(self, wav: torch.Tensor) -> torch.Tensor:
+        """Fastest layout for the tensor's device: tiled GEMMs on CPU (fp32), convs elsewhere."""
+        if wav.device.type == "cpu" and wav.dtype == torch.float32:
+            return self.forward_cpu(wav)
+        with torch.inference_mode():
+            return self.forward(wav)

@@ -1,0 +1,200 @@
+"""`Denoiser`: the Python API of dfl-denoise — a trained denoiser applied to waveforms of any length.
+
+Audio is processed at 16 kHz (resampled there and back), channel by channel.
+Long signals are cut into chunks whose context on each side covers the
+network's receptive field, so every output sample sees exactly the inputs it
+would see in whole-file processing; neighbouring chunks are cross-faded over
+a short overlap. Models that normalise with the batch's own statistics (the
+authors' release) depend on the whole signal and are always processed whole.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dfl import SAMPLE_RATE
+from dfl.audio import resample
+
+CROSSFADE = 1024  # samples at 16 kHz; both chunks are exact there, the fade only hides float noise
+
+
+class Denoiser:
+    """Apply a denoiser to ``[time]`` or ``[channels, time]`` audio (numpy or torch).
+
+    Args:
+        run_batch: ``[batch, time]`` float32 tensor at 16 kHz → denoised tensor of the same shape.
+        receptive_field: input samples that influence one output sample.
+        batch_stats: the model normalises with batch statistics (process whole signals, one channel at a time).
+        chunk_seconds: length of the part of each chunk that is kept (``None`` or ≤ 0: whole signal).
+        batch_size: chunks of equal length run together.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[torch.Tensor], torch.Tensor],
+        receptive_field: int,
+        *,
+        batch_stats: bool = False,
+        chunk_seconds: float | None = 20.0,
+        batch_size: int = 1,
+        device: str | torch.device = "cpu",
+        description: str = "",
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if chunk_seconds is not None and not np.isfinite(chunk_seconds):
+            raise ValueError(f"chunk_seconds must be a finite number, got {chunk_seconds}")
+        self.run_batch = run_batch
+        self.receptive_field = int(receptive_field)
+        self.batch_stats = batch_stats
+        self.chunk_seconds = None if batch_stats or not chunk_seconds or chunk_seconds <= 0 else chunk_seconds
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.description = description
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_model(
+        cls, model: torch.nn.Module, device: str | torch.device = "cpu", *, fast: bool = True, **kwargs
+    ) -> Denoiser:
+        """Wrap a ``ContextAggregationNet`` (eval semantics); ``fast`` uses :mod:`dfl.fast_inference`."""
+        from dfl.fast_inference import FastContextAggregationNet
+
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was requested but CUDA is not available on this machine")
+        model = model.eval()
+        batch_stats = bool(model.config.get("batch_stats_at_eval", False))
+        if fast:
+            net = FastContextAggregationNet(model).to(device)
+            run = net.run
+        else:
+            net = model.to(device)
+
+            def run(x: torch.Tensor) -> torch.Tensor:
+                with torch.inference_mode():
+                    return net(x)
+
+        return cls(run, model.receptive_field, batch_stats=batch_stats, device=device, **kwargs)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | os.PathLike, device: str | torch.device = "cpu", *, backend: str = "torch", **kwargs
+    ) -> Denoiser:
+        """Load a dfl model file or a dfl Lightning checkpoint (``backend='onnxruntime'`` also takes ``.onnx``)."""
+        from dfl.checkpoints import load_model
+
+        if backend == "onnxruntime":
+            if Path(path).suffix.lower() == ".onnx":
+                return cls.from_onnx(path, device=device, **kwargs)
+            from dfl.export import export_onnx_for_session
+
+            return cls.from_onnx(export_onnx_for_session(load_model(path, "denoiser")), device=device, **kwargs)
+        if backend != "torch":
+            raise ValueError(f"backend must be 'torch' or 'onnxruntime', got {backend!r}")
+        return cls.from_model(load_model(path, "denoiser"), device, **kwargs)
+
+    @classmethod
+    def from_onnx(cls, path: str | os.PathLike, device: str | torch.device = "cpu", **kwargs) -> Denoiser:
+        """Run a model exported by ``dfl-export --format onnx`` with ONNX Runtime."""
+        from dfl.export import load_onnx_session
+
+        session, meta = load_onnx_session(path, device)
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            out = session.run(None, {"waveform": x.detach().cpu().numpy().astype(np.float32)})[0]
+            return torch.from_numpy(out)
+
+        return cls(
+            run,
+            meta["receptive_field"],
+            batch_stats=meta["batch_stats"],
+            device="cpu",
+            description=f"onnxruntime ({path})",
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------ processing
+    def __call__(self, waveform: np.ndarray | torch.Tensor, sample_rate: int) -> np.ndarray | torch.Tensor:
+        """Denoise ``[time]`` or ``[channels, time]`` audio at ``sample_rate``; returns the same type and shape."""
+        is_tensor = isinstance(waveform, torch.Tensor)
+        data = waveform.detach().cpu().numpy() if is_tensor else np.asarray(waveform)
+        if data.ndim not in (1, 2):
+            raise ValueError(f"expected a [time] or [channels, time] waveform, got shape {data.shape}")
+        if data.shape[-1] == 0:
+            raise ValueError("cannot denoise an empty waveform (0 samples)")
+        if not np.isfinite(data).all():
+            raise ValueError("waveform contains NaN or Inf samples")
+        if int(sample_rate) <= 0:
+            raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+        channels = np.ascontiguousarray(data.reshape(-1, data.shape[-1]), dtype=np.float32)
+        out = np.stack([self.denoise_channel(c, int(sample_rate)) for c in channels])
+        out = out.reshape(data.shape)
+        if is_tensor:
+            return torch.from_numpy(out).to(waveform.device)
+        return out
+
+    def denoise_channel(self, wav: np.ndarray, sample_rate: int, progress: Callable[[int], None] | None = None):
+        """One channel ``[time]`` at any rate → denoised ``[time]`` at the same rate (float32)."""
+        x = np.ascontiguousarray(resample(wav, sample_rate, SAMPLE_RATE), dtype=np.float32)
+        y = self.denoise_16k(x, progress)
+        if sample_rate != SAMPLE_RATE:
+            y = resample(y, SAMPLE_RATE, sample_rate)
+            y = y[: len(wav)] if len(y) >= len(wav) else np.pad(y, (0, len(wav) - len(y)))
+        return np.ascontiguousarray(y, dtype=np.float32)
+
+    def chunks(self, length: int) -> list[tuple[int, int, int, int]]:
+        """``(in_start, in_end, out_start, out_end)`` per chunk: outputs overlap by the cross-fade."""
+        if self.chunk_seconds is None:
+            return [(0, length, 0, length)]
+        hop = max(int(self.chunk_seconds * SAMPLE_RATE), 2 * CROSSFADE)
+        if length <= hop + CROSSFADE:
+            return [(0, length, 0, length)]
+        context = self.receptive_field // 2
+        spans = []
+        for start in range(0, length, hop):
+            out_start = max(start - CROSSFADE // 2, 0)
+            out_end = min(start + hop + CROSSFADE // 2, length)
+            spans.append((max(out_start - context, 0), min(out_end + context, length), out_start, out_end))
+            if out_end == length:
+                break
+        return spans
+
+    def denoise_16k(self, x: np.ndarray, progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """One 16 kHz channel → denoised, chunked (batching equal-length chunks) and cross-faded."""
+        spans = self.chunks(len(x))
+        out = np.zeros(len(x), dtype=np.float32)
+        for batch in self._batches(spans):
+            inputs = torch.from_numpy(np.stack([x[a:b] for a, b, _, _ in batch])).to(self.device)
+            result = self.run_batch(inputs).float().cpu().numpy()
+            if not np.isfinite(result).all():
+                raise FloatingPointError("the denoiser produced NaN or Inf samples")
+            for (a, _, s, e), y in zip(batch, result):
+                out[s:e] += y[s - a : e - a] * self._fade(s, e, len(x))
+                if progress is not None:
+                    progress(e - s)
+        return out
+
+    def _batches(self, spans) -> Iterator[list[tuple[int, int, int, int]]]:
+        by_length: dict[int, list] = {}
+        for span in spans:
+            by_length.setdefault(span[1] - span[0], []).append(span)
+        for group in by_length.values():
+            for i in range(0, len(group), self.batch_size):
+                yield group[i : i + self.batch_size]
+
+    @staticmethod
+    def _fade(start: int, end: int, length: int) -> np.ndarray:
+        """Linear ramps over the cross-fade at inner boundaries; neighbouring ramps sum to one."""
+        w = np.ones(end - start, dtype=np.float32)
+        ramp = (np.arange(CROSSFADE, dtype=np.float32) + 0.5) / CROSSFADE
+        if start > 0:
+            w[:CROSSFADE] = ramp
+        if end < length:
+            w[-CROSSFADE:] = ramp[::-1]
+        return w
