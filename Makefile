@@ -14,8 +14,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-demo: install
+DEMO_LOSSNET := models/lossnet_synthetic.pt
+
+# The denoiser demo uses the loss network pretrained on synthetic scenes/tags; made once.
+demo: install $(DEMO_LOSSNET)
 	WANDB_MODE=offline $(BIN)/dfl-train experiment=demo
+
+$(DEMO_LOSSNET):
+	$(MAKE) pretrain-demo
+
+pretrain-demo: install
+	WANDB_MODE=offline $(BIN)/dfl-pretrain experiment=demo
 
 test: install
 	WANDB_MODE=offline $(BIN)/python -m pytest -q tests

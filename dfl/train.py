@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import hydra
@@ -74,6 +75,9 @@ def train(cfg: DictConfig) -> dict:
     from hydra.utils import instantiate
 
     from dfl.audio import atomic_write
+
+    # The frozen loss network is in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
     check_required(cfg)
     if cfg.get("seed") is not None:
