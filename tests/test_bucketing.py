@@ -9,7 +9,7 @@ from datamodules import PairedFolderDataModule
 from datamodules.bucketing import BucketBatchSampler
 from datamodules.paired_folder import EpochSampler
 from dfl.losses import FeatureLoss, WaveformL1Loss, WaveformL2Loss
-from dfl.models import ContextAggregationNet, LossNetwork
+from dfl.models import LossNetwork
 from dfl.systems import DenoisingSystem
 
 LENGTHS = [int(v) for v in np.random.default_rng(0).integers(100, 5000, size=37)]
@@ -112,6 +112,7 @@ class Shift(torch.nn.Module):
         return x + 0.5
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")
 def test_system_zeroes_the_output_beyond_each_length_before_the_loss():
     lengths = [800, 500]
     noisy, clean = padded_batch(lengths)
@@ -125,6 +126,7 @@ def test_system_zeroes_the_output_beyond_each_length_before_the_loss():
     torch.testing.assert_close(batched, one, rtol=1e-6, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")
 def test_system_refuses_a_loss_that_cannot_mask():
     class PlainLoss(torch.nn.Module):
         term_names: list = []
