@@ -49,8 +49,11 @@ class MultiResolutionSTFTLoss(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if estimate.dim() == 1:
             estimate, target = estimate[None], target[None]
-        if lengths is not None:  # zero the padding so it contributes identical (silent) frames
-            mask = torch.arange(estimate.shape[-1], device=estimate.device)[None] < lengths.to(estimate.device)[:, None]
-            estimate, target = estimate * mask, target * mask
-        total = self.inner(estimate.unsqueeze(1).float(), target.unsqueeze(1).float())
-        return total, estimate.new_zeros(0)
+        if lengths is not None and bool((torch.as_tensor(lengths) < estimate.shape[-1]).any()):
+            # padded batch: each utterance on its own samples, then the batch mean (as unbatched)
+            totals = [self._one(estimate[i : i + 1, : int(n)], target[i : i + 1, : int(n)]) for i, n in enumerate(lengths)]
+            return torch.stack(totals).mean(), estimate.new_zeros(0)
+        return self._one(estimate, target), estimate.new_zeros(0)
+
+    def _one(self, estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.inner(estimate.unsqueeze(1).float(), target.unsqueeze(1).float())
