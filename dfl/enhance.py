@@ -156,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     bar = tqdm(
-        total=round(_total_seconds(jobs), 1), unit="s", desc="audio", disable=args.quiet, file=sys.stderr
+        total=_total_seconds(jobs),
+        desc="denoising",
+        bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s of audio [{elapsed}<{remaining}]{postfix}",
+        disable=args.quiet,
+        file=sys.stderr,
     )
     done, failed, seconds = 0, list(errors), 0.0
     start = time.perf_counter()
@@ -164,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_postfix_str(str(job.relative), refresh=False)
         try:
             seconds += denoise_file(
-                denoiser, job, args.outdir, lambda n, sr=16_000: bar.update(round(n / sr, 3))
+                denoiser, job, args.outdir, lambda n: bar.update(n / 16_000)
             )
             done += 1
         except (AudioError, OSError, RuntimeError) as exc:

@@ -1,0 +1,132 @@
+"""`dfl-denoise` on folder trees: formats, rates, channels, refusal, atomicity, bad files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from dfl import Denoiser
+from dfl.enhance import main
+from tests.helpers.small_denoisers import BATCH_STATS, saved_denoiser
+
+
+def noise(frames: int, channels: int, seed: int) -> np.ndarray:
+    return (0.3 * np.random.default_rng(seed).standard_normal((frames, channels))).astype(np.float32)
+
+
+# relative path → (sample rate, channels, format, subtype)
+TREE = {
+    "a.wav": (16_000, 1, "WAV", "PCM_16"),
+    "sub/b.flac": (44_100, 2, "FLAC", "PCM_24"),
+    "sub/deep/c.ogg": (8_000, 1, "OGG", "VORBIS"),
+    "d.wav": (22_050, 3, "WAV", "FLOAT"),
+}
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    return saved_denoiser(tmp_path_factory.mktemp("model") / "model.pt")
+
+
+@pytest.fixture
+def tree(tmp_path) -> Path:
+    root = tmp_path / "in"
+    for i, (rel, (sr, ch, fmt, subtype)) in enumerate(TREE.items()):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(root / rel, noise(int(0.4 * sr), ch, i), sr, format=fmt, subtype=subtype)
+    (root / "notes.txt").write_text("not audio")
+    return root
+
+
+def test_tree_keeps_paths_rates_channels_and_formats(tree, tmp_path, model_path, capsys):
+    out = tmp_path / "out"
+    assert main([str(tree), "-o", str(out), "--model", str(model_path), "--chunk-seconds", "0.15"]) == 0
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert written == sorted(TREE)
+    for rel, (sr, ch, fmt, subtype) in TREE.items():
+        src, dst = sf.info(tree / rel), sf.info(out / rel)
+        assert (dst.samplerate, dst.channels, dst.format, dst.subtype) == (sr, ch, fmt, subtype)
+        assert dst.frames == src.frames
+    # values: what the Python API gives (float output, so no quantisation)
+    data, sr = sf.read(tree / "d.wav", dtype="float32", always_2d=True)
+    expected = Denoiser.from_checkpoint(model_path, chunk_seconds=0)(data.T, sr)
+    got, _ = sf.read(out / "d.wav", dtype="float32", always_2d=True)
+    np.testing.assert_allclose(got.T, expected, atol=1e-4)
+    assert not np.allclose(got, data, atol=1e-3)
+    summary = capsys.readouterr().out
+    assert "denoised 4 file(s)" in summary and "real-time factor" in summary and "0 failed" in summary
+
+
+def test_globs_and_single_files(tree, tmp_path, model_path):
+    out = tmp_path / "out"
+    pattern = str(tree / "**" / "*.flac")
+    assert main([pattern, str(tree / "a.wav"), "-o", str(out), "--model", str(model_path), "--quiet"]) == 0
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == ["a.wav", "sub/b.flac"]
+
+
+def test_chunked_cli_matches_whole_file(tree, tmp_path, model_path):
+    args = [str(tree / "d.wav"), "--model", str(model_path), "--quiet"]
+    assert main([*args, "-o", str(tmp_path / "whole"), "--chunk-seconds", "0"]) == 0
+    assert main([*args, "-o", str(tmp_path / "chunked"), "--chunk-seconds", "0.13", "--batch-size", "2"]) == 0
+    whole, _ = sf.read(tmp_path / "whole" / "d.wav")
+    chunked, _ = sf.read(tmp_path / "chunked" / "d.wav")
+    np.testing.assert_allclose(chunked, whole, atol=1e-4)
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("outdir", [".", "sub/.."])
+def test_refuses_to_overwrite_inputs(tree, model_path, capsys, outdir):
+    before = snapshot(tree)
+    assert main([str(tree), "-o", str(tree / outdir), "--model", str(model_path)]) == 2
+    assert "overwrite an input" in capsys.readouterr().err
+    assert snapshot(tree) == before
+
+
+def test_bad_files_are_reported_and_skipped(tree, tmp_path, model_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    sf.write(bad / "empty.wav", np.zeros((0, 1), np.float32), 16_000)
+    (bad / "garbage.wav").write_bytes(b"RIFF not really a wave file" * 10)
+    with_nan = noise(1000, 1, 9)
+    with_nan[10] = np.nan
+    sf.write(bad / "nan.wav", with_nan, 16_000, subtype="FLOAT")
+    sf.write(bad / "good.wav", noise(4000, 1, 10), 16_000)
+    out = tmp_path / "out"
+    assert main([str(bad), str(tmp_path / "missing.wav"), "-o", str(out), "--model", str(model_path)]) == 1
+    assert [p.name for p in out.rglob("*") if p.is_file()] == ["good.wav"]
+    captured = capsys.readouterr()
+    report = captured.out + captured.err
+    for name in ("empty.wav", "garbage.wav", "nan.wav", "missing.wav"):
+        assert str(bad / name) in report or str(tmp_path / name) in report
+    assert "4 failed" in captured.out
+
+
+def test_a_failed_write_leaves_no_partial_file(tree, tmp_path, model_path, monkeypatch):
+    real_write = sf.write
+
+    def write_half_then_fail(file, data, *args, **kwargs):
+        real_write(file, data[: len(data) // 2], *args, **kwargs)
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(sf, "write", write_half_then_fail)
+    out = tmp_path / "out"
+    assert main([str(tree / "a.wav"), "-o", str(out), "--model", str(model_path), "--quiet"]) == 1
+    assert [p for p in out.rglob("*") if p.is_file()] == []
+
+
+def test_batch_statistics_model_says_it_processes_whole_files(tree, tmp_path, capsys):
+    model = saved_denoiser(tmp_path / "authors.pt", **BATCH_STATS)
+    assert main([str(tree / "a.wav"), "-o", str(tmp_path / "out"), "--model", str(model), "--quiet"]) == 0
+    assert "batch statistics" in capsys.readouterr().err
+
+
+def test_bad_arguments(tree, tmp_path, capsys):
+    assert main([str(tree), "-o", str(tmp_path / "out"), "--model", str(tmp_path / "nope.pt")]) == 2
+    assert "nope.pt" in capsys.readouterr().err
+    assert main([str(tmp_path / "empty_dir_missing"), "-o", str(tmp_path / "out"), "--model", "x"]) == 2
