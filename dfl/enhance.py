@@ -156,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     bar = tqdm(
-        total=_total_seconds(jobs),
+        total=round(_total_seconds(jobs), 2),
         desc="denoising",
-        bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s of audio [{elapsed}<{remaining}]{postfix}",
+        unit="s audio",
         disable=args.quiet,
         file=sys.stderr,
     )
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_postfix_str(str(job.relative), refresh=False)
         try:
             seconds += denoise_file(
-                denoiser, job, args.outdir, lambda n: bar.update(n / 16_000)
+                denoiser, job, args.outdir, lambda n: bar.update(max(min(round(n / 16_000, 2), bar.total - bar.n), 0))
             )
             done += 1
         except (AudioError, OSError, RuntimeError) as exc:
