@@ -22,8 +22,8 @@ import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import soundfile as sf
 
@@ -39,16 +39,23 @@ class DataError(ValueError):
     """A dataset that cannot be used; the message names the file or directory at fault."""
 
 
-@dataclass(frozen=True)
-class AudioEntry:
-    """One audio file: ``path`` (absolute), ``relpath`` (from the scanned directory), header facts."""
+class AudioEntry(NamedTuple):
+    """One audio file: ``relpath`` under the scanned directory ``root``, and its header facts.
 
-    path: Path
+    A named tuple with a lazily joined ``path``: building 100k ``Path`` objects up front would
+    cost more than the whole cached scan.
+    """
+
+    root: Path
     relpath: str
     frames: int
     sample_rate: int
     channels: int
     error: str | None = None  # why the header could not be read, if it could not
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.relpath
 
     def frames_at(self, sample_rate: int) -> int:
         """Length after resampling to ``sample_rate`` (the length ``dfl.audio.resample`` returns)."""
@@ -159,6 +166,6 @@ def scan_audio_dir(
         atomic_write(cache, lambda p: p.write_text(json.dumps(payload, separators=(",", ":"))))
 
     return [
-        AudioEntry(directory / rel, rel, frames, sr, channels, error)
+        AudioEntry(directory, rel, frames, sr, channels, error)
         for rel, (_, _, frames, sr, channels, error) in sorted(rows.items())
     ]

@@ -79,23 +79,26 @@ class PairedAudioDataset(Dataset):
         seed: int = 0,
         manifest_dir: str | Path | None = None,
     ) -> None:
-        noisy_dir, clean_dir = Path(noisy_dir), Path(clean_dir)
-        entries = scan_pair_entries(noisy_dir, clean_dir, manifest_dir)
-        self.pairs = [(noisy_dir / n.relpath, clean_dir / c.relpath, n.frames) for n, c in entries]
+        self.entries = scan_pair_entries(Path(noisy_dir), Path(clean_dir), manifest_dir)
         # utterance lengths at `sample_rate`, known from the headers: what length bucketing sorts by
-        self.lengths = [n.frames_at(sample_rate) for n, _ in entries]
+        self.lengths = [n.frames_at(sample_rate) for n, _ in self.entries]
         self.sample_rate = sample_rate
         self.crop_samples = crop_samples
         self.seed = seed
 
+    @property
+    def pairs(self) -> list[tuple[Path, Path, int]]:
+        """``(noisy, clean, frames)`` per pair (paths built on demand: cheap start-up on 100k files)."""
+        return [(n.path, c.path, n.frames) for n, c in self.entries]
+
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.entries)
 
     def __getitem__(self, index: int) -> dict:
         # EpochSampler encodes the epoch into the index so crops stay deterministic per
         # (seed, epoch, index) even inside persistent worker processes.
-        epoch, index = divmod(int(index), len(self.pairs))
-        npath, cpath, _ = self.pairs[index]
+        epoch, index = divmod(int(index), len(self.entries))
+        npath, cpath = (entry.path for entry in self.entries[index])
         noisy, clean = load_mono(npath, self.sample_rate), load_mono(cpath, self.sample_rate)
         if noisy.shape != clean.shape:  # both resampled from equal lengths; guard anyway
             raise AudioError(f"{npath}: length differs from {cpath} after resampling")
