@@ -30,6 +30,50 @@ def run_name(default: str) -> str:
     return overrides or default
 
 
+def safe_dirname(text: str, max_len: int = 120) -> str:
+    """``text`` usable as one directory name: no path separators, at most ``max_len`` characters."""
+    text = str(text).replace("/", "_").replace("\\", "_").replace("~", "del-") or "run"
+    return text if len(text) <= max_len else text[: max_len - 9] + "~" + format(hash_text(text), "08x")
+
+
+def hash_text(text: str) -> int:
+    import zlib
+
+    return zlib.crc32(text.encode())
+
+
+def _parse(overrides) -> list:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_overrides([str(o) for o in overrides])
+    except Exception:  # not Hydra overrides (e.g. a launcher's own argv): nothing swept
+        return []
+
+
+def swept_keys() -> set[str]:
+    """Keys a sweep varies: sweep overrides on the command line (``loss=l1,fl``) and the sweeper's params."""
+    import sys
+
+    keys = {o.get_key_element() for o in _parse(a for a in sys.argv[1:] if "=" in a) if o.is_sweep_override()}
+    hc = _hydra_config()
+    params = hc.sweeper.get("params") if hc is not None else None
+    return keys | set(params or {})
+
+
+def sweep_run_dirname() -> str:
+    """``<key=value,...>`` of the swept settings of this run (all its overrides if none is known)."""
+    hc = _hydra_config()
+    if hc is None:
+        return "run"
+    keys = swept_keys()
+    task = _parse(hc.overrides.task)
+    chosen = [o for o in task if o.get_key_element() in keys] or task
+    text = ",".join(f"{o.get_key_element()}={o.get_value_element_as_str()}" for o in chosen)
+    return safe_dirname(text or "run")
+
+
 def register() -> None:
     OmegaConf.register_new_resolver("dfl_sweep_group", sweep_group, replace=True)
     OmegaConf.register_new_resolver("dfl_run_name", run_name, replace=True)
+    OmegaConf.register_new_resolver("dfl_sweep_run_dirname", sweep_run_dirname, replace=True)
