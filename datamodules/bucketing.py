@@ -21,8 +21,9 @@ from torch.utils.data import BatchSampler, Sampler
 class BucketBatchSampler(BatchSampler):
     """Batches of indices with similar ``lengths[index % len(lengths)]``.
 
-    Indices may encode the epoch as ``epoch * n + index`` (``EpochSampler``); the batch order is
-    shuffled with ``(seed, epoch)`` taken from them. The argument is called ``sampler`` so that
+    Yields indices ``epoch * n + index`` (what ``EpochSampler`` yields, so datasets can draw per
+    (seed, epoch, index)), with the epoch from the sampler's ``epoch``; the batch order is
+    shuffled with ``(seed, epoch)``. The argument is called ``sampler`` so that
     Lightning can re-create this batch sampler around its distributed sampler.
     """
 
@@ -51,7 +52,11 @@ class BucketBatchSampler(BatchSampler):
         if indices.size == 0:
             return iter([])
         n = len(self.lengths)
-        epoch = int(indices.min()) // n
+        # Re-encode the epoch: under DDP Lightning replaces the EpochSampler (a DataLoader with a
+        # batch sampler reports a SequentialSampler) by a plain DistributedSampler over 0..n-1.
+        # Both keep the epoch Lightning sets in `.epoch`.
+        epoch = int(getattr(self.sampler, "epoch", int(indices.min()) // n))
+        indices = epoch * n + indices % n
         span = self.batch_size * self.window
         batches = []
         for start in range(0, indices.size, span):
