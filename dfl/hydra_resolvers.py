@@ -24,10 +24,13 @@ def sweep_group() -> str:
 
 
 def run_name(default: str) -> str:
-    """A sweep run's overrides (``loss=l1,model.lr=0.001``), else ``default``."""
+    """A sweep run's swept settings (``loss=l1``), else ``default``."""
+    from hydra.types import RunMode
+
     hc = _hydra_config()
-    overrides = hc.job.override_dirname if hc is not None else ""
-    return overrides or default
+    if hc is None or hc.mode != RunMode.MULTIRUN:
+        return default
+    return sweep_run_dirname()
 
 
 def safe_dirname(text: str, max_len: int = 120) -> str:

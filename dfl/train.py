@@ -69,6 +69,15 @@ def is_global_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
+def close_wandb_runs(loggers: list) -> None:
+    """Finish the W&B run of this job, so the next job of an in-process sweep starts its own."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for lg in loggers:
+        if isinstance(lg, WandbLogger) and getattr(lg, "_experiment", None) is not None:
+            lg.experiment.finish()
+
+
 def train(cfg: DictConfig) -> dict:
     """Fit, then test the best checkpoint; returns the test metrics (written to metrics.json)."""
     import lightning as L
@@ -96,8 +105,16 @@ def train(cfg: DictConfig) -> dict:
     loggers = instantiate_group(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
 
-    for lg in loggers:  # the composed config next to every logger's metrics
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    try:
+        for lg in loggers:  # the composed config next to every logger's metrics
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        return fit_and_test(cfg, trainer, system, datamodule, out_dir)
+    finally:
+        close_wandb_runs(loggers)
+
+
+def fit_and_test(cfg: DictConfig, trainer, system, datamodule, out_dir: Path) -> dict:
+    from dfl.audio import atomic_write
 
     trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
