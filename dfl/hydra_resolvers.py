@@ -76,7 +76,17 @@ def sweep_run_dirname() -> str:
     return safe_dirname(text or "run")
 
 
+def rank_zero_path(path: str) -> str:
+    """``path`` on rank 0, the null device on the other ranks of a distributed run (only rank 0 writes)."""
+    import os
+
+    from lightning.fabric.utilities.rank_zero import _get_rank
+
+    return path if (_get_rank() or 0) == 0 else os.devnull
+
+
 def register() -> None:
     OmegaConf.register_new_resolver("dfl_sweep_group", sweep_group, replace=True)
     OmegaConf.register_new_resolver("dfl_run_name", run_name, replace=True)
+    OmegaConf.register_new_resolver("dfl_rank_zero_path", rank_zero_path, replace=True)
     OmegaConf.register_new_resolver("dfl_sweep_run_dirname", sweep_run_dirname, replace=True)
