@@ -8,7 +8,7 @@ Layouts read (as the archives extract; ``dfl-prepare dcase2016`` writes them):
 * CHiME-Home, ``<chime>/development_chunks_refined.csv`` and
   ``<chime>/evaluation_chunks_refined.csv`` with rows ``<index>,<chunk>``; each chunk has
   ``<chime>/chunks/<chunk>.csv`` whose ``majorityvote`` row holds its tags as letters
-  from ``c m f v p b o`` (``S``, silence, is not a tag) and audio
+  from ``c m f v p b o`` (``S`` silence and ``U`` unidentifiable are not tags) and audio
   ``<chime>/chunks/<chunk>.16kHz.wav``.
 
 Training examples are random crops (see :class:`CropCollate`); validation uses whole
@@ -39,7 +39,8 @@ SCENES: tuple[str, ...] = (
 # The 7 CHiME-Home tags, in the order of the tagging head's outputs: child speech, adult male
 # speech, adult female speech, video game/TV, percussive sounds, broadband noise, other sounds.
 TAGS: tuple[str, ...] = ("c", "m", "f", "v", "p", "b", "o")
-SILENCE = "S"
+# Majority-vote letters that are no tag: S = silence, U = unidentifiable (CHiME-Home annotation).
+NOT_TAGS = ("S", "U")
 
 SCENE_TASK, TAGS_TASK = 0, 1
 
@@ -82,12 +83,12 @@ def parse_majority_vote(chunk_csv: str | Path, tags: tuple[str, ...] = TAGS) -> 
         raise DataError(f"{chunk_csv}: chunk without a majority vote (no non-empty 'majorityvote' row)")
     vector = np.zeros(len(tags), dtype=np.float32)
     for letter in vote:
-        if letter == SILENCE:
+        if letter in NOT_TAGS:
             continue
         if letter not in tags:
             raise DataError(
                 f"{chunk_csv}: unknown tag {letter!r} in majority vote {vote!r} "
-                f"(known: {' '.join(tags)}, {SILENCE} = silence)"
+                f"(known: {' '.join(tags)}; {' '.join(NOT_TAGS)} are read as no tag)"
             )
         vector[tags.index(letter)] = 1.0
     return vector
@@ -276,7 +277,9 @@ class DCASE2016DataModule(L.LightningDataModule):
     def _sets(self, tut: str, chime_split: str) -> dict[str, Dataset]:
         return {
             "scene": TUTScenesDataset(self.root / tut, self.tut_meta, self.sample_rate),
-            "tags": CHiMEHomeDataset(self.root / self.chime, chime_split, self.chime_audio_suffix, self.sample_rate),
+            "tags": CHiMEHomeDataset(
+                self.root / self.chime, chime_split, self.chime_audio_suffix, self.sample_rate
+            ),
         }
 
     def setup(self, stage: str | None = None) -> None:

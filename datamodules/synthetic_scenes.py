@@ -34,7 +34,7 @@ from datamodules.dcase2016 import SCENES, TAGS, DCASE2016DataModule
 from dfl.audio import write_audio
 
 # Bump when the generated signals change, so cached sets are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MARKER = ".complete"
 SPECTRA = ("rumble", "hum", "midband", "hiss", "pink")
 PATTERNS = ("stationary", "swells", "bursts")
@@ -147,7 +147,7 @@ def _beeps(rng, n, sr):
 def _impacts(rng, n, sr):
     x = np.zeros(n)
     m = int(0.3 * sr)
-    for start in rng.integers(0, max(1, n - m), size=rng.integers(2, 6)):
+    for start in rng.integers(0, max(1, n - m), size=max(1, int(rng.uniform(2, 4) * n / sr))):
         tt = np.arange(m) / sr
         knock = np.exp(-tt / rng.uniform(0.01, 0.04)) * (
             rng.standard_normal(m) * 0.5 + np.sin(2 * np.pi * rng.uniform(100, 400) * tt)
@@ -158,7 +158,7 @@ def _impacts(rng, n, sr):
 
 def _sweeps(rng, n, sr):
     x = np.zeros(n)
-    for _ in range(rng.integers(1, 4)):
+    for _ in range(max(1, int(rng.uniform(1, 2) * n / sr))):
         m = min(n, int(rng.uniform(0.3, 0.9) * sr))
         start = int(rng.integers(0, max(1, n - m)))
         f_start, f_end = sorted(rng.uniform(300, 4000, size=2))[:: rng.choice([1, -1])]
@@ -184,7 +184,7 @@ def synthesize_tagging_chunk(tags: list[str], rng: np.random.Generator, n: int, 
     """One mono chunk ``[1, n]``: a low background plus each event of ``tags`` in a random span."""
     x = 0.1 * _shaped_noise(rng, n, sr, lambda f: 1 / f)
     for tag in tags:
-        length = int(rng.uniform(0.35, 0.8) * n)
+        length = int(rng.uniform(0.6, 1.0) * n)  # most of the chunk: random crops rarely miss it
         start = int(rng.integers(0, n - length + 1))
         fade = np.ones(length)
         ramp = min(length // 4, int(0.02 * sr))
@@ -244,12 +244,16 @@ def generate_synthetic_dcase(root: str | os.PathLike, **settings) -> Path:
     if _marker_hash(root) == digest:
         return root
     if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not (root / MARKER).exists())):
-        raise ValueError(f"{root}: exists and is not a synthetic scene set (no {MARKER}); refusing to overwrite it")
+        raise ValueError(
+            f"{root}: exists and is not a synthetic scene set (no {MARKER}); refusing to overwrite it"
+        )
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{root.name}.tmp-", dir=root.parent))
     try:
         _write_set(tmp, settings)
-        (tmp / MARKER).write_text(json.dumps({"hash": digest, "settings": settings}, sort_keys=True, indent=1))
+        (tmp / MARKER).write_text(
+            json.dumps({"hash": digest, "settings": settings}, sort_keys=True, indent=1)
+        )
         old = root.with_name(f"{root.name}.old-{uuid.uuid4().hex[:8]}") if root.exists() else None
         if old is not None:
             os.rename(root, old)

@@ -40,6 +40,10 @@ def pretrain(cfg: DictConfig) -> dict:
 
     if cfg.export_from not in ("best", "last"):
         raise ValueError(f"export_from must be 'best' or 'last', got {cfg.export_from!r}")
+    if cfg.get("num_threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg.num_threads))
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)

@@ -9,7 +9,6 @@ import torch
 
 from datamodules.dcase2016 import (
     SCENES,
-    TAGS,
     CHiMEHomeDataset,
     CropCollate,
     DCASE2016DataModule,
@@ -33,7 +32,9 @@ def make_tut(directory, clips: dict[str, str], seconds: float = 0.1, sr: int = S
     for name in clips:
         (directory / "audio").mkdir(parents=True, exist_ok=True)
         sf.write(directory / "audio" / name, np.stack([left, np.zeros(n)], axis=1), sr)
-    (directory / "meta.txt").write_text("".join(f"audio/{name}\t{scene}\ta1\n" for name, scene in clips.items()))
+    (directory / "meta.txt").write_text(
+        "".join(f"audio/{name}\t{scene}\ta1\n" for name, scene in clips.items())
+    )
     return directory
 
 
@@ -54,7 +55,10 @@ def make_chime(directory, chunks: dict[str, str], split="development_chunks_refi
 # --------------------------------------------------------------------------------------- TUT
 def test_tut_meta_parsed_and_stereo_split_into_resampled_channels(tmp_path):
     d = make_tut(tmp_path / "tut", {"a.wav": "beach", "b.wav": "tram"})
-    assert parse_tut_meta(d / "meta.txt") == [(d / "audio/a.wav", 0), (d / "audio/b.wav", SCENES.index("tram"))]
+    assert parse_tut_meta(d / "meta.txt") == [
+        (d / "audio/a.wav", 0),
+        (d / "audio/b.wav", SCENES.index("tram")),
+    ]
     ds = TUTScenesDataset(d)
     assert len(ds) == 4  # two stereo clips, every channel an example
     left, right = ds[0], ds[1]
@@ -67,7 +71,10 @@ def test_tut_meta_parsed_and_stereo_split_into_resampled_channels(tmp_path):
 @pytest.mark.parametrize(
     "meta, message",
     [
-        ("audio/a.wav\tbeach\naudio/missing.wav\tbeach\n", r"meta\.txt:2: audio file .*missing\.wav not found"),
+        (
+            "audio/a.wav\tbeach\naudio/missing.wav\tbeach\n",
+            r"meta\.txt:2: audio file .*missing\.wav not found",
+        ),
         ("audio/a.wav\tjungle\n", r"meta\.txt:1: unknown scene label 'jungle'"),
         ("audio/a.wav beach\n", r"meta\.txt:1: expected 'audio/<file>\.wav<TAB><scene>'"),
         ("\n\n", r"meta\.txt: empty split"),
@@ -87,7 +94,7 @@ def test_tut_missing_meta_file(tmp_path):
 
 # ------------------------------------------------------------------------------------- CHiME
 def test_chime_split_parsed_with_silence_and_tags(tmp_path):
-    d = make_chime(tmp_path / "chime", {"ch0": "cp", "ch1": "S", "ch2": "mfvbo"})
+    d = make_chime(tmp_path / "chime", {"ch0": "cp", "ch1": "S", "ch2": "mfvboU"})
     items = parse_chime_split(d / "development_chunks_refined.csv")
     assert [p.name for p, _ in items] == ["ch0.16kHz.wav", "ch1.16kHz.wav", "ch2.16kHz.wav"]
     np.testing.assert_array_equal(items[0][1], [1, 0, 0, 0, 1, 0, 0])
@@ -163,7 +170,8 @@ def test_random_crop_lengths_are_log_uniform_within_bounds():
 
 def test_crop_bounds_short_clips_cap_and_validation_centre():
     torch.manual_seed(0)
-    assert CropCollate(min_length=500)(_examples([300, 400]))["wav"].shape == (2, 300)  # shorter than min: whole
+    short = CropCollate(min_length=500)(_examples([300, 400]))
+    assert short["wav"].shape == (2, 300)  # clips shorter than the minimum are used whole
     for _ in range(50):
         assert 100 <= CropCollate(100, max_length=200)(_examples([1000]))["wav"].shape[1] <= 200
     val = CropCollate(random=False)(_examples([10, 14]))
@@ -246,4 +254,3 @@ def test_synthetic_set_refuses_foreign_directory(tmp_path):
     with pytest.raises(ValueError, match="not a synthetic scene set"):
         generate_synthetic_dcase(tmp_path, **SMALL)
     assert (tmp_path / "mine.txt").read_text() == "keep me"
-

@@ -100,14 +100,16 @@ def test_system_rejects_networks_without_the_heads():
         PretrainSystem(LossNetwork(n_layers=3, base_channels=4, heads={"scene": 15, "tags": 5}))
     with pytest.raises(ValueError, match="system.mode"):
         PretrainSystem(LossNetwork(**TINY_NET), mode="both")
+    with pytest.raises(ValueError, match="system.lr_schedule"):
+        PretrainSystem(LossNetwork(**TINY_NET), lr_schedule="step")
 
 
-@pytest.mark.parametrize("mode", ["alternate", "mixed"])
-def test_fit_updates_both_heads_and_logs_metrics(tmp_path, mode):
+@pytest.mark.parametrize("mode, lr_schedule", [("alternate", "cosine"), ("mixed", "constant")])
+def test_fit_updates_both_heads_and_logs_metrics(tmp_path, mode, lr_schedule):
     L.seed_everything(0)
     net = LossNetwork(**TINY_NET)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    system = PretrainSystem(net, mode=mode, lr=1e-2)
+    system = PretrainSystem(net, mode=mode, lr=1e-2, lr_schedule=lr_schedule)
     dm = SyntheticScenesDataModule(
         tmp_path / "syn", scenes_train_per_class=1, scenes_val_per_class=1, scene_seconds=0.2,
         chunks_train=8, chunks_val=8, chunk_seconds=0.25, mode=mode, batch_size=4,
@@ -120,6 +122,8 @@ def test_fit_updates_both_heads_and_logs_metrics(tmp_path, mode):
     trainer.fit(system, datamodule=dm)
     # alternate: one update per task per step (2 steps x 2); mixed: one per step
     assert trainer.global_step == 4
+    final_lr = trainer.optimizers[0].param_groups[0]["lr"]
+    assert final_lr == (pytest.approx(0.0, abs=1e-9) if lr_schedule == "cosine" else 1e-2)
     after = net.state_dict()
     for name in ("heads.scene.weight", "heads.tags.weight", "convs.0.weight"):
         assert not torch.equal(before[name], after[name]), name
@@ -152,7 +156,11 @@ def test_dfl_pretrain_writes_checkpoints_and_a_loadable_lossnet(tmp_path):
     wav = torch.randn(2, 500)
     nets = {f: load_model(run / f, "lossnet") for f in ("lossnet.pt", "checkpoints/best.ckpt")}
     for net in nets.values():
-        assert isinstance(net, LossNetwork) and net.n_layers == 4 and net.config["heads"] == {"scene": 15, "tags": 7}
+        assert (
+            isinstance(net, LossNetwork)
+            and net.n_layers == 4
+            and net.config["heads"] == {"scene": 15, "tags": 7}
+        )
         net.eval()
     # lossnet.pt is the best checkpoint's network
     with torch.no_grad():

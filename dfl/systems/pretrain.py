@@ -17,6 +17,7 @@ from dfl.checkpoints import model_record
 from dfl.metrics.eer import EqualErrorRate
 
 MODES = ("alternate", "mixed")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 class PretrainSystem(L.LightningModule):
@@ -27,6 +28,8 @@ class PretrainSystem(L.LightningModule):
     "tags": batch}`` and makes one optimiser update per task in turn.
     ``mode="mixed"``: each batch mixes both tasks' examples (``is_scene``/``is_tags``
     flags); one update on the weighted sum of both losses.
+
+    ``lr_schedule``: ``constant`` (the authors) or ``cosine`` decay to 0 over the run.
 
     Logged: ``train|val/{scene_loss,tags_loss}``, ``val/scene_acc``, ``val/tags_eer_<tag>``
     per tag, ``val/tags_eer_mean`` (DCASE 2016 task 4) and ``val/score`` =
@@ -43,15 +46,20 @@ class PretrainSystem(L.LightningModule):
         scene_weight: float = 1.0,
         tags_weight: float = 1.0,
         grad_clip: float | None = None,
+        lr_schedule: str = "constant",
         tag_names: Sequence[str] = ("c", "m", "f", "v", "p", "b", "o"),
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"system.mode must be one of {MODES}, got {mode!r}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"system.lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         heads = getattr(net, "heads", {})
         for head in ("scene", "tags"):
             if head not in heads:
-                raise ValueError(f"the loss network needs a {head!r} head (net.heads), it has {sorted(heads)}")
+                raise ValueError(
+                    f"the loss network needs a {head!r} head (net.heads), it has {sorted(heads)}"
+                )
         n_scenes, n_tags = heads["scene"].out_channels, heads["tags"].out_channels
         if n_tags != len(tag_names):
             raise ValueError(f"net.heads.tags has {n_tags} outputs but there are {len(tag_names)} tag names")
@@ -98,6 +106,9 @@ class PretrainSystem(L.LightningModule):
         if self.hparams.grad_clip:
             self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         batches = list(batch.values()) if self.mode == "alternate" else [batch]
@@ -113,12 +124,22 @@ class PretrainSystem(L.LightningModule):
                 self.log("train/scene_acc", self.train_acc, batch_size=int(sel.sum()))
 
     def configure_optimizers(self):
-        return torch.optim.Adam(
+        opt = torch.optim.Adam(
             self.net.parameters(),
             lr=self.hparams.lr,
             betas=tuple(self.hparams.betas),
             weight_decay=self.hparams.weight_decay,
         )
+        if self.hparams.lr_schedule == "constant":
+            return opt
+        # cosine decay to 0 over the run's optimiser updates (two per step in alternate mode)
+        updates = self.trainer.max_steps
+        if updates is None or updates < 0:
+            updates = self.trainer.estimated_stepping_batches * (2 if self.mode == "alternate" else 1)
+        return {
+            "optimizer": opt,
+            "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, int(updates)),
+        }
 
     # -- validation ---------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
