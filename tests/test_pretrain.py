@@ -93,6 +93,13 @@ def test_heads_shapes_and_masked_losses():
     assert set(system._losses(_batch(2, 0))[0]) == {"scene"}
 
 
+def test_training_step_rejects_batches_of_the_other_mode():
+    with pytest.raises(ValueError, match="data.mode"):
+        PretrainSystem(LossNetwork(**TINY_NET), mode="alternate").training_step(_batch(2, 2), 0)
+    with pytest.raises(ValueError, match="data.mode"):
+        PretrainSystem(LossNetwork(**TINY_NET), mode="mixed").training_step({"scene": _batch(2, 0)}, 0)
+
+
 def test_system_rejects_networks_without_the_heads():
     with pytest.raises(ValueError, match="'scene' head"):
         PretrainSystem(LossNetwork(n_layers=3, base_channels=4, heads={"tags": 7}))

@@ -111,6 +111,11 @@ class PretrainSystem(L.LightningModule):
             scheduler.step()
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        if ("wav" in batch) == (self.mode == "alternate"):
+            raise ValueError(
+                f"system.mode={self.mode} does not match the data's batches "
+                f"({'one mixed batch' if 'wav' in batch else 'one batch per task'}); set data.mode to the same mode"
+            )
         batches = list(batch.values()) if self.mode == "alternate" else [batch]
         for b in batches:
             losses, logits = self._losses(b)
