@@ -86,7 +86,9 @@ def denoise_file(denoiser, job: Job, outdir: Path, progress) -> float:
         raise AudioError(f"{job.source}: cannot read audio ({exc})") from exc
     wav, sr = read_audio(job.source)
     try:
-        out = np.stack([denoiser.denoise_channel(channel, sr, progress) for channel in wav])
+        out = np.empty_like(wav)  # filled channel by channel: no extra whole-file copy (long files)
+        for i, channel in enumerate(wav):
+            out[i] = denoiser.denoise_channel(channel, sr, progress)
     except (ValueError, FloatingPointError) as exc:
         raise AudioError(f"{job.source}: {exc}") from exc
     if info.subtype not in FLOAT_SUBTYPES:
