@@ -46,25 +46,26 @@ def cache(tmp_path_factory):
 
 
 def run_args(run_dir, cache, *extra):
-    return [f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache}", *TINY, "data.n_val=1", "test=false", *extra]
+    # lr 1e-2: large enough steps that a different data order would show in the final weights
+    return [f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache}", *TINY, "data.n_val=1", "test=false",
+            "system.lr=1e-2", *extra]
 
 
 def test_kill_9_then_ckpt_path_last_equals_an_uninterrupted_run(tmp_path, cache):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    dfl_train(*run_args(full, cache, "trainer.max_epochs=3"))
+    epochs = "trainer.max_epochs=6"  # tiny epochs are fast: room to kill the run before its end
+    dfl_train(*run_args(full, cache, epochs))
 
-    proc = start(*run_args(killed, cache, "trainer.max_epochs=3"))
-    wait_for(killed / "checkpoints" / "last.ckpt", proc)
-    time.sleep(0.5)  # into the next epoch
-    assert proc.poll() is None, "the run finished before it could be killed"
+    proc = start(*run_args(killed, cache, epochs))
+    wait_for(killed / "checkpoints" / "last.ckpt", proc)  # then kill at once: in a later epoch
     proc.send_signal(signal.SIGKILL)
-    assert proc.wait(60) == -signal.SIGKILL
+    assert proc.wait(60) == -signal.SIGKILL, "the run finished before it could be killed"
     interrupted = load(killed)
-    assert interrupted["epoch"] < 2
+    assert interrupted["epoch"] < 5
 
-    dfl_train(*run_args(killed, cache, "trainer.max_epochs=3", "ckpt_path=last"))
+    dfl_train(*run_args(killed, cache, epochs, "ckpt_path=last"))
     a, b = load(full), load(killed)
-    assert b["global_step"] == a["global_step"] == 3 * STEPS_PER_EPOCH
+    assert b["global_step"] == a["global_step"] == 6 * STEPS_PER_EPOCH
     # same weights (balancer state, optimizer state and data order all restored)
     for key, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-5, atol=1e-7, msg=key)
