@@ -108,8 +108,8 @@ def data(tmp_path_factory):
 
 
 def test_balancer_balances_the_feature_part_of_a_combined_loss(tmp_path, data):
-    from dfl.systems import DenoisingSystem
     from dfl.models import ContextAggregationNet
+    from dfl.systems import DenoisingSystem
 
     torch.manual_seed(0)
     loss = CombinedLoss(feature_loss(), {"l1": {"loss": WaveformL1Loss(), "weight": 5.0}})
