@@ -72,11 +72,17 @@ def test_metrics_terms_weights_and_config_reach_wandb(wandb_run):
     assert record.run_group == "" and record.display_name == "train"
 
 
-def test_runs_of_one_sweep_share_a_group(tmp_path, cache):
+def test_runs_of_one_sweep_share_a_group_and_log_checkpoints(tmp_path, cache):
     sweep = tmp_path / "sweep"
     dfl_train("-m", "loss=l1,l2", f"hydra.sweep.dir={sweep}", f"paths.cache_dir={cache}", "logger=wandb", "test=false",
-              *TINY, "trainer.max_epochs=1", "data.n_val=1")
+              "logger.wandb.log_model=true", *TINY, "trainer.max_epochs=1", "data.n_val=1")
     runs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    records_ = [run_record(next((r / "wandb").glob("offline-run-*"))) for r in runs]
+    offline = [next((r / "wandb").glob("offline-run-*")) for r in runs]
+    records_ = [run_record(o) for o in offline]
     assert [r.display_name for r in records_] == ["loss=l1", "loss=l2"]
     assert records_[0].run_group == records_[1].run_group == f"train-{sweep.name}"
+    for o in offline:  # log_model: the checkpoints went to the run as model artifacts
+        (path,) = o.glob("run-*.wandb")
+        artifacts = [r.artifact for r in records(path) if r.WhichOneof("record_type") == "artifact"]
+        assert artifacts and all(a.type == "model" for a in artifacts)
+        assert {e.path for a in artifacts for e in a.manifest.contents} == {"model.ckpt"}
