@@ -62,18 +62,19 @@ def pretrain(cfg: DictConfig) -> dict:
 
     trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
-    ckpt_cb = trainer.checkpoint_callback
-    best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb else ""
-    last = getattr(ckpt_cb, "last_model_path", "") if ckpt_cb else ""
-    chosen = best if cfg.export_from == "best" and best else last or None
-    in_memory = chosen is None or chosen == last  # last.ckpt holds the in-memory weights
-    if not (in_memory and system.last_val_step == trainer.global_step):
-        # Measure the exported weights (this also loads them into `system`).
-        trainer.validate(system, datamodule=datamodule, ckpt_path=chosen, verbose=False)
+    best_cb = next((cb for cb in trainer.checkpoint_callbacks if cb.monitor), None)
+    best = best_cb.best_model_path if best_cb else ""
+    if cfg.export_from == "best" and best:
+        source = best
+        trainer.validate(system, datamodule=datamodule, ckpt_path=best, verbose=False)  # loads its weights
+    else:  # the final weights, as in checkpoints/last.ckpt
+        source = "final weights"
+        if system.last_val_step != trainer.global_step:
+            trainer.validate(system, datamodule=datamodule, verbose=False)
 
     tag_names = list(getattr(datamodule, "tag_names", system.tag_names))
     metrics = summarize(system.last_val_metrics, tag_names)
-    metrics.update(checkpoint=chosen, global_step=trainer.global_step, epoch=trainer.current_epoch)
+    metrics.update(exported=source, global_step=trainer.global_step, epoch=trainer.current_epoch)
     if trainer.is_global_zero:
         meta = {
             "trained_by": "dfl-pretrain",

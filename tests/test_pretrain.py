@@ -157,7 +157,7 @@ def test_dfl_pretrain_writes_checkpoints_and_a_loadable_lossnet(tmp_path):
         assert (run / f).is_file(), f
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0 <= metrics["scene_acc"] <= 1 and 0 <= metrics["tags_eer_mean"] <= 1
-    assert metrics["checkpoint"].endswith("best.ckpt") and set(metrics["tags_eer"]) == set("cmfvpbo")
+    assert metrics["exported"].endswith("best.ckpt") and set(metrics["tags_eer"]) == set("cmfvpbo")
     assert export.read_bytes() == (run / "lossnet.pt").read_bytes()
 
     wav = torch.randn(2, 500)
@@ -178,3 +178,23 @@ def test_dfl_pretrain_writes_checkpoints_and_a_loadable_lossnet(tmp_path):
     assert meta["tags"] == list("cmfvpbo") and len(meta["scenes"]) == 15
     assert meta["val"]["scene_acc"] == pytest.approx(metrics["scene_acc"])
     assert load_model(run / "checkpoints/last.ckpt", "lossnet").n_layers == 4
+
+
+def test_dfl_pretrain_mixed_mode_exports_the_final_weights(tmp_path):
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "dfl.pretrain", f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path / 'cache'}",
+        "mode=mixed", "export_from=last", "num_threads=1", "net.n_layers=3", "net.base_channels=4",
+        "data.scenes_train_per_class=1", "data.scenes_val_per_class=1", "data.scene_seconds=0.2",
+        "data.chunks_train=8", "data.chunks_val=8", "data.chunk_seconds=0.25", "data.batch_size=4",
+        "trainer.max_steps=5", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "~logger",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["exported"] == "final weights" and metrics["global_step"] == 5
+    exported = safe_load(run / "lossnet.pt")["state_dict"]
+    last = safe_load(run / "checkpoints" / "last.ckpt")["dfl_models"]["lossnet"]["state_dict"]
+    assert exported.keys() == last.keys()
+    for key in exported:
+        torch.testing.assert_close(exported[key], last[key], msg=key)
