@@ -117,3 +117,19 @@ def test_bad_settings_raise():
         ContextAggregationNet(normalization="layer")
     with pytest.raises(ValueError, match="expected"):
         ContextAggregationNet(channels=4)(torch.randn(5))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_identity_init_outputs_the_input(mode):
+    torch.manual_seed(0)
+    net = ContextAggregationNet(dilations=[1, 1, 2, 4, 1], channels=6, init="identity")
+    getattr(net, mode)()
+    x = torch.randn(3, 700) * 0.3
+    # exact up to the leak of the opposite sign through 5 leaky ReLUs: 0.2**5 * |x|
+    assert (net(x) - x).abs().max() <= 0.2**5 * x.abs().max() + 1e-6
+    # the other channels start random, so training can use them
+    assert net.convs[1].weight[2:].abs().sum() > 0
+    default = ContextAggregationNet(dilations=[1, 1, 2, 4, 1], channels=6)
+    assert (default(x) - x).abs().max() > 0.1
+    with pytest.raises(ValueError, match="init"):
+        ContextAggregationNet(init="zeros")

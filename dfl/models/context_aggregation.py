@@ -23,6 +23,11 @@ class ContextAggregationNet(nn.Module):
         batch_stats_at_eval: BN always uses the batch's own statistics (the authors' release).
         bn_eps, bn_scale: BN epsilon and whether BN has a γ (TF-slim: 1e-3, no γ).
         negative_slope: leaky ReLU slope.
+        init: ``default`` (PyTorch's conv initialisation) or ``identity``: two channels carry
+            +x and −x through every layer (so leaky ReLU loses nothing) and the output conv
+            recombines them, so the untrained network outputs its input; the other channels
+            start random. Training then starts from "no processing" instead of from silence,
+            the identity initialisation of context-aggregation networks (Chen et al., 2017).
         padding: ``same`` (symmetric zero padding, output length = input length) or
             ``tf_authors``: each dilated layer runs on the signal zero-padded at the end to a
             multiple of its dilation, BN sees that padded length, and the tail is cut after the
@@ -41,12 +46,15 @@ class ContextAggregationNet(nn.Module):
         bn_scale: bool = True,
         negative_slope: float = 0.2,
         padding: str = "same",
+        init: str = "default",
     ) -> None:
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         if padding not in ("same", "tf_authors"):
             raise ValueError(f"padding must be 'same' or 'tf_authors', got {padding!r}")
+        if init not in ("default", "identity"):
+            raise ValueError(f"init must be 'default' or 'identity', got {init!r}")
         if not dilations or any(int(d) < 1 for d in dilations):
             raise ValueError(f"dilations must be a non-empty list of positive integers, got {list(dilations)}")
         self.config = dict(
@@ -60,6 +68,7 @@ class ContextAggregationNet(nn.Module):
             bn_scale=bn_scale,
             negative_slope=negative_slope,
             padding=padding,
+            init=init,
         )
         self.dilations = self.config["dilations"]
         self.kernel_size = kernel_size
@@ -75,6 +84,25 @@ class ContextAggregationNet(nn.Module):
             self.norms.append(make_norm(normalization, channels, **bn))
             cin = channels
         self.output = nn.Conv1d(channels, 1, 1, bias=True)
+        if init == "identity":
+            self._identity_init()
+
+    @torch.no_grad()
+    def _identity_init(self) -> None:
+        if self.config["channels"] < 2 or self.config["in_channels"] != 1:
+            raise ValueError("init='identity' needs channels >= 2 and in_channels == 1")
+        centre = self.kernel_size // 2
+        for i, conv in enumerate(self.convs):
+            conv.weight[:2].zero_()  # the +x/−x rows read only themselves
+            if i == 0:
+                conv.weight[0, 0, centre], conv.weight[1, 0, centre] = 1.0, -1.0
+            else:
+                conv.weight[0, 0, centre], conv.weight[1, 1, centre] = 1.0, 1.0
+            if conv.bias is not None:
+                conv.bias[:2].zero_()
+        self.output.weight.zero_()
+        self.output.weight[0, 0, 0], self.output.weight[0, 1, 0] = 1.0, -1.0
+        self.output.bias.zero_()
 
     @property
     def receptive_field(self) -> int:
