@@ -24,7 +24,7 @@ $(DEMO_LOSSNET):
 	$(MAKE) pretrain-demo
 
 pretrain-demo: install
-	WANDB_MODE=offline $(BIN)/dfl-pretrain experiment=demo
+	WANDB_MODE=offline $(BIN)/dfl-pretrain pretrain/experiment=demo
 
 test: install
 	WANDB_MODE=offline $(BIN)/python -m pytest -q tests
