@@ -296,6 +296,7 @@ class MixingDataModule(L.LightningDataModule):
             bucket_window=self.bucket_window if train and self.bucket else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
+            epoch=self.trainer.current_epoch if train and self.trainer is not None else 0,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -165,12 +165,17 @@ def audio_loader(
     bucket_window: int | None = None,
     num_workers: int = 0,
     pin_memory: bool = False,
+    epoch: int = 0,
 ) -> DataLoader:
     """A loader over an epoch-encoding dataset: :class:`EpochSampler` order, padded batches with ``lengths``.
+
+    ``epoch`` is the epoch the first iteration belongs to: a resumed run builds its loader (and,
+    with worker processes, its first iterator) before Lightning calls ``set_epoch``.
 
     With ``bucket_window`` (and ``batch_size > 1``), batches group similar ``dataset.lengths``.
     """
     sampler = EpochSampler(len(dataset), shuffle, seed)
+    sampler.set_epoch(epoch)
     common = dict(num_workers=num_workers, collate_fn=collate_pairs, pin_memory=pin_memory,
                   persistent_workers=num_workers > 0)
     if bucket_window and batch_size > 1:
@@ -254,6 +259,7 @@ class PairedFolderDataModule(L.LightningDataModule):
             bucket_window=self.bucket_window if train and self.bucket else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
+            epoch=self.trainer.current_epoch if train and self.trainer is not None else 0,
         )
 
     def train_dataloader(self) -> DataLoader:
