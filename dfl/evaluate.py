@@ -22,12 +22,14 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from dfl import hydra_resolvers
 from dfl.audio import read_audio, write_audio
 from dfl.metrics import METRIC_NAMES, compute_many
 
 log = logging.getLogger(__name__)
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+hydra_resolvers.register()  # the shared hydra/logger configs use dfl's resolvers (before @hydra.main runs)
 EVAL_KEYS = ("task_name", "checkpoint", "enhanced_dir", "data_dir", "split", "sample_rate", "max_files", "metrics")
 
 
@@ -114,13 +116,6 @@ def _enhanced_paths(enhanced_dir: Path, pairs) -> list[Path]:
 def _wandb_logger(cfg: DictConfig):
     """The W&B logger of ``logger=wandb``, or None (other loggers have nothing to do here)."""
     from hydra.utils import instantiate
-
-    try:  # the logger configs use dfl's OmegaConf resolvers (run name, sweep group)
-        from dfl.hydra_resolvers import register
-    except ImportError:
-        pass
-    else:
-        register()
 
     for entry in (cfg.get("logger") or {}).values():
         if entry is not None and "WandbLogger" in str(entry.get("_target_", "")):

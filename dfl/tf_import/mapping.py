@@ -30,6 +30,7 @@ AUTHORS_DENOISER_CONFIG: dict = dict(
     bn_scale=False,
     negative_slope=0.2,
     padding="tf_authors",
+    init="default",
 )
 
 # The authors' loss network (model.py `lossnet`, LOSS_LAYERS=14, base 32, doubling every 5
