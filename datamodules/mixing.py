@@ -22,7 +22,7 @@ from scipy.signal import oaconvolve
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.manifest import AudioEntry, DataError, require_usable, scan_audio_dir
-from datamodules.paired_folder import SPLITS, PairedAudioDataset, audio_loader
+from datamodules.paired_folder import SPLITS, PairedAudioDataset, audio_loader, next_train_epoch
 from dfl.audio import AudioError, load_mono
 
 log = logging.getLogger(__name__)
@@ -296,7 +296,7 @@ class MixingDataModule(L.LightningDataModule):
             bucket_window=self.bucket_window if train and self.bucket else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            epoch=self.trainer.current_epoch if train and self.trainer is not None else 0,
+            epoch=next_train_epoch(self.trainer) if train else 0,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -156,6 +156,22 @@ def collate_pairs(items: list[dict]) -> dict:
     }
 
 
+def next_train_epoch(trainer) -> int:
+    """The epoch the next training iteration belongs to: the value Lightning passes to ``set_epoch``.
+
+    Not ``trainer.current_epoch``: resuming from an end-of-epoch checkpoint (``last.ckpt``), the fit
+    loop builds the train loader and its first iterator while ``current_epoch`` still names the
+    finished epoch (it catches up only in the loop's ``on_run_start``). With worker processes that
+    first iterator already draws ``prefetch_factor * num_workers`` indices from the sampler, so the
+    stale epoch would replay the previous epoch's order.
+    """
+    if trainer is None:
+        return 0
+    fit_loop = getattr(trainer, "fit_loop", None)
+    progress = getattr(getattr(fit_loop, "epoch_progress", None), "current", None)
+    return int(progress.processed) if progress is not None else int(trainer.current_epoch)
+
+
 def audio_loader(
     dataset: Dataset,
     *,
@@ -169,8 +185,8 @@ def audio_loader(
 ) -> DataLoader:
     """A loader over an epoch-encoding dataset: :class:`EpochSampler` order, padded batches with ``lengths``.
 
-    ``epoch`` is the epoch the first iteration belongs to: a resumed run builds its loader (and,
-    with worker processes, its first iterator) before Lightning calls ``set_epoch``.
+    ``epoch`` is the epoch the first iteration belongs to (:func:`next_train_epoch`): a resumed run
+    builds its loader (and, with worker processes, its first iterator) before Lightning calls ``set_epoch``.
 
     With ``bucket_window`` (and ``batch_size > 1``), batches group similar ``dataset.lengths``.
     """
@@ -259,7 +275,7 @@ class PairedFolderDataModule(L.LightningDataModule):
             bucket_window=self.bucket_window if train and self.bucket else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            epoch=self.trainer.current_epoch if train and self.trainer is not None else 0,
+            epoch=next_train_epoch(self.trainer) if train else 0,
         )
 
     def train_dataloader(self) -> DataLoader:
