@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from dfl import SAMPLE_RATE
-from dfl.audio import resample
+from dfl.audio import StreamResampler, resample
 
 CROSSFADE = 1024  # samples at 16 kHz; both chunks are exact there, the fade only hides float noise
 
@@ -167,18 +167,16 @@ class Denoiser:
 
     def denoise_16k(self, x: np.ndarray, progress: Callable[[int], None] | None = None) -> np.ndarray:
         """One 16 kHz channel → denoised, chunked (batching equal-length chunks) and cross-faded."""
-        spans = self.chunks(len(x))
-        out = np.zeros(len(x), dtype=np.float32)
-        for batch in self._batches(spans):
-            inputs = torch.from_numpy(np.stack([x[a:b] for a, b, _, _ in batch])).to(self.device)
-            result = self.run_batch(inputs).float().cpu().numpy()
-            if not np.isfinite(result).all():
-                raise FloatingPointError("the denoiser produced NaN or Inf samples")
-            for (a, _, s, e), y in zip(batch, result):
-                out[s:e] += y[s - a : e - a] * self._fade(s, e, len(x))
-                if progress is not None:
-                    progress(e - s)
+        stream = ChunkStream(self, len(x), progress)
+        out = stream.push(x)  # all chunks' inputs are there: everything comes back at once
+        stream.finish()
         return out
+
+    def stream_channel(
+        self, length: int, sample_rate: int, progress: Callable[[int], None] | None = None
+    ) -> ChannelStream:
+        """Denoise one channel of ``length`` samples at ``sample_rate`` fed in blocks (bounded memory)."""
+        return ChannelStream(self, length, sample_rate, progress)
 
     def _batches(self, spans) -> Iterator[list[tuple[int, int, int, int]]]:
         by_length: dict[int, list] = {}
@@ -198,3 +196,99 @@ class Denoiser:
         if end < length:
             w[-CROSSFADE:] = ramp[::-1]
         return w
+
+
+class ChunkStream:
+    """One 16 kHz channel of known length, fed in blocks, denoised with the plan of :meth:`Denoiser.chunks`.
+
+    A chunk runs once its input (with context) has arrived and ``batch_size`` chunks are waiting (or
+    all remaining ones are); output is returned once no later chunk can add to it (cross-fade).
+    """
+
+    def __init__(self, denoiser: Denoiser, length: int, progress: Callable[[int], None] | None = None) -> None:
+        self.denoiser, self.length, self.progress = denoiser, length, progress
+        self.spans = denoiser.chunks(length)
+        self._next = 0  # first span not yet run
+        self._inp, self._inp_start, self._received = np.zeros(0, np.float32), 0, 0
+        self._acc, self._acc_start = np.zeros(0, np.float32), 0  # summed cross-faded outputs, not yet final
+
+    def push(self, x: np.ndarray) -> np.ndarray:
+        """Feed the next input samples; returns the denoised samples that are now final."""
+        x = np.asarray(x, dtype=np.float32)
+        if self._received + len(x) > self.length:
+            raise ValueError(f"more than the announced {self.length} samples were fed")
+        self._inp = np.concatenate([self._inp, x]) if len(self._inp) else x
+        self._received += len(x)
+        return self._run()
+
+    def finish(self) -> np.ndarray:
+        """Check that all the input came; returns what is left (nothing when ``push`` was fed everything)."""
+        if self._received != self.length:
+            raise ValueError(f"expected {self.length} samples, got {self._received}")
+        return self._run()
+
+    def _run(self) -> np.ndarray:
+        ready = self._next
+        while ready < len(self.spans) and self.spans[ready][1] <= self._received:
+            ready += 1
+        if ready == self._next or (ready < len(self.spans) and ready - self._next < self.denoiser.batch_size):
+            return np.zeros(0, np.float32)
+        spans = self.spans[self._next : ready]
+        grow = spans[-1][3] - self._acc_start - len(self._acc)
+        if grow > 0:
+            self._acc = np.concatenate([self._acc, np.zeros(grow, np.float32)])
+        den = self.denoiser
+        for batch in den._batches(spans):
+            chunks = [self._inp[a - self._inp_start : b - self._inp_start] for a, b, _, _ in batch]
+            result = den.run_batch(torch.from_numpy(np.stack(chunks)).to(den.device)).float().cpu().numpy()
+            if not np.isfinite(result).all():
+                raise FloatingPointError("the denoiser produced NaN or Inf samples")
+            for (a, _, s, e), y in zip(batch, result):
+                self._acc[s - self._acc_start : e - self._acc_start] += y[s - a : e - a] * den._fade(s, e, self.length)
+                if self.progress is not None:
+                    self.progress(e - s)
+        self._next = ready
+        if ready == len(self.spans):
+            final, keep_input_from = self.length, self._received
+        else:
+            final, keep_input_from = self.spans[ready][2], self.spans[ready][0]
+        out = self._acc[: final - self._acc_start]
+        self._acc, self._acc_start = self._acc[final - self._acc_start :].copy(), final
+        self._inp, self._inp_start = self._inp[keep_input_from - self._inp_start :].copy(), keep_input_from
+        return out
+
+
+class ChannelStream:
+    """One channel at any rate, fed in blocks: to 16 kHz, :class:`ChunkStream`, back, trimmed to the input length.
+
+    The outputs, concatenated, equal :meth:`Denoiser.denoise_channel` on the whole channel.
+    """
+
+    def __init__(
+        self, denoiser: Denoiser, length: int, sample_rate: int, progress: Callable[[int], None] | None = None
+    ) -> None:
+        self.length, self._returned = length, 0
+        self._to_16k = StreamResampler(sample_rate, SAMPLE_RATE)
+        self._chunks = ChunkStream(denoiser, self._to_16k.output_length(length), progress)
+        self._back = StreamResampler(SAMPLE_RATE, sample_rate)
+
+    def push(self, x: np.ndarray) -> np.ndarray:
+        return self._trim(self._back.push(self._chunks.push(self._to_16k.push(x))))
+
+    def finish(self) -> np.ndarray:
+        tail = [
+            self._back.push(self._chunks.push(self._to_16k.finish())),
+            self._back.push(self._chunks.finish()),
+            self._back.finish(),
+        ]
+        out = self._trim(np.concatenate(tail))
+        missing = self.length - self._returned  # resampling back can come out a sample short
+        if missing > 0:
+            out = np.concatenate([out, np.zeros(missing, np.float32)])
+            self._returned += missing
+        return out
+
+    def _trim(self, y: np.ndarray) -> np.ndarray:
+        y = y[: max(self.length - self._returned, 0)]
+        self._returned += len(y)
+        return y
