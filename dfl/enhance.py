@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from dfl.audio import AudioError, read_audio, write_audio
+from dfl.audio import AudioError, atomic_write, read_audio, read_blocks, write_audio
 
 AUDIO_SUFFIXES = {f".{ext.lower()}" for ext in sf.available_formats()} | {".ogg", ".opus", ".mp3"}
 FLOAT_SUBTYPES = {"FLOAT", "DOUBLE", "VORBIS", "OPUS", "MPEG_LAYER_III"}
+BLOCK_FRAMES = 1 << 16  # frames read and written at a time when streaming (~4 s at 16 kHz)
 
 
 @dataclass(frozen=True)
@@ -78,15 +79,27 @@ def check_outputs(jobs: list[Job], outdir: Path) -> str | None:
     return None
 
 
-def denoise_file(denoiser, job: Job, outdir: Path, progress) -> float:
-    """Denoise one file into ``outdir``; returns its duration in seconds. Raises AudioError naming it."""
+def denoise_file(denoiser, job: Job, outdir: Path, progress, block_frames: int | None = None) -> float:
+    """Denoise one file into ``outdir``; returns its duration in seconds. Raises AudioError naming it.
+
+    Chunked models stream the file (read, denoise and write ``block_frames`` at a time: memory does not
+    grow with its length); batch-statistics models and ``--chunk-seconds 0`` need it whole.
+    """
     try:
         info = sf.info(str(job.source))
     except Exception as exc:
         raise AudioError(f"{job.source}: cannot read audio ({exc})") from exc
+    if denoiser.chunk_seconds is None:
+        _denoise_whole(denoiser, job, outdir, progress, info)
+    else:
+        _denoise_streaming(denoiser, job, outdir, progress, info, block_frames or BLOCK_FRAMES)
+    return info.frames / info.samplerate
+
+
+def _denoise_whole(denoiser, job: Job, outdir: Path, progress, info) -> None:
     wav, sr = read_audio(job.source)
     try:
-        out = np.empty_like(wav)  # filled channel by channel: no extra whole-file copy (long files)
+        out = np.empty_like(wav)  # filled channel by channel: no extra whole-file copy
         for i, channel in enumerate(wav):
             out[i] = denoiser.denoise_channel(channel, sr, progress)
     except (ValueError, FloatingPointError) as exc:
@@ -94,7 +107,37 @@ def denoise_file(denoiser, job: Job, outdir: Path, progress) -> float:
     if info.subtype not in FLOAT_SUBTYPES:
         np.clip(out, -1.0, 1.0, out=out)  # integer PCM would wrap around
     write_audio(outdir / job.relative, out, sr, subtype=info.subtype, format=info.format)
-    return wav.shape[1] / sr
+
+
+def _denoise_streaming(denoiser, job: Job, outdir: Path, progress, info, block_frames: int) -> None:
+    # every channel advances in lockstep: their streams return equally long pieces, written interleaved
+    streams = [denoiser.stream_channel(info.frames, info.samplerate, progress) for _ in range(info.channels)]
+
+    def write(tmp: Path) -> None:
+        with sf.SoundFile(
+            str(tmp), "w", info.samplerate, info.channels, subtype=info.subtype, format=info.format
+        ) as out:
+            try:
+                for block in read_blocks(job.source, block_frames):
+                    _write_block(out, [s.push(c) for s, c in zip(streams, block)], info)
+                _write_block(out, [s.finish() for s in streams], info)
+            except (ValueError, FloatingPointError) as exc:
+                if isinstance(exc, AudioError):
+                    raise
+                raise AudioError(f"{job.source}: {exc}") from exc
+
+    atomic_write(outdir / job.relative, write)
+
+
+def _write_block(out: sf.SoundFile, channels: list[np.ndarray], info) -> None:
+    if not len(channels[0]):
+        return
+    block = np.stack(channels, axis=1)
+    if not np.isfinite(block).all():
+        raise AudioError(f"{out.name}: refusing to write NaN or Inf samples")
+    if info.subtype not in FLOAT_SUBTYPES:
+        np.clip(block, -1.0, 1.0, out=block)  # integer PCM would wrap around
+    out.write(block)
 
 
 def _total_seconds(jobs: list[Job]) -> float:

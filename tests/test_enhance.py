@@ -9,6 +9,7 @@ import pytest
 import soundfile as sf
 
 from dfl import Denoiser
+from dfl import enhance
 from dfl.enhance import main
 from tests.helpers.small_denoisers import BATCH_STATS, saved_denoiser
 
@@ -107,17 +108,69 @@ def test_bad_files_are_reported_and_skipped(tree, tmp_path, model_path, capsys):
     assert "4 failed" in captured.out
 
 
-def test_a_failed_write_leaves_no_partial_file(tree, tmp_path, model_path, monkeypatch):
-    real_write = sf.write
+@pytest.mark.parametrize("chunk_seconds", ["0", "0.15"], ids=["whole", "streaming"])
+def test_a_failed_write_leaves_no_partial_file(tree, tmp_path, model_path, monkeypatch, chunk_seconds):
+    real_write, real_block_write = sf.write, sf.SoundFile.write
 
     def write_half_then_fail(file, data, *args, **kwargs):
         real_write(file, data[: len(data) // 2], *args, **kwargs)
         raise OSError("disk full (simulated)")
 
+    def write_one_block_then_fail(self, data):
+        if self.tell() > 0:  # some audio is already in the file
+            raise OSError("disk full (simulated)")
+        real_block_write(self, data)
+
     monkeypatch.setattr(sf, "write", write_half_then_fail)
+    monkeypatch.setattr(sf.SoundFile, "write", write_one_block_then_fail)
+    monkeypatch.setattr(enhance, "BLOCK_FRAMES", 1000)
     out = tmp_path / "out"
-    assert main([str(tree / "a.wav"), "-o", str(out), "--model", str(model_path), "--quiet"]) == 1
+    args = [str(tree / "a.wav"), "-o", str(out), "--model", str(model_path), "--quiet", "--chunk-seconds", chunk_seconds]
+    assert main(args) == 1
     assert [p for p in out.rglob("*") if p.is_file()] == []
+
+
+def test_nan_found_mid_stream_leaves_no_partial_file(tmp_path, model_path, monkeypatch, capsys):
+    data = noise(30_000, 1, 11)
+    data[25_000] = np.nan  # found after several blocks were denoised and written
+    sf.write(tmp_path / "late_nan.wav", data, 16_000, subtype="FLOAT")
+    monkeypatch.setattr(enhance, "BLOCK_FRAMES", 2000)
+    out = tmp_path / "out"
+    args = [str(tmp_path / "late_nan.wav"), "-o", str(out), "--model", str(model_path), "--chunk-seconds", "0.1"]
+    assert main(args) == 1
+    assert [p for p in out.rglob("*") if p.is_file()] == []
+    assert f"{tmp_path / 'late_nan.wav'}: audio contains NaN" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def wide_model_path(tmp_path_factory) -> Path:
+    # receptive field 1025 samples: chunks need real context from their neighbours
+    return saved_denoiser(tmp_path_factory.mktemp("wide") / "model.pt", dilations=[1, 2, 4, 8, 16, 32, 64, 128, 256, 1])
+
+
+@pytest.mark.parametrize(
+    "rate, channels, frames",
+    [(16_000, 1, 24_000), (44_100, 2, 61_237), (16_000, 1, 23_456)],
+    ids=["16k_mono", "44k1_stereo", "length_not_a_block_multiple"],
+)
+def test_streamed_files_match_whole_file_processing(tmp_path, wide_model_path, monkeypatch, rate, channels, frames):
+    source = tmp_path / "in" / "x.wav"
+    source.parent.mkdir()
+    sf.write(source, noise(frames, channels, 12), rate, subtype="FLOAT")
+    writes = []
+    real_block_write = sf.SoundFile.write
+    monkeypatch.setattr(sf.SoundFile, "write", lambda self, data: writes.append(len(data)) or real_block_write(self, data))
+    monkeypatch.setattr(enhance, "BLOCK_FRAMES", 4000 if frames % 4000 == 0 else 3000)
+    out = tmp_path / "out"
+    args = [str(source), "-o", str(out), "--model", str(wide_model_path), "--quiet", "--chunk-seconds", "0.05"]
+    assert main(args) == 0
+    assert len(writes) >= 4 and sum(writes) == frames  # written block by block, not at once
+    got, sr = sf.read(out / "x.wav", dtype="float32", always_2d=True)
+    assert sr == rate and got.shape == (frames, channels)
+    data, _ = sf.read(source, dtype="float32", always_2d=True)
+    expected = Denoiser.from_checkpoint(wide_model_path, chunk_seconds=0)(data.T, rate)
+    np.testing.assert_allclose(got.T, expected, atol=1e-4, rtol=0)
+    assert not np.allclose(got, data, atol=1e-3)
 
 
 def test_batch_statistics_model_says_it_processes_whole_files(tree, tmp_path, capsys):
