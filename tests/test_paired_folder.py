@@ -79,3 +79,19 @@ def test_empty_split(pair_tree):
 def test_missing_root(tmp_path):
     with pytest.raises(DataError, match=r"data.root=.*nowhere: directory not found"):
         PairedFolderDataModule(tmp_path / "nowhere").setup("fit")
+
+
+def test_train_loader_starts_at_the_fit_loops_next_epoch(pair_tree):
+    # Resuming from an end-of-epoch last.ckpt, Lightning builds the train loader (and, with workers,
+    # prefetches from its first iterator) while trainer.current_epoch still names the finished epoch.
+    from types import SimpleNamespace
+
+    dm = PairedFolderDataModule(pair_tree)
+    dm.trainer = SimpleNamespace(
+        current_epoch=1, fit_loop=SimpleNamespace(epoch_progress=SimpleNamespace(current=SimpleNamespace(processed=2)))
+    )
+    dm.setup("fit")
+    n = len(dm.dataset("train"))
+    assert dm.train_dataloader().sampler.epoch == 2
+    assert all(i // n == 2 for i in dm.train_dataloader().sampler)  # indices encode epoch 2
+    assert dm.val_dataloader().sampler.epoch == 0

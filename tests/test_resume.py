@@ -53,17 +53,19 @@ def run_args(run_dir, cache, *extra):
 
 def test_kill_9_then_ckpt_path_last_equals_an_uninterrupted_run(tmp_path, cache):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    epochs = "trainer.max_epochs=6"  # tiny epochs are fast: room to kill the run before its end
-    dfl_train(*run_args(full, cache, epochs))
+    # 2 persistent worker processes: the resumed run's first iterator prefetches its indices
+    # before Lightning's set_epoch, so it must already be built for the right epoch
+    epochs = ("trainer.max_epochs=6", "data.num_workers=2")  # tiny epochs: room to kill the run before its end
+    dfl_train(*run_args(full, cache, *epochs))
 
-    proc = start(*run_args(killed, cache, epochs))
+    proc = start(*run_args(killed, cache, *epochs))
     wait_for(killed / "checkpoints" / "last.ckpt", proc)  # then kill at once: in a later epoch
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(60) == -signal.SIGKILL, "the run finished before it could be killed"
     interrupted = load(killed)
     assert interrupted["epoch"] < 5
 
-    dfl_train(*run_args(killed, cache, epochs, "ckpt_path=last"))
+    dfl_train(*run_args(killed, cache, *epochs, "ckpt_path=last"))
     a, b = load(full), load(killed)
     assert b["global_step"] == a["global_step"] == 6 * STEPS_PER_EPOCH
     # same weights (balancer state, optimizer state and data order all restored)
