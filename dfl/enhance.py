@@ -1,7 +1,9 @@
 """`dfl-denoise INPUT... -o OUTDIR --model CKPT`: denoise files, folders (recursive) and globs.
 
 Each output keeps its input's path relative to the folder (or glob prefix) it
-came from, its sample rate, channel count, format and subtype. Outputs are
+came from, its sample rate, channel count, format and subtype. Models with
+running BN statistics stream each file in blocks (memory independent of its
+length); batch-statistics models read it whole. Outputs are
 written atomically; a bad input is reported with its path and skipped, and
 the exit code is 1 when any file failed (2 for unusable arguments).
 """
@@ -83,13 +85,14 @@ def denoise_file(denoiser, job: Job, outdir: Path, progress, block_frames: int |
     """Denoise one file into ``outdir``; returns its duration in seconds. Raises AudioError naming it.
 
     Chunked models stream the file (read, denoise and write ``block_frames`` at a time: memory does not
-    grow with its length); batch-statistics models and ``--chunk-seconds 0`` need it whole.
+    grow with its length); batch-statistics models, ``--chunk-seconds 0`` and MP3 read it whole.
     """
     try:
         info = sf.info(str(job.source))
     except Exception as exc:
         raise AudioError(f"{job.source}: cannot read audio ({exc})") from exc
-    if denoiser.chunk_seconds is None:
+    # MP3 frame counts can be estimates, and the chunk plan needs the exact length up front
+    if denoiser.chunk_seconds is None or info.format == "MPEG":
         _denoise_whole(denoiser, job, outdir, progress, info)
     else:
         _denoise_streaming(denoiser, job, outdir, progress, info, block_frames or BLOCK_FRAMES)
@@ -132,9 +135,7 @@ def _denoise_streaming(denoiser, job: Job, outdir: Path, progress, info, block_f
 def _write_block(out: sf.SoundFile, channels: list[np.ndarray], info) -> None:
     if not len(channels[0]):
         return
-    block = np.stack(channels, axis=1)
-    if not np.isfinite(block).all():
-        raise AudioError(f"{out.name}: refusing to write NaN or Inf samples")
+    block = np.stack(channels, axis=1)  # finite: inputs are checked, ChunkStream checks the model's outputs
     if info.subtype not in FLOAT_SUBTYPES:
         np.clip(block, -1.0, 1.0, out=block)  # integer PCM would wrap around
     out.write(block)
