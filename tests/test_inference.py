@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from dfl import Denoiser
-from dfl.audio import resample
+from dfl.audio import StreamResampler, resample
 from dfl.checkpoints import model_record
 from dfl.fast_inference import FastContextAggregationNet
+from dfl.inference import ChunkStream
 from dfl.models import ContextAggregationNet
 from tests.helpers.small_denoisers import BATCH_STATS, saved_denoiser, small_denoiser
 
@@ -146,3 +147,42 @@ def test_bad_settings_are_refused(tmp_path):
         Denoiser.from_checkpoint(saved_denoiser(tmp_path / "m.pt"), backend="tensorflow")
     with pytest.raises(ValueError, match="sample_rate"):
         Denoiser.from_model(small_denoiser())(np.zeros(10, np.float32), 0)
+
+
+@pytest.mark.parametrize("rates", [(44_100, 16_000), (16_000, 44_100), (8_000, 16_000), (22_050, 16_000)])
+@pytest.mark.parametrize("block", [1, 37, 5000])
+def test_stream_resampler_equals_resampling_whole(rates, block):
+    x = (0.3 * np.random.default_rng(6).standard_normal(3001)).astype(np.float32)
+    if block == 1:
+        x = x[:150]  # sample by sample: short
+    stream = StreamResampler(*rates)
+    pieces = [stream.push(x[i : i + block]) for i in range(0, len(x), block)] + [stream.finish()]
+    whole = resample(x, *rates)
+    assert sum(map(len, pieces)) == len(whole) == stream.output_length(len(x))
+    np.testing.assert_allclose(np.concatenate(pieces), whole, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("rate", [16_000, 44_100])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_streamed_channel_equals_denoise_channel(rate, batch_size):
+    model = small_denoiser(dilations=[1, 2, 4, 8, 16, 32, 64, 128, 256, 1])
+    den = Denoiser.from_model(model, chunk_seconds=0.05, batch_size=batch_size)
+    x = (0.3 * np.random.default_rng(7).standard_normal(rate + 321)).astype(np.float32)
+    stream = den.stream_channel(len(x), rate)
+    pieces = [stream.push(x[i : i + 2500]) for i in range(0, len(x), 2500)]
+    assert sum(len(p) > 0 for p in pieces) >= 2  # output comes out while input is still arriving
+    out = np.concatenate([*pieces, stream.finish()])
+    assert out.shape == x.shape
+    np.testing.assert_allclose(out, den.denoise_channel(x, rate), atol=1e-5, rtol=0)
+    whole = Denoiser.from_model(model, chunk_seconds=0)(x, rate)
+    np.testing.assert_allclose(out, whole, atol=1e-4, rtol=0)
+
+
+def test_chunk_stream_refuses_a_wrong_length():
+    den = Denoiser.from_model(small_denoiser(), chunk_seconds=0.2)
+    stream = ChunkStream(den, 5000)
+    stream.push(np.zeros(3000, np.float32))
+    with pytest.raises(ValueError, match="expected 5000 samples, got 3000"):
+        stream.finish()
+    with pytest.raises(ValueError, match="announced 5000"):
+        stream.push(np.zeros(2001, np.float32))
