@@ -6,6 +6,9 @@ network's receptive field, so every output sample sees exactly the inputs it
 would see in whole-file processing; neighbouring chunks are cross-faded over
 a short overlap. Models that normalise with the batch's own statistics (the
 authors' release) depend on the whole signal and are always processed whole.
+The same chunk plan also runs on signals fed in blocks (:class:`ChunkStream`,
+:meth:`Denoiser.stream_channel`, resampling with :class:`dfl.audio.StreamResampler`),
+which is how dfl-denoise keeps memory independent of a file's length.
 """
 
 from __future__ import annotations
