@@ -87,6 +87,7 @@ def train(cfg: DictConfig) -> dict:
 
     # The frozen loss network is in eval mode on purpose.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")  # Lightning internals vs torch 2.11
 
     check_required(cfg)
     if cfg.get("num_threads"):  # small convs on a busy CPU often run faster on fewer threads
