@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from dfl import Denoiser
-from dfl import enhance
+from dfl import Denoiser, enhance
 from dfl.enhance import main
 from tests.helpers.small_denoisers import BATCH_STATS, saved_denoiser
 
