@@ -14,15 +14,14 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import soundfile as sf
 import torch
 from scipy.signal import oaconvolve
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from datamodules.manifest import AudioEntry, DataError, require_usable, scan_audio_dir
-from datamodules.paired_folder import SPLITS, PairedAudioDataset, audio_loader, next_train_epoch
+from datamodules.paired_folder import SPLITS, PairedAudioDataset, SplitDataModule
 from dfl.audio import AudioError, load_mono
 
 log = logging.getLogger(__name__)
@@ -167,7 +166,7 @@ class MixtureDataset(Dataset):
         return oaconvolve(dry, rir)[: len(dry)]
 
 
-class MixingDataModule(L.LightningDataModule):
+class MixingDataModule(SplitDataModule):
     """Training mixtures made on the fly from ``clean_dir`` × ``noise_dir`` (recursive, wav/flac).
 
     Training: ``epoch_size`` mixtures per epoch (default: one per clean file), crops of
@@ -280,30 +279,3 @@ class MixingDataModule(L.LightningDataModule):
             self.files("val_clean_dir"), self.files("val_noise_dir"), rirs, n_items=self.n_eval[split],
             crop_samples=None, seed=self.eval_seeds[split], fixed=True, **self.mix_options,
         )
-
-    def setup(self, stage: str | None = None) -> None:
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ("train", "val", "test"))
-        for split in wanted:
-            self.dataset(split)
-
-    def _loader(self, split: str) -> DataLoader:
-        train = split == "train"
-        return audio_loader(
-            self.dataset(split),
-            batch_size=self.batch_size if train else 1,
-            shuffle=train,
-            seed=self.seed,
-            bucket_window=self.bucket_window if train and self.bucket else None,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            epoch=next_train_epoch(self.trainer) if train else 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")

@@ -200,7 +200,46 @@ def audio_loader(
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **common)
 
 
-class PairedFolderDataModule(L.LightningDataModule):
+class SplitDataModule(L.LightningDataModule):
+    """train/val/test loaders over ``self.dataset(split)``: the training split shuffled per epoch
+    (optionally length-bucketed), validation and test whole utterances one by one.
+
+    Subclasses provide ``dataset(split)`` and the attributes ``batch_size``, ``seed``, ``bucket``,
+    ``bucket_window``, ``num_workers`` and ``pin_memory``.
+    """
+
+    def dataset(self, split: str) -> Dataset:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ("train", "val", "test"))
+        for split in wanted:
+            self.dataset(split)
+
+    def _loader(self, split: str) -> DataLoader:
+        train = split == "train"
+        return audio_loader(
+            self.dataset(split),
+            batch_size=self.batch_size if train else 1,
+            shuffle=train,
+            seed=self.seed,
+            bucket_window=self.bucket_window if train and self.bucket else None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            epoch=next_train_epoch(self.trainer) if train else 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+
+class PairedFolderDataModule(SplitDataModule):
     """Train/val/test splits from ``root/{trainset,valset,testset}_{noisy,clean}/``.
 
     Training uses whole utterances with ``batch_size=1`` (the paper), random crops of
@@ -260,29 +299,3 @@ class PairedFolderDataModule(L.LightningDataModule):
             )
         return self.datasets[split]
 
-    def setup(self, stage: str | None = None) -> None:
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ("train", "val", "test"))
-        for split in wanted:
-            self.dataset(split)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        train = split == "train"
-        return audio_loader(
-            self.dataset(split),
-            batch_size=self.batch_size if train else 1,
-            shuffle=shuffle,
-            seed=self.seed,
-            bucket_window=self.bucket_window if train and self.bucket else None,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            epoch=next_train_epoch(self.trainer) if train else 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
