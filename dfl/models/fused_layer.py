@@ -1,0 +1,154 @@
+"""Conv → (adaptive) BN → leaky ReLU as one autograd op on channels-last buffers (CPU training path).
+
+The plain layer runs a dilated ``Conv1d``, BN, the adaptive mix (two muls and an add) and a leaky
+ReLU on ``[batch, channels, time]`` tensors: eight or so passes over memory forward and as many
+backward, plus a padding copy and oneDNN's slow dilated-conv weight gradient. Here activations
+live as ``[batch, time, channels]`` buffers whose zero margins are the next layer's dilation:
+
+* the 3-tap dilated conv is three accumulating GEMMs over row-shifted views (no padding copy, no
+  im2col), and so are its input and weight gradients;
+* BN + adaptive mix is one per-channel affine map ``s·z + c`` (batch or running statistics), applied
+  together with the leaky ReLU;
+* backward is hand-written: the leaky ReLU mask comes from the output, the BN backward is PyTorch's
+  channels-last kernel, and the adaptive scalars' gradients come out of its per-channel sums.
+
+Same parameters, running statistics and results as the plain layer, to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _conv3(x: torch.Tensor, taps: torch.Tensor, d: int, out: torch.Tensor) -> None:
+    """``out[b, t] = Σ_k x[b, t + k·d] @ taps[k]`` for a buffer ``x`` padded by ``d`` on both sides."""
+    n = out.shape[1]
+    for b in range(x.shape[0]):
+        torch.mm(x[b, 0:n], taps[0], out=out[b])
+        out[b].addmm_(x[b, d : d + n], taps[1])
+        out[b].addmm_(x[b, 2 * d : 2 * d + n], taps[2])
+
+
+def _as_nchw_channels_last(t: torch.Tensor) -> torch.Tensor:
+    """``[B, T, C]`` contiguous → the same memory as a channels-last ``[B, C, T, 1]`` tensor."""
+    return t.permute(0, 2, 1).unsqueeze(-1)
+
+
+class _ConvNormAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, alpha, beta, gamma, bn_bias, running_mean, running_var, cfg):
+        d, margin, eps, momentum, slope, batch_stats, update_running = cfg
+        bsz, padded, _ = x.shape
+        n = padded - 2 * d
+        taps = weight.permute(2, 1, 0).contiguous()  # [3, Cin, Cout]
+        z = x.new_empty(bsz, n, weight.shape[0])
+        _conv3(x, taps, d, z)
+        out = x.new_empty(bsz, n + 2 * margin, weight.shape[0])
+        if margin:
+            out[:, :margin].zero_()
+            out[:, margin + n :].zero_()
+        act = out[:, margin : margin + n]
+        if batch_stats:
+            # PyTorch's channels-last BN kernel: batch statistics (and F.batch_norm's running update),
+            # with weight β·γ and bias β·b its output is β·BN(z); α·z is added on the way out.
+            bn_out, mean, invstd = torch.ops.aten.native_batch_norm(
+                _as_nchw_channels_last(z),
+                (beta * gamma).expand(z.shape[-1]).contiguous(),
+                (beta * bn_bias).expand(z.shape[-1]).contiguous(),
+                running_mean if update_running else None,
+                running_var if update_running else None,
+                True,
+                momentum,
+                eps,
+            )
+            torch.add(bn_out.squeeze(-1).permute(0, 2, 1), z, alpha=float(alpha), out=act)
+        else:  # running statistics: a per-channel affine map s·z + c
+            mean, var = running_mean.clone(), running_var.clone()
+            invstd = torch.rsqrt(var + eps)
+            g = gamma * invstd
+            torch.addcmul(beta * (bn_bias - g * mean), z, alpha + beta * g, out=act)
+        F.leaky_relu_(act, slope)
+        ctx.cfg = cfg
+        running = (mean, var) if not batch_stats else (None, None)
+        ctx.save_for_backward(x, taps, z, out, mean, invstd, *running, alpha, beta, gamma, bn_bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, taps, z, out, mean, invstd, run_mean, run_var, alpha, beta, gamma, bn_bias = ctx.saved_tensors
+        d, margin, eps, _, slope, batch_stats, _ = ctx.cfg
+        bsz, n, cout = z.shape
+        act = out[:, margin : margin + n]
+        dy = torch.ops.aten.leaky_relu_backward(grad_out[:, margin : margin + n], act, slope, True)
+        dy = dy.contiguous()
+        # BN backward with weight β·γ gives β·∂BN/∂z; its sums Σ dy·x̂ and Σ dy give every parameter grad.
+        gi, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            _as_nchw_channels_last(dy),
+            _as_nchw_channels_last(z),
+            (beta * gamma).expand(cout).contiguous(),
+            run_mean,
+            run_var,
+            mean,
+            invstd,
+            batch_stats,
+            eps,
+            [True, True, True],
+        )
+        dz = gi.squeeze(-1).permute(0, 2, 1)
+        dz = dz.contiguous()
+        dz.add_(dy, alpha=float(alpha))
+        grads = [None] * 9
+        need = ctx.needs_input_grad
+        if need[0]:
+            dx = x.new_empty(x.shape)
+            for b in range(bsz):
+                torch.mm(dz[b], taps[0].t(), out=dx[b, 0:n])
+                dx[b, n:].zero_()
+                dx[b, d : d + n].addmm_(dz[b], taps[1].t())
+                dx[b, 2 * d : 2 * d + n].addmm_(dz[b], taps[2].t())
+            grads[0] = dx
+        if need[1]:
+            dtaps = torch.zeros_like(taps)
+            for b in range(bsz):
+                for k in range(3):
+                    dtaps[k].addmm_(x[b, k * d : k * d + n].t(), dz[b])
+            grads[1] = dtaps.permute(2, 1, 0)
+        if need[2]:  # Σ dy·z = Σ dy·(x̂σ + μ)
+            grads[2] = (sum_dy_xhat / invstd + mean * sum_dy).sum().reshape(alpha.shape)
+        if need[3]:  # Σ dy·BN(z) = Σ dy·(γx̂ + b)
+            grads[3] = (gamma * sum_dy_xhat + bn_bias * sum_dy).sum().reshape(beta.shape)
+        if need[4]:
+            grads[4] = (beta * sum_dy_xhat).reshape(gamma.shape)
+        if need[5]:
+            grads[5] = (beta * sum_dy).reshape(bn_bias.shape)
+        return tuple(grads)
+
+
+def conv_norm_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    norm: torch.nn.Module,
+    dilation: int,
+    margin: int,
+    negative_slope: float,
+) -> torch.Tensor:
+    """One layer on a ``[batch, time + 2·dilation, channels_in]`` buffer with zero margins.
+
+    Returns ``[batch, time + 2·margin, channels_out]`` whose margins are zero (the next layer's padding).
+    ``norm`` is an ``AdaptiveBatchNorm`` or a ``BatchNorm``; it uses batch statistics (and updates its
+    running ones) in training mode, running statistics in eval mode unless ``batch_stats_at_eval``.
+    """
+    from dfl.models.adaptive_bn import AdaptiveBatchNorm, BatchNorm
+
+    if isinstance(norm, AdaptiveBatchNorm):
+        alpha, beta, bn = norm.alpha, norm.beta, norm.bn
+    elif isinstance(norm, BatchNorm):
+        alpha, beta, bn = x.new_zeros(()), x.new_ones(()), norm
+    else:
+        raise TypeError(f"conv_norm_act needs AdaptiveBatchNorm or BatchNorm, got {type(norm).__name__}")
+    gamma = bn.weight if bn.weight is not None else x.new_ones(weight.shape[0])
+    batch_stats = bn.training or bn.batch_stats_at_eval
+    cfg = (int(dilation), int(margin), float(bn.eps), float(bn.momentum), float(negative_slope),
+           bool(batch_stats), bool(bn.training))  # fmt: skip
+    return _ConvNormAct.apply(x, weight, alpha, beta, gamma, bn.bias, bn.running_mean, bn.running_var, cfg)

@@ -1,0 +1,146 @@
+"""The fused CPU layers (dfl.models.fused_layer) against the plain PyTorch layers."""
+
+import pytest
+import torch
+
+from dfl.models import ContextAggregationNet, LossNetwork
+from dfl.models.fused_layer import conv_norm_act
+
+DILATIONS = [1, 1, 2, 4, 8, 1]
+
+
+def _pair(**config):
+    """The same randomised network twice: plain layers and fused layers."""
+    torch.manual_seed(0)
+    plain = ContextAggregationNet(dilations=DILATIONS, channels=8, fused=False, **config)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # α, β, γ, b away from their identity initialisation
+    fused = ContextAggregationNet(dilations=DILATIONS, channels=8, fused=True, **config)
+    fused.load_state_dict(plain.state_dict())
+    return plain, fused
+
+
+def _graph_ops(t: torch.Tensor) -> set[str]:
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        todo.extend(f for f, _ in fn.next_functions)
+    return {type(f).__name__ for f in seen}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).detach())
+
+
+CONFIGS = [
+    pytest.param({}, id="adaptive"),
+    pytest.param({"normalization": "batch"}, id="plain-bn"),
+    pytest.param({"batch_stats_at_eval": True}, id="batch-stats-at-eval"),
+    pytest.param({"bn_scale": False, "bn_eps": 1e-3}, id="tf-slim-bn"),
+    pytest.param({"in_channels": 2}, id="two-input-channels"),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_training_step_matches_plain_layers(config):
+    plain, fused = _pair(**config)
+    shape = (3, config.get("in_channels", 1), 701) if "in_channels" in config else (3, 701)
+    x = torch.randn(*shape)
+    y_plain, y_fused = plain(x), fused(x)
+    assert "_ConvNormActBackward" in _graph_ops(y_fused) and "_ConvNormActBackward" not in _graph_ops(y_plain)
+    assert y_fused.shape == y_plain.shape
+    assert _rel(y_fused, y_plain) < 1e-5
+    target = torch.randn_like(y_plain)
+    (y_plain - target).abs().mean().backward()
+    (y_fused - target).abs().mean().backward()
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+        assert p.grad is not None and q.grad is not None, name
+        assert _rel(q.grad, p.grad) < 1e-4, name
+    for (name, b), c in zip(plain.named_buffers(), fused.buffers()):  # BN running statistics moved alike
+        assert torch.allclose(c, b, rtol=1e-5, atol=1e-6), name
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_eval_mode_and_input_gradient_match_plain_layers(config):
+    plain, fused = _pair(**config)
+    warm = torch.randn(2, config["in_channels"], 500) if "in_channels" in config else torch.randn(2, 500)
+    with torch.no_grad():  # give the running statistics something to say
+        plain.train()(warm)
+    fused.load_state_dict(plain.state_dict())
+    plain.eval(), fused.eval()
+    shape = (2, config.get("in_channels", 1), 333) if "in_channels" in config else (2, 333)
+    x1 = torch.randn(*shape, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    before = [b.clone() for b in fused.buffers()]
+    y1, y2 = plain(x1), fused(x2)
+    assert _rel(y2, y1) < 1e-5
+    y1.pow(2).sum().backward()
+    y2.pow(2).sum().backward()
+    assert _rel(x2.grad, x1.grad) < 1e-4
+    assert all(torch.equal(a, b) for a, b in zip(before, fused.buffers()))  # eval never moves them
+
+
+def test_adam_steps_follow_the_plain_layers():
+    """Three optimiser steps on a feature loss: same losses, same weights."""
+    from dfl.losses import FeatureLoss
+
+    plain, fused = _pair()
+    loss_fn = FeatureLoss(LossNetwork(n_layers=4, base_channels=4), layers=3)
+    opt_p = torch.optim.Adam(plain.parameters(), lr=1e-3)
+    opt_f = torch.optim.Adam(fused.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        noisy, clean = torch.randn(2, 800, generator=gen), torch.randn(2, 800, generator=gen)
+        losses = []
+        for net, opt in ((plain, opt_p), (fused, opt_f)):
+            opt.zero_grad()
+            loss, _ = loss_fn(net(noisy), clean)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for p, q in zip(plain.parameters(), fused.parameters()):
+        assert torch.allclose(q, p, rtol=1e-4, atol=1e-6)
+
+
+def test_receptive_field_is_exact_on_the_fused_path():
+    _, net = _pair()
+    net.eval()
+    x = torch.zeros(1, 200, requires_grad=True)
+    y = net(x)
+    assert "_ConvNormActBackward" in _graph_ops(y)
+    y[0, 100].backward()
+    touched = (x.grad[0] != 0).nonzero().flatten()
+    half = (net.receptive_field - 1) // 2
+    assert touched.min().item() == 100 - half and touched.max().item() == 100 + half
+
+
+def test_output_margins_are_zero_padding_for_the_next_layer():
+    net = ContextAggregationNet(dilations=[1], channels=4).train()
+    x = torch.nn.functional.pad(torch.randn(2, 1, 50), (1, 1)).transpose(1, 2).contiguous()
+    out = conv_norm_act(x, net.convs[0].weight, net.norms[0], dilation=1, margin=5, negative_slope=0.2)
+    assert out.shape == (2, 60, 4)
+    assert out[:, :5].abs().max() == 0 and out[:, -5:].abs().max() == 0
+    assert out[:, 5:-5].abs().max() > 0
+
+
+def test_plain_layers_where_the_fused_path_does_not_apply():
+    net = ContextAggregationNet(dilations=[1, 2, 1], channels=4)
+    x = torch.randn(1, 300)
+    assert "_ConvNormActBackward" in _graph_ops(net(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision: PyTorch's own kernels
+        assert "_ConvNormActBackward" not in _graph_ops(net(x))
+    net.double()  # float64: PyTorch's own kernels
+    assert "_ConvNormActBackward" not in _graph_ops(net(x.double()))
+    authors = ContextAggregationNet(dilations=[1, 2, 1], channels=4, padding="tf_authors")
+    assert not authors.fused and "_ConvNormActBackward" not in _graph_ops(authors(x))
+    assert not ContextAggregationNet(dilations=[1], channels=4, normalization="none").fused
+
+
+def test_conv_norm_act_rejects_other_norms():
+    with pytest.raises(TypeError, match="AdaptiveBatchNorm or BatchNorm"):
+        conv_norm_act(torch.zeros(1, 4, 1), torch.zeros(2, 1, 3), torch.nn.Identity(), 1, 0, 0.2)
