@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.bucketing import BucketBatchSampler
 from datamodules.manifest import AudioEntry, DataError, require_usable, scan_audio_dir
+from datamodules.resume import ResumableDataLoader, interrupted_epoch_position
 from dfl.audio import AudioError, load_mono
 
 log = logging.getLogger(__name__)
@@ -182,22 +183,26 @@ def audio_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
     epoch: int = 0,
+    resume: tuple[int, int] = (-1, 0),
 ) -> DataLoader:
     """A loader over an epoch-encoding dataset: :class:`EpochSampler` order, padded batches with ``lengths``.
 
     ``epoch`` is the epoch the first iteration belongs to (:func:`next_train_epoch`): a resumed run
     builds its loader (and, with worker processes, its first iterator) before Lightning calls ``set_epoch``.
 
+    ``resume`` = (epoch, batches): that epoch starts after that many batches (a mid-epoch checkpoint,
+    :func:`~datamodules.resume.interrupted_epoch_position`).
+
     With ``bucket_window`` (and ``batch_size > 1``), batches group similar ``dataset.lengths``.
     """
     sampler = EpochSampler(len(dataset), shuffle, seed)
     sampler.set_epoch(epoch)
     common = dict(num_workers=num_workers, collate_fn=collate_pairs, pin_memory=pin_memory,
-                  persistent_workers=num_workers > 0)
+                  persistent_workers=num_workers > 0, resume_epoch=resume[0], skip_batches=resume[1])
     if bucket_window and batch_size > 1:
         batches = BucketBatchSampler(sampler, dataset.lengths, batch_size, seed=seed, window=bucket_window)
-        return DataLoader(dataset, batch_sampler=batches, **common)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **common)
+        return ResumableDataLoader(dataset, batch_sampler=batches, **common)
+    return ResumableDataLoader(dataset, batch_size=batch_size, sampler=sampler, **common)
 
 
 class SplitDataModule(L.LightningDataModule):
@@ -207,6 +212,8 @@ class SplitDataModule(L.LightningDataModule):
     Subclasses provide ``dataset(split)`` and the attributes ``batch_size``, ``seed``, ``bucket``,
     ``bucket_window``, ``num_workers`` and ``pin_memory``.
     """
+
+    resumes_mid_epoch = True  # a mid-epoch checkpoint continues the epoch's order where it stopped
 
     def dataset(self, split: str) -> Dataset:
         raise NotImplementedError
@@ -227,6 +234,7 @@ class SplitDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             epoch=next_train_epoch(self.trainer) if train else 0,
+            resume=interrupted_epoch_position(self.trainer) if train else (-1, 0),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -102,6 +102,8 @@ def train(cfg: DictConfig) -> dict:
         atomic_write(out_dir / "config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(cfg, resolve=True)))
 
     datamodule = instantiate(cfg.data, _convert_="all")
+    if getattr(datamodule, "resumes_mid_epoch", False):  # Lightning cannot tell; see datamodules/resume.py
+        warnings.filterwarnings("ignore", message=r".*checkpoint that ended before the epoch ended.*")
     system = instantiate(
         cfg.system, denoiser=instantiate(cfg.model, _convert_="all"), loss=instantiate(cfg.loss, _convert_="all"),
         _convert_="all",

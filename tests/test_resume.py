@@ -98,3 +98,104 @@ def test_sigterm_saves_last_ckpt_and_exits_cleanly_then_resumes(tmp_path, cache)
     resumed = load(run)
     assert resumed["global_step"] == (epoch + 2) * STEPS_PER_EPOCH  # continued, did not start over
     torch.testing.assert_close(balancer(resumed)["frozen_weights"], balancer(saved)["frozen_weights"])
+
+
+def test_mid_epoch_checkpoint_resumes_the_epoch_where_it_stopped(tmp_path, cache):
+    """A checkpoint inside epoch 1 (after 2 of its 4 batches), resumed in a fresh process, ends where an
+    uninterrupted run ends: the resumed epoch trains on its last 2 batches, not its first 2 again."""
+    mid = [
+        "+callbacks.mid_epoch._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+        "+callbacks.mid_epoch.every_n_train_steps=6", "+callbacks.mid_epoch.save_top_k=-1",
+        "+callbacks.mid_epoch.save_on_train_epoch_end=false",
+    ]  # fmt: skip
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    common = ("trainer.max_epochs=3", "data.num_workers=2", "callbacks.loss_weight_balancer.epochs=2")
+    dfl_train(*run_args(full, cache, *common, *mid, f"+callbacks.mid_epoch.dirpath={full}/mid"))
+    step6 = full / "mid" / "epoch=1-step=6.ckpt"
+    saved = torch.load(step6, weights_only=True)
+    progress = saved["loops"]["fit_loop"]
+    assert saved["epoch"] == 1 and progress["epoch_loop.batch_progress"]["current"]["processed"] == 2
+
+    dfl_train(*run_args(resumed, cache, *common, *mid, f"+callbacks.mid_epoch.dirpath={resumed}/mid",
+                        f"ckpt_path='{step6}'"))  # fmt: skip
+    a, b = load(full), load(resumed)
+    assert b["global_step"] == a["global_step"] == 3 * STEPS_PER_EPOCH
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-5, atol=1e-7, msg=key)
+    # the balancer's epoch-1 means include exactly the epoch's 4 batches
+    torch.testing.assert_close(balancer(b)["frozen_weights"], balancer(a)["frozen_weights"])
+
+
+def _indices(loader):
+    return [int(i) for batch in loader for i in batch["names"]]
+
+
+class _IndexDataset(torch.utils.data.Dataset):
+    """Items named by the index the sampler gave (``epoch * n + index``)."""
+
+    lengths = [1] * 10
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, index):
+        x = torch.zeros(1)
+        return {"noisy": x, "clean": x, "length": 1, "name": str(index)}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumable_loader_skips_the_trained_batches_of_its_epoch_only(workers):
+    from datamodules.paired_folder import audio_loader
+
+    dataset = _IndexDataset()
+    kw = dict(batch_size=3, shuffle=True, seed=7, num_workers=workers)
+    plain = audio_loader(dataset, epoch=4, **kw)
+    full_epoch = _indices(plain)
+    resumed = audio_loader(dataset, epoch=4, resume=(4, 2), **kw)
+    assert len(resumed) == len(plain) == 4  # the fit loop still sees a whole epoch
+    assert _indices(resumed) == full_epoch[6:]  # batches 0 and 1 were trained on before the checkpoint
+    for loader in (plain, resumed):
+        loader.sampler.set_epoch(5)  # the next epoch is whole again
+    assert _indices(resumed) == _indices(plain) and len(_indices(resumed)) == 10
+
+
+def test_resumable_loader_skips_after_distributed_sharding():
+    """Under DDP Lightning re-creates the loader around a distributed sampler: each rank skips its own batches."""
+    from lightning.fabric.utilities.data import _replace_dunder_methods
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import DataLoader
+
+    from datamodules.paired_folder import audio_loader
+
+    dataset = _IndexDataset()
+    with _replace_dunder_methods(DataLoader, "dataset"):  # as in Lightning's *_dataloader hooks
+        loader = audio_loader(dataset, batch_size=2, shuffle=True, seed=1, epoch=3, resume=(3, 1))
+    shards = []
+    for rank in (0, 1):
+        sharded, whole = (
+            _update_dataloader(loader, DistributedSamplerWrapper(loader.sampler, num_replicas=2, rank=rank))
+            for _ in range(2)
+        )
+        whole.skip_batches = 0
+        for dl in (sharded, whole):
+            dl.sampler.set_epoch(3)
+        assert isinstance(sharded, type(loader)) and len(sharded) == len(whole) == 3
+        assert _indices(sharded) == _indices(whole)[2:]  # this rank's first batch is skipped
+        shards.append(_indices(whole))
+    assert sorted(shards[0] + shards[1]) == list(range(30, 40))  # the two ranks cover epoch 3 once
+
+
+def test_interrupted_epoch_position_reads_the_restored_loop_progress():
+    from types import SimpleNamespace as NS
+
+    from datamodules.resume import interrupted_epoch_position
+
+    def trainer(started, processed, batches):
+        return NS(fit_loop=NS(epoch_progress=NS(current=NS(started=started, processed=processed)),
+                              epoch_loop=NS(batch_progress=NS(current=NS(processed=batches)))))  # fmt: skip
+
+    assert interrupted_epoch_position(trainer(3, 2, 5)) == (2, 5)  # inside epoch 2, 5 batches trained
+    assert interrupted_epoch_position(trainer(3, 3, 8)) == (-1, 0)  # epoch 2 finished: nothing to skip
+    assert interrupted_epoch_position(trainer(0, 0, 0)) == (-1, 0)  # a fresh run
+    assert interrupted_epoch_position(None) == (-1, 0)
