@@ -106,7 +106,7 @@ def trained_like(config: dict, seed: int = 0) -> ContextAggregationNet:
 
 
 def bench_inference(name: str, config: dict, args, gemm: float) -> dict:
-    model = trained_like(config)
+    model = trained_like({**config, "fused": False})  # the plain PyTorch layers: the reference
     fast = FastContextAggregationNet(model)
     seconds = args.seconds
     x = 0.1 * torch.randn(1, int(seconds * SAMPLE_RATE), generator=torch.Generator().manual_seed(1))
@@ -150,6 +150,10 @@ def bench_inference(name: str, config: dict, args, gemm: float) -> dict:
             return model(x)
 
     record("plain_fp32", plain, result["cpu"])
+    if config.get("padding", "same") == "same":  # what model(x) runs by default on a CPU: the fused layers
+        model.fused = True
+        record("fused_layers_fp32", plain, result["cpu"])
+        model.fused = False
     record("fast_fp32", lambda: fast.forward_cpu(x), result["cpu"])
     if not args.skip_onnxruntime:
         from dfl.export import export_onnx, load_onnx_session

@@ -144,3 +144,11 @@ def test_plain_layers_where_the_fused_path_does_not_apply():
 def test_conv_norm_act_rejects_other_norms():
     with pytest.raises(TypeError, match="AdaptiveBatchNorm or BatchNorm"):
         conv_norm_act(torch.zeros(1, 4, 1), torch.zeros(2, 1, 3), torch.nn.Identity(), 1, 0, 0.2)
+
+
+def test_a_single_value_per_channel_is_an_error_as_in_plain_batch_norm():
+    for fused in (False, True):
+        net = ContextAggregationNet(dilations=[1, 2], channels=4, fused=fused).train()
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            net(torch.randn(1, 1))
+        assert torch.isfinite(net.norms[0].bn.running_var).all()  # nothing half-updated

@@ -149,6 +149,12 @@ def conv_norm_act(
         raise TypeError(f"conv_norm_act needs AdaptiveBatchNorm or BatchNorm, got {type(norm).__name__}")
     gamma = bn.weight if bn.weight is not None else x.new_ones(weight.shape[0])
     batch_stats = bn.training or bn.batch_stats_at_eval
+    n_values = x.shape[0] * (x.shape[1] - 2 * dilation)
+    if batch_stats and n_values <= 1:  # as F.batch_norm: one value has no variance (NaN statistics)
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size "
+            f"{(x.shape[0], weight.shape[0], x.shape[1] - 2 * dilation)}"
+        )
     cfg = (int(dilation), int(margin), float(bn.eps), float(bn.momentum), float(negative_slope),
            bool(batch_stats), bool(bn.training))  # fmt: skip
     return _ConvNormAct.apply(x, weight, alpha, beta, gamma, bn.bias, bn.running_mean, bn.running_var, cfg)
