@@ -152,3 +152,14 @@ def test_a_single_value_per_channel_is_an_error_as_in_plain_batch_norm():
         with pytest.raises(ValueError, match="more than 1 value per channel"):
             net(torch.randn(1, 1))
         assert torch.isfinite(net.norms[0].bn.running_var).all()  # nothing half-updated
+
+
+def test_checkpoints_record_the_architecture_not_how_it_runs(tmp_path):
+    from dfl.checkpoints import load_model, save_model
+
+    net = ContextAggregationNet(dilations=[1, 2, 1], channels=4, fused=False)
+    assert net.config == ContextAggregationNet(dilations=[1, 2, 1], channels=4).config
+    loaded = load_model(save_model(tmp_path / "m.pt", "denoiser", net), "denoiser")
+    assert loaded.config == net.config and loaded.fused  # rebuilt models run the fused layers by default
+    x = torch.randn(1, 200)
+    torch.testing.assert_close(loaded.eval()(x), net.eval()(x), rtol=1e-5, atol=1e-6)

@@ -75,8 +75,7 @@ class ContextAggregationNet(nn.Module):
             negative_slope=negative_slope,
             padding=padding,
             init=init,
-            fused=bool(fused),
-        )
+        )  # the architecture (what checkpoints record); `fused` only chooses how it runs
         self.dilations = self.config["dilations"]
         self.kernel_size = kernel_size
         self.negative_slope = negative_slope
