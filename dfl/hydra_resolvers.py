@@ -80,9 +80,13 @@ def rank_zero_path(path: str) -> str:
     """``path`` on rank 0, the null device on the other ranks of a distributed run (only rank 0 writes)."""
     import os
 
-    from lightning.fabric.utilities.rank_zero import _get_rank
-
-    return path if (_get_rank() or 0) == 0 else os.devnull
+    # The launchers' rank variables, read here rather than through Lightning: this resolver runs while
+    # Hydra sets up logging, and importing Lightning before the root logger has handlers makes it add
+    # its own console handler (every Lightning message printed twice, and missing from the log file).
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):  # Lightning's order
+        if os.environ.get(key):
+            return path if int(os.environ[key]) == 0 else os.devnull
+    return path
 
 
 def register() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from dfl.train import CONF_DIR, instantiate_group
+from dfl.train import CONF_DIR, import_lightning, instantiate_group
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def summarize(metrics: dict[str, float], tag_names) -> dict:
 
 def pretrain(cfg: DictConfig) -> dict:
     """Fit, validate the exported checkpoint, write ``lossnet.pt`` + ``metrics.json``; returns the metrics."""
-    import lightning as L
+    L = import_lightning()
     from hydra.utils import instantiate
 
     from dfl.audio import atomic_write

@@ -78,9 +78,24 @@ def close_wandb_runs(loggers: list) -> None:
             lg.experiment.finish()
 
 
+def import_lightning():
+    """``import lightning``, logging through Hydra's handlers only.
+
+    The ``lightning`` package adds its own console handler to its logger, which also propagates to
+    the root logger Hydra configured (console + the run's log file): every message came out twice.
+    """
+    import lightning
+
+    if logging.getLogger().handlers:
+        for handler in list(logging.getLogger("lightning").handlers):
+            if type(handler) is logging.StreamHandler:
+                logging.getLogger("lightning").removeHandler(handler)
+    return lightning
+
+
 def train(cfg: DictConfig) -> dict:
     """Fit, then test the best checkpoint; returns the test metrics (written to metrics.json)."""
-    import lightning as L
+    L = import_lightning()
     from hydra.utils import instantiate
 
     from dfl.audio import atomic_write

@@ -51,6 +51,13 @@ def test_two_epoch_training_writes_outputs(tiny_run):
     assert "Test split" in proc.stdout
 
 
+def test_lightning_messages_are_logged_once_and_into_the_run_log(tiny_run):
+    run_dir, proc = tiny_run
+    console = proc.stdout + proc.stderr
+    assert console.count("`Trainer.fit` stopped") == 1
+    assert "`Trainer.fit` stopped" in (run_dir / "train.log").read_text()
+
+
 def test_random_loss_network_is_announced(tiny_run):
     _, proc = tiny_run
     assert "RANDOMLY INITIALISED" in proc.stdout + proc.stderr
