@@ -35,8 +35,8 @@ class ContextAggregationNet(nn.Module):
             activation — exactly the authors' TensorFlow graph.
         fused: on the CPU in float32, run each conv → BN → leaky ReLU layer as one op on
             channels-last buffers (:mod:`dfl.models.fused_layer`; same parameters and results,
-            about 1.5× faster training). Used with ``padding='same'`` and BN-based
-            normalisation; ``False`` always runs the plain PyTorch layers.
+            about 1.6× faster training). Used with 3-tap convs and BN-based normalisation;
+            ``False`` always runs the plain PyTorch layers.
     """
 
     def __init__(
@@ -80,7 +80,7 @@ class ContextAggregationNet(nn.Module):
         self.kernel_size = kernel_size
         self.negative_slope = negative_slope
         self.padding = padding
-        self.fused = bool(fused) and padding == "same" and kernel_size == 3 and normalization != "none"
+        self.fused = bool(fused) and kernel_size == 3 and normalization != "none"
         bias = normalization == "none"
         bn = dict(eps=bn_eps, scale=bn_scale, batch_stats_at_eval=batch_stats_at_eval)
         self.convs = nn.ModuleList()
@@ -146,10 +146,13 @@ class ContextAggregationNet(nn.Module):
         )
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """``[batch, 1, time]`` → ``[batch, time]`` through channels-last buffers (see ``fused``)."""
-        d = self.dilations
-        buf = F.pad(x, (d[0], d[0])).transpose(1, 2).contiguous()
+        """``[batch, channels, time]`` → ``[batch, time]`` through channels-last buffers (see ``fused``)."""
+        d, n = self.dilations, x.shape[-1]
+        # rows each layer computes: the authors' padding extends dilated layers to a multiple of d
+        rows = [n + ((-n) % di if self.padding == "tf_authors" and di > 1 else 0) for di in d]
+        buf = F.pad(x, (d[0], d[0] + rows[0] - n)).transpose(1, 2).contiguous()
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-            margin = d[i + 1] if i + 1 < len(d) else 0  # the next layer's zero padding
-            buf = conv_norm_act(buf, conv.weight, norm, d[i], margin, self.negative_slope)
+            # zero margins: the next layer's padding
+            margins = (d[i + 1], d[i + 1] + rows[i + 1] - n) if i + 1 < len(d) else (0, 0)
+            buf = conv_norm_act(buf, conv.weight, norm, d[i], n, margins, self.negative_slope, rows=rows[i])
         return buf @ self.output.weight[0, :, 0] + self.output.bias

@@ -38,17 +38,15 @@ def _as_nchw_channels_last(t: torch.Tensor) -> torch.Tensor:
 class _ConvNormAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, alpha, beta, gamma, bn_bias, running_mean, running_var, cfg):
-        d, margin, eps, momentum, slope, batch_stats, update_running = cfg
-        bsz, padded, _ = x.shape
-        n = padded - 2 * d
+        d, n, rows, (front, back), eps, momentum, slope, batch_stats, update_running = cfg
+        bsz = x.shape[0]
         taps = weight.permute(2, 1, 0).contiguous()  # [3, Cin, Cout]
-        z = x.new_empty(bsz, n, weight.shape[0])
+        z = x.new_empty(bsz, rows, weight.shape[0])
         _conv3(x, taps, d, z)
-        out = x.new_empty(bsz, n + 2 * margin, weight.shape[0])
-        if margin:
-            out[:, :margin].zero_()
-            out[:, margin + n :].zero_()
-        act = out[:, margin : margin + n]
+        out = x.new_empty(bsz, front + n + back, weight.shape[0])
+        out[:, :front].zero_()
+        out[:, front + n :].zero_()
+        act = out[:, front : front + n]  # rows beyond n (tf_authors padding) are cut after the activation
         if batch_stats:
             # PyTorch's channels-last BN kernel: batch statistics (and F.batch_norm's running update),
             # with weight β·γ and bias β·b its output is β·BN(z); α·z is added on the way out.
@@ -62,12 +60,12 @@ class _ConvNormAct(torch.autograd.Function):
                 momentum,
                 eps,
             )
-            torch.add(bn_out.squeeze(-1).permute(0, 2, 1), z, alpha=float(alpha), out=act)
+            torch.add(bn_out.squeeze(-1).permute(0, 2, 1)[:, :n], z[:, :n], alpha=float(alpha), out=act)
         else:  # running statistics: a per-channel affine map s·z + c
             mean, var = running_mean.clone(), running_var.clone()
             invstd = torch.rsqrt(var + eps)
             g = gamma * invstd
-            torch.addcmul(beta * (bn_bias - g * mean), z, alpha + beta * g, out=act)
+            torch.addcmul(beta * (bn_bias - g * mean), z[:, :n], alpha + beta * g, out=act)
         F.leaky_relu_(act, slope)
         ctx.cfg = cfg
         running = (mean, var) if not batch_stats else (None, None)
@@ -77,10 +75,12 @@ class _ConvNormAct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, taps, z, out, mean, invstd, run_mean, run_var, alpha, beta, gamma, bn_bias = ctx.saved_tensors
-        d, margin, eps, _, slope, batch_stats, _ = ctx.cfg
-        bsz, n, cout = z.shape
-        act = out[:, margin : margin + n]
-        dy = torch.ops.aten.leaky_relu_backward(grad_out[:, margin : margin + n], act, slope, True)
+        d, n, rows, (front, _), eps, _, slope, batch_stats, _ = ctx.cfg
+        bsz, _, cout = z.shape
+        act = out[:, front : front + n]
+        dy = torch.ops.aten.leaky_relu_backward(grad_out[:, front : front + n], act, slope, True)
+        if rows > n:  # the cut rows get no gradient, but BN's statistics saw them
+            dy = torch.cat([dy, dy.new_zeros(bsz, rows - n, cout)], dim=1)
         dy = dy.contiguous()
         # BN backward with weight β·γ gives β·∂BN/∂z; its sums Σ dy·x̂ and Σ dy give every parameter grad.
         gi, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
@@ -103,16 +103,16 @@ class _ConvNormAct(torch.autograd.Function):
         if need[0]:
             dx = x.new_empty(x.shape)
             for b in range(bsz):
-                torch.mm(dz[b], taps[0].t(), out=dx[b, 0:n])
-                dx[b, n:].zero_()
-                dx[b, d : d + n].addmm_(dz[b], taps[1].t())
-                dx[b, 2 * d : 2 * d + n].addmm_(dz[b], taps[2].t())
+                torch.mm(dz[b], taps[0].t(), out=dx[b, 0:rows])
+                dx[b, rows:].zero_()
+                dx[b, d : d + rows].addmm_(dz[b], taps[1].t())
+                dx[b, 2 * d : 2 * d + rows].addmm_(dz[b], taps[2].t())
             grads[0] = dx
         if need[1]:
             dtaps = torch.zeros_like(taps)
             for b in range(bsz):
                 for k in range(3):
-                    dtaps[k].addmm_(x[b, k * d : k * d + n].t(), dz[b])
+                    dtaps[k].addmm_(x[b, k * d : k * d + rows].t(), dz[b])
             grads[1] = dtaps.permute(2, 1, 0)
         if need[2]:  # Σ dy·z = Σ dy·(x̂σ + μ)
             grads[2] = (sum_dy_xhat / invstd + mean * sum_dy).sum().reshape(alpha.shape)
@@ -130,12 +130,17 @@ def conv_norm_act(
     weight: torch.Tensor,
     norm: torch.nn.Module,
     dilation: int,
-    margin: int,
+    length: int,
+    margins: tuple[int, int],
     negative_slope: float,
+    rows: int | None = None,
 ) -> torch.Tensor:
-    """One layer on a ``[batch, time + 2·dilation, channels_in]`` buffer with zero margins.
+    """One layer on a ``[batch, dilation + length + back, channels_in]`` buffer with zero margins.
 
-    Returns ``[batch, time + 2·margin, channels_out]`` whose margins are zero (the next layer's padding).
+    The conv and BN run over ``rows`` output rows (default ``length``; more for the authors' padding to
+    a multiple of the dilation, whose extra rows BN sees and the output drops), so the back margin
+    must hold at least ``rows - length + dilation`` zeros. Returns ``[batch, front + length + back,
+    channels_out]`` for ``margins = (front, back)``, margins zero: the next layer's padding.
     ``norm`` is an ``AdaptiveBatchNorm`` or a ``BatchNorm``; it uses batch statistics (and updates its
     running ones) in training mode, running statistics in eval mode unless ``batch_stats_at_eval``.
     """
@@ -147,14 +152,15 @@ def conv_norm_act(
         alpha, beta, bn = x.new_zeros(()), x.new_ones(()), norm
     else:
         raise TypeError(f"conv_norm_act needs AdaptiveBatchNorm or BatchNorm, got {type(norm).__name__}")
+    rows = length if rows is None else int(rows)
+    if rows < length or x.shape[1] < rows + 2 * dilation:
+        raise ValueError(f"buffer of {x.shape[1]} rows too short for {rows} rows at dilation {dilation}")
     gamma = bn.weight if bn.weight is not None else x.new_ones(weight.shape[0])
     batch_stats = bn.training or bn.batch_stats_at_eval
-    n_values = x.shape[0] * (x.shape[1] - 2 * dilation)
-    if batch_stats and n_values <= 1:  # as F.batch_norm: one value has no variance (NaN statistics)
+    if batch_stats and x.shape[0] * rows <= 1:  # as F.batch_norm: one value has no variance (NaN statistics)
         raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size "
-            f"{(x.shape[0], weight.shape[0], x.shape[1] - 2 * dilation)}"
+            f"Expected more than 1 value per channel when training, got input size {(x.shape[0], weight.shape[0], rows)}"
         )
-    cfg = (int(dilation), int(margin), float(bn.eps), float(bn.momentum), float(negative_slope),
-           bool(batch_stats), bool(bn.training))  # fmt: skip
+    cfg = (int(dilation), int(length), rows, (int(margins[0]), int(margins[1])), float(bn.eps),
+           float(bn.momentum), float(negative_slope), bool(batch_stats), bool(bn.training))  # fmt: skip
     return _ConvNormAct.apply(x, weight, alpha, beta, gamma, bn.bias, bn.running_mean, bn.running_var, cfg)
