@@ -150,10 +150,9 @@ def bench_inference(name: str, config: dict, args, gemm: float) -> dict:
             return model(x)
 
     record("plain_fp32", plain, result["cpu"])
-    if config.get("padding", "same") == "same":  # what model(x) runs by default on a CPU: the fused layers
-        model.fused = True
-        record("fused_layers_fp32", plain, result["cpu"])
-        model.fused = False
+    model.fused = True  # what model(x) runs by default on a CPU: the fused layers
+    record("fused_layers_fp32", plain, result["cpu"])
+    model.fused = False
     record("fast_fp32", lambda: fast.forward_cpu(x), result["cpu"])
     if not args.skip_onnxruntime:
         from dfl.export import export_onnx, load_onnx_session
