@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfl.models import AdaptiveBatchNorm, BatchNorm, ContextAggregationNet
+from dfl.models.fused_layer import channels_last_batch_stats
 
 
 def _norm_coefficients(norm: nn.Module, channels: int):
@@ -67,9 +68,8 @@ class _Layer(nn.Module):
         self.register_buffer("gain", gain.float())
         self.register_buffer("shift", shift.float())
 
-    def batch_affine(self, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel (scale, offset) of the norm for batch statistics ``mean``, ``var``."""
-        inv_std = torch.rsqrt(var + self.eps)
+    def batch_affine(self, mean: torch.Tensor, inv_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (scale, offset) of the norm for batch statistics ``mean``, ``1/√(var + eps)``."""
         return self.alpha + self.gain * inv_std, self.shift - self.gain * inv_std * mean
 
     def forward(self, x: torch.Tensor, negative_slope: float) -> torch.Tensor:
@@ -80,7 +80,7 @@ class _Layer(nn.Module):
         z = F.conv1d(F.pad(x, (d, d)), self.weight.to(x.dtype), self.bias.to(x.dtype), dilation=d)
         if self.batch_stats:
             var, mean = torch.var_mean(z.float(), dim=(0, 2), unbiased=False)
-            scale, offset = self.batch_affine(mean, var)
+            scale, offset = self.batch_affine(mean, torch.rsqrt(var + self.eps))
             z = z * scale.to(z.dtype)[None, :, None] + offset.to(z.dtype)[None, :, None]
         return F.leaky_relu(z, negative_slope)[..., :length]
 
@@ -154,9 +154,7 @@ class FastContextAggregationNet(nn.Module):
                 if not layer.batch_stats:
                     F.leaky_relu_(o, self.negative_slope)
         if layer.batch_stats:
-            z = out[:, margin : margin + n_rows]
-            var, mean = torch.var_mean(z, dim=(0, 1), unbiased=False)
-            scale, offset = layer.batch_affine(mean, var)
+            scale, offset = layer.batch_affine(*channels_last_batch_stats(out[:, margin : margin + n_rows], layer.eps))
             for b in range(out.shape[0]):
                 for s in range(0, n_rows, tile):
                     o = out[b, margin + s : margin + min(s + tile, n_rows)]

@@ -35,6 +35,17 @@ def _as_nchw_channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 1).unsqueeze(-1)
 
 
+def channels_last_batch_stats(z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel batch ``(mean, 1/√(var + eps))`` of a ``[B, T, C]`` tensor.
+
+    By PyTorch's channels-last BN kernel: ``torch.var_mean`` over the leading dims is ~8× slower.
+    """
+    _, mean, invstd = torch.ops.aten.native_batch_norm(
+        _as_nchw_channels_last(z.contiguous()), None, None, None, None, True, 0.0, eps
+    )
+    return mean, invstd
+
+
 class _ConvNormAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, alpha, beta, gamma, bn_bias, running_mean, running_var, cfg):
