@@ -183,14 +183,14 @@ def audio_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
     epoch: int = 0,
-    resume: tuple[int, int] = (-1, 0),
+    skip_batches: int = 0,
 ) -> DataLoader:
     """A loader over an epoch-encoding dataset: :class:`EpochSampler` order, padded batches with ``lengths``.
 
     ``epoch`` is the epoch the first iteration belongs to (:func:`next_train_epoch`): a resumed run
     builds its loader (and, with worker processes, its first iterator) before Lightning calls ``set_epoch``.
 
-    ``resume`` = (epoch, batches): that epoch starts after that many batches (a mid-epoch checkpoint,
+    ``skip_batches``: the first epoch starts after that many batches (resuming a mid-epoch checkpoint,
     :func:`~datamodules.resume.interrupted_epoch_position`).
 
     With ``bucket_window`` (and ``batch_size > 1``), batches group similar ``dataset.lengths``.
@@ -198,7 +198,7 @@ def audio_loader(
     sampler = EpochSampler(len(dataset), shuffle, seed)
     sampler.set_epoch(epoch)
     common = dict(num_workers=num_workers, collate_fn=collate_pairs, pin_memory=pin_memory,
-                  persistent_workers=num_workers > 0, resume_epoch=resume[0], skip_batches=resume[1])
+                  persistent_workers=num_workers > 0, skip_batches=skip_batches)
     if bucket_window and batch_size > 1:
         batches = BucketBatchSampler(sampler, dataset.lengths, batch_size, seed=seed, window=bucket_window)
         return ResumableDataLoader(dataset, batch_sampler=batches, **common)
@@ -234,7 +234,7 @@ class SplitDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             epoch=next_train_epoch(self.trainer) if train else 0,
-            resume=interrupted_epoch_position(self.trainer) if train else (-1, 0),
+            skip_batches=interrupted_epoch_position(self.trainer)[1] if train else 0,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -33,7 +33,7 @@ def interrupted_epoch_position(trainer) -> tuple[int, int]:
 
 
 class _SkipFirstBatches:
-    """The loader's index sampler, starting ``skip`` batches in while its epoch is ``epoch``."""
+    """The loader's index sampler; the first epoch it is iterated in starts ``skip_batches`` in."""
 
     def __init__(self, index_sampler, loader: ResumableDataLoader) -> None:
         self.index_sampler, self.loader = index_sampler, loader
@@ -42,30 +42,26 @@ class _SkipFirstBatches:
         return len(self.index_sampler)
 
     def __iter__(self):
+        # A generator: nothing runs until the first batch is drawn. DataLoader iterators call iter()
+        # once more than they use, and under DDP Lightning sets the epoch only after building the
+        # iterator; the skip belongs to the iteration that actually draws batches.
         it = iter(self.index_sampler)
-        skip = self.loader.skip_batches
-        if self.loader.current_epoch() == self.loader.resume_epoch and 0 < skip < len(self.index_sampler):
-            return itertools.islice(it, skip, None)
-        return it
+        skip, self.loader.skip_batches = self.loader.skip_batches, 0
+        if 0 < skip < len(self.index_sampler):
+            it = itertools.islice(it, skip, None)
+        yield from it
 
 
 class ResumableDataLoader(DataLoader):
-    """A DataLoader whose epoch ``resume_epoch`` starts after ``skip_batches`` batches.
+    """A DataLoader whose first epoch starts after ``skip_batches`` batches (then whole epochs).
 
-    The epoch is the one Lightning sets on the sampler (``set_epoch``). ``len()`` stays the whole
-    epoch's, so the fit loop's batch indices (it continues counting from the checkpoint) still end
-    the epoch where an uninterrupted run ends it.
+    ``len()`` stays the whole epoch's, so the fit loop's batch indices (it continues counting from
+    the checkpoint) still end the epoch where an uninterrupted run ends it.
     """
 
-    def __init__(self, *args, resume_epoch: int = -1, skip_batches: int = 0, **kwargs) -> None:
+    def __init__(self, *args, skip_batches: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.resume_epoch, self.skip_batches = int(resume_epoch), int(skip_batches)
-
-    def current_epoch(self) -> int | None:
-        batch_sampler = self.batch_sampler
-        sampler = getattr(batch_sampler, "sampler", None) if batch_sampler is not None else self.sampler
-        epoch = getattr(sampler, "epoch", None)
-        return None if epoch is None else int(epoch)
+        self.skip_batches = int(skip_batches)
 
     @property
     def _index_sampler(self):

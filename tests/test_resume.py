@@ -151,7 +151,7 @@ def test_resumable_loader_skips_the_trained_batches_of_its_epoch_only(workers):
     kw = dict(batch_size=3, shuffle=True, seed=7, num_workers=workers)
     plain = audio_loader(dataset, epoch=4, **kw)
     full_epoch = _indices(plain)
-    resumed = audio_loader(dataset, epoch=4, resume=(4, 2), **kw)
+    resumed = audio_loader(dataset, epoch=4, skip_batches=2, **kw)
     assert len(resumed) == len(plain) == 4  # the fit loop still sees a whole epoch
     assert _indices(resumed) == full_epoch[6:]  # batches 0 and 1 were trained on before the checkpoint
     for loader in (plain, resumed):
@@ -170,7 +170,7 @@ def test_resumable_loader_skips_after_distributed_sharding():
 
     dataset = _IndexDataset()
     with _replace_dunder_methods(DataLoader, "dataset"):  # as in Lightning's *_dataloader hooks
-        loader = audio_loader(dataset, batch_size=2, shuffle=True, seed=1, epoch=3, resume=(3, 1))
+        loader = audio_loader(dataset, batch_size=2, shuffle=True, seed=1, epoch=3, skip_batches=1)
     shards = []
     for rank in (0, 1):
         sharded, whole = (
@@ -178,10 +178,13 @@ def test_resumable_loader_skips_after_distributed_sharding():
             for _ in range(2)
         )
         whole.skip_batches = 0
+        # Lightning's order: the epoch's iterator is built before set_epoch reaches the new sampler
+        first = iter(sharded)
         for dl in (sharded, whole):
             dl.sampler.set_epoch(3)
         assert isinstance(sharded, type(loader)) and len(sharded) == len(whole) == 3
-        assert _indices(sharded) == _indices(whole)[2:]  # this rank's first batch is skipped
+        assert _indices(first) == _indices(whole)[2:]  # this rank's first batch is skipped
+        assert _indices(sharded) == _indices(whole)  # and the next epoch is whole
         shards.append(_indices(whole))
     assert sorted(shards[0] + shards[1]) == list(range(30, 40))  # the two ranks cover epoch 3 once
 
@@ -199,3 +202,21 @@ def test_interrupted_epoch_position_reads_the_restored_loop_progress():
     assert interrupted_epoch_position(trainer(3, 3, 8)) == (-1, 0)  # epoch 2 finished: nothing to skip
     assert interrupted_epoch_position(trainer(0, 0, 0)) == (-1, 0)  # a fresh run
     assert interrupted_epoch_position(None) == (-1, 0)
+
+
+def test_mid_epoch_resume_under_ddp_equals_an_uninterrupted_ddp_run(tmp_path, cache):
+    """trainer=ddp_sim (2 CPU processes): each rank skips its own trained batches of the interrupted epoch."""
+    mid = ["+callbacks.mid_epoch._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+           "+callbacks.mid_epoch.every_n_train_steps=6", "+callbacks.mid_epoch.save_top_k=-1",
+           "+callbacks.mid_epoch.save_on_train_epoch_end=false"]  # fmt: skip
+    common = ("trainer=ddp_sim", "trainer.max_epochs=2", "data.n_train=8")  # 4 steps per epoch on each rank
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    dfl_train(*run_args(full, cache, *common, *mid, f"+callbacks.mid_epoch.dirpath={full}/mid"))
+    step6 = full / "mid" / "epoch=1-step=6.ckpt"
+    assert torch.load(step6, weights_only=True)["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"][
+        "processed"] == 2  # fmt: skip
+    dfl_train(*run_args(resumed, cache, *common, f"ckpt_path='{step6}'"))
+    a, b = load(full), load(resumed)
+    assert b["global_step"] == a["global_step"] == 8
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-5, atol=1e-7, msg=key)
