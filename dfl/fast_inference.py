@@ -14,7 +14,10 @@ Two layouts of the same computation:
   buffers with zero margins, each layer computed tile by tile as three
   accumulating GEMMs over shifted row slices (no im2col copy, no per-layer
   padding copy), bias and leaky ReLU applied while the tile is in cache. On a
-  2-core CPU this beats oneDNN's dilated ``Conv1d`` by about 2×.
+  2-core CPU this beats oneDNN's dilated ``Conv1d`` by about 2×. Where the
+  compiled kernels of :mod:`dfl.native` are available, each layer instead uses
+  Winograd F(4,3) along time: 6 GEMMs per 4 outputs instead of 12, a further
+  ~1.4× (the same outputs to float32 rounding).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch import nn
 
 from dfl.models import AdaptiveBatchNorm, BatchNorm, ContextAggregationNet
 from dfl.models.fused_layer import channels_last_batch_stats
+from dfl.native import winograd_kernels
 
 
 def _norm_coefficients(norm: nn.Module, channels: int):
@@ -88,7 +92,9 @@ class _Layer(nn.Module):
 class FastContextAggregationNet(nn.Module):
     """Inference-only twin of a trained :class:`ContextAggregationNet` (eval semantics)."""
 
-    def __init__(self, model: ContextAggregationNet, tile: int = 2048) -> None:
+    def __init__(
+        self, model: ContextAggregationNet, tile: int = 2048, winograd: bool | None = None, winograd_tile: int = 8192
+    ) -> None:
         super().__init__()
         if model.kernel_size != 3:
             raise ValueError(f"the fast path supports kernel_size=3 only, got {model.kernel_size}")
@@ -103,6 +109,9 @@ class FastContextAggregationNet(nn.Module):
         self.batch_stats = any(layer.batch_stats for layer in self.layers)
         self.receptive_field = int(model.receptive_field)
         self.tile = int(tile)
+        # None: use the Winograd kernels when they can be compiled here; False: always direct GEMMs
+        self.winograd = winograd
+        self.winograd_tile = int(winograd_tile)
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
         """``[batch, time]`` → ``[batch, time]`` (portable conv layout; exported by ``dfl-export``)."""
@@ -131,20 +140,32 @@ class FastContextAggregationNet(nn.Module):
         bufs = [torch.zeros(batch, rows, channels), torch.zeros(batch, rows, channels)]
         x = torch.zeros(batch, rows, 1)
         x[:, margin : margin + length, 0] = wav
+        kernels = self._winograd_kernels()
+        # Winograd operands and products of one tile, reused by every layer
+        work = torch.empty(2, 6 * (self.winograd_tile // 4) * channels) if kernels is not None else None
         for i, layer in enumerate(self.layers):
             out = bufs[i % 2]
-            self._layer_cpu(layer, x, out, margin, length)
+            self._layer_cpu(layer, x, out, margin, length, kernels, work)
             x = out
         return x[:, margin : margin + length] @ self.out_weight + self.out_bias
 
-    def _layer_cpu(self, layer: _Layer, x: torch.Tensor, out: torch.Tensor, margin: int, length: int) -> None:
+    def _winograd_kernels(self):
+        if self.winograd is False:
+            return None
+        kernels = winograd_kernels()
+        if kernels is None and self.winograd:
+            raise RuntimeError("winograd=True but the compiled kernels are unavailable (see the log)")
+        return kernels
+
+    def _layer_cpu(self, layer: _Layer, x, out, margin: int, length: int, kernels=None, work=None) -> None:
         d = layer.dilation
         taps = [layer.weight[:, :, k].t().contiguous() for k in range(3)]  # [Cin, Cout] each
         n_rows = length + (-length) % d if layer.pad_to_multiple else length
         tile = self.tile
         for b in range(x.shape[0]):
             xb, ob = x[b], out[b]
-            for s in range(0, n_rows, tile):
+            done = self._winograd_rows(layer, xb, ob, margin, n_rows, kernels, work) if kernels is not None else 0
+            for s in range(done, n_rows, tile):
                 n = min(tile, n_rows - s)
                 o = ob[margin + s : margin + s + n]
                 r = margin + s
@@ -160,6 +181,35 @@ class FastContextAggregationNet(nn.Module):
                     o = out[b, margin + s : margin + min(s + tile, n_rows)]
                     F.leaky_relu_(o.mul_(scale).add_(offset), self.negative_slope)
         out[:, margin + length : margin + n_rows] = 0  # the cut tail must read as zero padding
+
+    def _winograd_rows(self, layer: _Layer, xb, ob, margin: int, n_rows: int, kernels, work) -> int:
+        """Rows ``[0, 4d·⌊n_rows/4d⌋)`` of one layer by Winograd F(4,3); returns how many rows it did.
+
+        Time splits into blocks of 4d rows; within a block, phase p's outputs p, p+d, p+2d, p+3d
+        form one Winograd tile. A work tile is several whole blocks (small d) or a run of
+        phases of one block (large d), about ``winograd_tile`` outputs, so it stays in cache.
+        """
+        d = layer.dilation
+        blocks = n_rows // (4 * d)
+        c_in, c_out = xb.shape[1], ob.shape[1]
+        if blocks == 0 or c_in % 8 or c_out % 8:  # the first layer (1 channel) stays direct
+            return 0
+        weights = kernels.weights(layer.weight)
+        slope = None if layer.batch_stats else self.negative_slope  # batch statistics: activate after the norm
+        items = max(1, self.winograd_tile // 4)
+        phase_step, block_step = min(d, items), max(1, items // d)
+        for b0 in range(0, blocks, block_step):
+            nb = min(block_step, blocks - b0)
+            for p0 in range(0, d, phase_step):
+                n_phases = min(phase_step, d - p0)
+                k = nb * n_phases
+                operands = work[0, : 6 * k * c_in].view(6, k, c_in)
+                products = work[1, : 6 * k * c_out].view(6, k, c_out)
+                row = margin + 4 * d * b0 + p0
+                kernels.input(xb, row, nb, n_phases, d, operands)
+                torch.bmm(operands, weights, out=products)
+                kernels.output(products, ob, row, nb, n_phases, d, layer.bias, slope)
+        return blocks * 4 * d
 
     def run(self, wav: torch.Tensor) -> torch.Tensor:
         """Fastest layout for the tensor's device: tiled GEMMs on CPU (fp32), convs elsewhere."""

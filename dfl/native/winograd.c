@@ -1,0 +1,64 @@
+/* Winograd F(4,3) transforms along time for the CPU fast path (dfl/native/__init__.py).
+ *
+ * A 3-tap conv with dilation d gives 4 outputs t, t+d, t+2d, t+3d from 6 inputs t-d … t+4d.
+ * Winograd computes them from 6 channel-mixing products (one GEMM per product) instead of
+ * 12, so these transforms turn 6 input rows into the 6 GEMM operands and the 6 GEMM
+ * results into 4 output rows (+ bias, leaky ReLU). Rows are channels-last [time, C] with
+ * C % 8 == 0. A tile is `nb` blocks of 4d rows × `np` consecutive phases inside a block;
+ * operand i of tile item k lives at U[i * plane + k * C].
+ */
+#include <stdint.h>
+
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
+#define LOAD(p) (*(const v8 *)(p))
+#define STORE(p, v) (*(v8 *)(p) = (v))
+
+void dfl_wino43_input(const float *x, int64_t nb, int64_t np, int64_t C, int64_t d, float *U,
+                      int64_t plane) {
+    const int64_t row = d * C, block = 4 * d * C;
+#pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < nb * np; k++) {
+        const float *s = x + (k / np) * block + (k % np) * C;
+        float *u = U + k * C;
+        for (int64_t c = 0; c < C; c += 8) {
+            v8 x0 = LOAD(s + c), x1 = LOAD(s + row + c), x2 = LOAD(s + 2 * row + c);
+            v8 x3 = LOAD(s + 3 * row + c), x4 = LOAD(s + 4 * row + c), x5 = LOAD(s + 5 * row + c);
+            STORE(u + c, 4.f * x0 - 5.f * x2 + x4);
+            STORE(u + plane + c, x3 + x4 - 4.f * (x1 + x2));
+            STORE(u + 2 * plane + c, 4.f * (x1 - x2) + x4 - x3);
+            STORE(u + 3 * plane + c, 2.f * (x3 - x1) + x4 - x2);
+            STORE(u + 4 * plane + c, 2.f * (x1 - x3) + x4 - x2);
+            STORE(u + 5 * plane + c, 4.f * x1 - 5.f * x3 + x5);
+        }
+    }
+}
+
+static inline v8 leaky_relu(v8 y, float slope) {
+    const v8 zero = {0};
+    v8i negative = y < zero;
+    v8 scaled = y * slope;
+    return (v8)(((v8i)y & ~negative) | ((v8i)scaled & negative));
+}
+
+void dfl_wino43_output(const float *M, int64_t nb, int64_t np, int64_t C, int64_t d, const float *bias,
+                       float slope, int activate, float *y, int64_t plane) {
+    const int64_t row = d * C, block = 4 * d * C;
+#pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < nb * np; k++) {
+        const float *m = M + k * C;
+        float *o = y + (k / np) * block + (k % np) * C;
+        for (int64_t c = 0; c < C; c += 8) {
+            v8 m0 = LOAD(m + c), m1 = LOAD(m + plane + c), m2 = LOAD(m + 2 * plane + c);
+            v8 m3 = LOAD(m + 3 * plane + c), m4 = LOAD(m + 4 * plane + c), m5 = LOAD(m + 5 * plane + c);
+            v8 b = LOAD(bias + c), sum12 = m1 + m2, diff12 = m1 - m2, sum34 = m3 + m4, diff34 = m3 - m4;
+            v8 y0 = m0 + sum12 + sum34 + b, y1 = diff12 + 2.f * diff34 + b;
+            v8 y2 = sum12 + 4.f * sum34 + b, y3 = diff12 + 8.f * diff34 + m5 + b;
+            if (activate) {
+                y0 = leaky_relu(y0, slope), y1 = leaky_relu(y1, slope);
+                y2 = leaky_relu(y2, slope), y3 = leaky_relu(y3, slope);
+            }
+            STORE(o + c, y0), STORE(o + row + c, y1), STORE(o + 2 * row + c, y2), STORE(o + 3 * row + c, y3);
+        }
+    }
+}
