@@ -4,7 +4,8 @@ Reports, for the ``can_paper`` and ``can_authors`` denoisers, fp32, batch 1, a
 10 s 16 kHz input: real-time factor (compute seconds per audio second; the
 minimum over repeats, since shared machines are noisy), FLOPs per second of
 audio, achieved GFLOP/s next to a 2048³ fp32 GEMM measured in the same run
-(the practical ceiling), peak memory, and the max abs difference of each fast
+(the practical ceiling; GFLOP/s count the direct convolution's FLOPs, so the
+Winograd fast path, which does about half of them, can pass it), peak memory, and the max abs difference of each fast
 path to the plain model; on CUDA also bf16. Training throughput is audio
 seconds per second for one feature-loss step (``can_paper`` + a 14-layer loss
 network, first 6 layers in the loss, batch 1, 3 s). Results go to JSON too.
@@ -33,6 +34,7 @@ from dfl import SAMPLE_RATE
 from dfl.audio import atomic_write
 from dfl.fast_inference import FastContextAggregationNet
 from dfl.models import ContextAggregationNet, LossNetwork
+from dfl.native import cpu_kernels
 
 MODELS = {
     "can_paper": {},
@@ -120,6 +122,7 @@ def bench_inference(name: str, config: dict, args, gemm: float) -> dict:
         "receptive_field": fast.receptive_field,
         "input_seconds": seconds,
         "gflop_per_audio_second": flops_per_audio_second / 1e9,
+        "native_kernels": cpu_kernels() is not None,
         "cpu": {},
     }
 
@@ -153,7 +156,9 @@ def bench_inference(name: str, config: dict, args, gemm: float) -> dict:
     model.fused = True  # what model(x) runs by default on a CPU: the fused layers
     record("fused_layers_fp32", plain, result["cpu"])
     model.fused = False
-    record("fast_fp32", lambda: fast.forward_cpu(x), result["cpu"])
+    direct = FastContextAggregationNet(model, winograd=False)
+    record("fast_direct_fp32", lambda: direct.forward_cpu(x), result["cpu"])
+    record("fast_fp32", lambda: fast.forward_cpu(x), result["cpu"])  # Winograd where the kernels compiled
     if not args.skip_onnxruntime:
         from dfl.export import export_onnx, load_onnx_session
 

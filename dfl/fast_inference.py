@@ -28,7 +28,7 @@ from torch import nn
 
 from dfl.models import AdaptiveBatchNorm, BatchNorm, ContextAggregationNet
 from dfl.models.fused_layer import channels_last_batch_stats
-from dfl.native import winograd_kernels
+from dfl.native import cpu_kernels
 
 
 def _norm_coefficients(norm: nn.Module, channels: int):
@@ -152,7 +152,7 @@ class FastContextAggregationNet(nn.Module):
     def _winograd_kernels(self):
         if self.winograd is False:
             return None
-        kernels = winograd_kernels()
+        kernels = cpu_kernels()
         if kernels is None and self.winograd:
             raise RuntimeError("winograd=True but the compiled kernels are unavailable (see the log)")
         return kernels
@@ -174,13 +174,26 @@ class FastContextAggregationNet(nn.Module):
                 o.addmm_(xb[r + d : r + d + n], taps[2])
                 if not layer.batch_stats:
                     F.leaky_relu_(o, self.negative_slope)
-        if layer.batch_stats:
+        if layer.batch_stats and kernels is not None and out.shape[2] % 8 == 0:
+            self._batch_norm_act_native(layer, out[:, margin : margin + n_rows], kernels)
+        elif layer.batch_stats:
             scale, offset = layer.batch_affine(*channels_last_batch_stats(out[:, margin : margin + n_rows], layer.eps))
             for b in range(out.shape[0]):
                 for s in range(0, n_rows, tile):
                     o = out[b, margin + s : margin + min(s + tile, n_rows)]
                     F.leaky_relu_(o.mul_(scale).add_(offset), self.negative_slope)
         out[:, margin + length : margin + n_rows] = 0  # the cut tail must read as zero padding
+
+    def _batch_norm_act_native(self, layer: _Layer, z: torch.Tensor, kernels) -> None:
+        """Norm with the statistics of ``z [batch, rows, C]`` + leaky ReLU, in place, in two passes."""
+        sums = torch.zeros(2, z.shape[2], dtype=torch.float64)
+        for zb in z:
+            kernels.channel_moments(zb, sums)
+        mean = sums[0] / z[..., 0].numel()
+        var = (sums[1] / z[..., 0].numel() - mean.square()).clamp_min(0)  # float64 sums: no cancellation issue
+        scale, offset = layer.batch_affine(mean.float(), torch.rsqrt(var + layer.eps).float())
+        for zb in z:
+            kernels.affine_leaky_relu_(zb, scale.contiguous(), offset.contiguous(), self.negative_slope)
 
     def _winograd_rows(self, layer: _Layer, xb, ob, margin: int, n_rows: int, kernels, work) -> int:
         """Rows ``[0, 4d·⌊n_rows/4d⌋)`` of one layer by Winograd F(4,3); returns how many rows it did.
@@ -194,7 +207,7 @@ class FastContextAggregationNet(nn.Module):
         c_in, c_out = xb.shape[1], ob.shape[1]
         if blocks == 0 or c_in % 8 or c_out % 8:  # the first layer (1 channel) stays direct
             return 0
-        weights = kernels.weights(layer.weight)
+        weights = kernels.winograd_weights(layer.weight)
         slope = None if layer.batch_stats else self.negative_slope  # batch statistics: activate after the norm
         items = max(1, self.winograd_tile // 4)
         phase_step, block_step = min(d, items), max(1, items // d)
@@ -206,9 +219,9 @@ class FastContextAggregationNet(nn.Module):
                 operands = work[0, : 6 * k * c_in].view(6, k, c_in)
                 products = work[1, : 6 * k * c_out].view(6, k, c_out)
                 row = margin + 4 * d * b0 + p0
-                kernels.input(xb, row, nb, n_phases, d, operands)
+                kernels.winograd_input(xb, row, nb, n_phases, d, operands)
                 torch.bmm(operands, weights, out=products)
-                kernels.output(products, ob, row, nb, n_phases, d, layer.bias, slope)
+                kernels.winograd_output(products, ob, row, nb, n_phases, d, layer.bias, slope)
         return blocks * 4 * d
 
     def run(self, wav: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +10,10 @@ import soundfile as sf
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# compiled kernels (dfl.native) go to a per-run cache, not the user's ~/.cache
+if "DFL_CACHE_DIR" not in os.environ:
+    os.environ["DFL_CACHE_DIR"] = tempfile.mkdtemp(prefix="dfl-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["DFL_CACHE_DIR"], True)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -28,11 +28,13 @@ def plain(model: ContextAggregationNet, x: torch.Tensor) -> torch.Tensor:
         return model(x)
 
 
+@pytest.mark.parametrize("winograd", [True, False], ids=["winograd", "direct"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("length", [997, 40])
-def test_fast_paths_match_plain_model(variant, length):
+def test_fast_paths_match_plain_model(variant, length, winograd):
     model = small_denoiser(**VARIANTS[variant])
-    fast = FastContextAggregationNet(model, tile=128)  # several tiles per layer
+    # several tiles per layer; Winograd tiles of 16 items: whole blocks for d < 16, phase runs for d ≥ 16
+    fast = FastContextAggregationNet(model, tile=128, winograd=winograd, winograd_tile=64)
     batch = 1 if model.config["batch_stats_at_eval"] else 3
     x = 0.3 * torch.randn(batch, length)
     expected = plain(model, x)
@@ -55,7 +57,10 @@ def test_fast_path_matches_the_real_configs(batch_stats):
     model = small_denoiser(**{**config, **MODELS["can_authors" if batch_stats else "can_paper"]})
     assert len(model.convs) == (14 if batch_stats else 15)
     x = 0.2 * torch.randn(1, 6000)
-    torch.testing.assert_close(FastContextAggregationNet(model).forward_cpu(x), plain(model, x), atol=1e-4, rtol=0)
+    expected = plain(model, x)
+    for winograd in (True, False):
+        fast = FastContextAggregationNet(model, winograd=winograd)
+        torch.testing.assert_close(fast.forward_cpu(x), expected, atol=1e-4, rtol=0)
 
 
 def test_fast_path_rejects_other_kernel_sizes():

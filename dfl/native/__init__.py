@@ -6,8 +6,10 @@ Why compiled at run time: the kernels are a few vector loops tuned with
 under ``$DFL_CACHE_DIR`` (default ``~/.cache/dfl/native``), keyed by the source,
 the compiler and the CPU, so a home directory shared by different cluster nodes
 never loads a library built for another CPU. Without a compiler, or with
-``DFL_NATIVE=0``, :func:`winograd_kernels` returns ``None`` and callers use their
-pure-PyTorch code, which gives the same results more slowly.
+``DFL_NATIVE=0``, :func:`cpu_kernels` returns ``None`` and callers use their
+pure-PyTorch code, which gives the same results more slowly. Every call is
+bounds-checked here first: a wrong shape raises, it never touches memory
+outside the tensors.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("winograd.c")
+SOURCE = Path(__file__).with_name("kernels.c")
 # tried in order: OpenMP shares the libgomp PyTorch already loaded (same thread count)
 FLAG_SETS = (
     ["-O3", "-march=native", "-fopenmp"],
@@ -100,8 +102,13 @@ def _check_rows(name: str, t: torch.Tensor, first: int, last: int) -> None:
         raise ValueError(f"{name}: rows [{first}, {last}) fall outside its {t.shape[0]} rows")
 
 
-class Winograd43:
-    """F(4,3) Winograd transforms along time (see ``winograd.c``), bounds-checked before each call."""
+def _check_channels(name: str, t: torch.Tensor, channels: int) -> None:
+    if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or t.numel() != channels:
+        raise ValueError(f"{name} must be {channels} contiguous float32 CPU values")
+
+
+class CpuKernels:
+    """The kernels of ``kernels.c``: Winograd F(4,3) transforms along time, BN moments, affine + leaky ReLU."""
 
     # filter transform: the 6 GEMM weights are G @ (the 3 taps)
     G = torch.tensor(
@@ -125,9 +132,15 @@ class Winograd43:
         self._output = lib.dfl_wino43_output
         self._output.argtypes = [ptr, i64, i64, i64, i64, ptr, ctypes.c_float, ctypes.c_int, ptr, i64]
         self._output.restype = None
+        self._moments = lib.dfl_channel_moments
+        self._moments.argtypes = [ptr, i64, i64, ptr]
+        self._moments.restype = ctypes.c_int
+        self._affine = lib.dfl_affine_leaky_relu
+        self._affine.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_float]
+        self._affine.restype = None
 
     @classmethod
-    def weights(cls, weight: torch.Tensor) -> torch.Tensor:
+    def winograd_weights(cls, weight: torch.Tensor) -> torch.Tensor:
         """``[Cout, Cin, 3]`` conv weight → the 6 GEMM operands ``[6, Cin, Cout]`` (float32)."""
         return torch.einsum("ik,ock->ico", cls.G, weight.double()).float().contiguous()
 
@@ -140,14 +153,14 @@ class Winograd43:
         if tuple(operands.shape) != (6, items, channels):
             raise ValueError(f"operands must have shape (6, {items}, {channels}), got {tuple(operands.shape)}")
 
-    def input(self, x: torch.Tensor, row: int, blocks: int, phases: int, dilation: int, out: torch.Tensor) -> None:
+    def winograd_input(self, x: torch.Tensor, row: int, blocks: int, phases: int, dilation: int, out: torch.Tensor):
         """Operands of outputs ``row + 4d·b + p + j·d`` (b < blocks, p < phases, j < 4) into ``out [6, b·p, C]``."""
         channels = x.shape[1]
         self._check_tile(out, blocks * phases, channels)
         _check_rows("x", x, row - dilation, row + 4 * dilation * (blocks - 1) + 5 * dilation + phases - dilation)
         self._input(_row_pointer(x, row - dilation), blocks, phases, channels, dilation, out.data_ptr(), out.stride(0))
 
-    def output(
+    def winograd_output(
         self,
         products: torch.Tensor,
         y: torch.Tensor,
@@ -162,8 +175,7 @@ class Winograd43:
         channels = y.shape[1]
         self._check_tile(products, blocks * phases, channels)
         _check_rows("y", y, row, row + 4 * dilation * (blocks - 1) + 3 * dilation + phases)
-        if bias.dtype != torch.float32 or not bias.is_contiguous() or bias.numel() != channels:
-            raise ValueError(f"bias must be {channels} contiguous float32 values")
+        _check_channels("bias", bias, channels)
         slope = 0.0 if negative_slope is None else float(negative_slope)
         self._output(
             products.data_ptr(),
@@ -179,13 +191,34 @@ class Winograd43:
         )
 
 
+    def channel_moments(self, z: torch.Tensor, sums: torch.Tensor) -> None:
+        """Adds the per-channel sums of ``z [rows, C]`` to ``sums[0]`` and of its squares to ``sums[1]`` (float64)."""
+        channels = z.shape[1] if z.dim() == 2 else -1
+        _check_rows("z", z, 0, z.shape[0] if z.dim() == 2 else 0)
+        if sums.dtype != torch.float64 or not sums.is_contiguous() or tuple(sums.shape) != (2, channels):
+            raise ValueError(f"sums must be a contiguous float64 tensor of shape (2, {channels})")
+        if self._moments(z.data_ptr(), z.shape[0], channels, sums.data_ptr()) != 0:
+            raise MemoryError("dfl_channel_moments: out of memory")
+
+    def affine_leaky_relu_(self, z: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, negative_slope: float):
+        """In place ``z = leaky_relu(scale·z + offset)`` with per-channel ``scale``, ``offset``."""
+        _check_rows("z", z, 0, z.shape[0] if z.dim() == 2 else 0)
+        channels = z.shape[1]
+        if channels % 8:
+            raise ValueError(f"channels must be a multiple of 8, got {channels}")
+        _check_channels("scale", scale, channels)
+        _check_channels("offset", offset, channels)
+        self._affine(z.data_ptr(), z.shape[0], channels, scale.data_ptr(), offset.data_ptr(), float(negative_slope))
+        return z
+
+
 @functools.cache
-def winograd_kernels() -> Winograd43 | None:
+def cpu_kernels() -> CpuKernels | None:
     """The compiled kernels, or ``None`` (logged once) when they are disabled or cannot be built."""
     if os.environ.get("DFL_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     try:
-        return Winograd43(build())
+        return CpuKernels(build())
     except (RuntimeError, OSError) as exc:
         log.warning("dfl: fast CPU kernels unavailable, using the PyTorch path (slower): %s", exc)
         return None

@@ -1,13 +1,17 @@
-/* Winograd F(4,3) transforms along time for the CPU fast path (dfl/native/__init__.py).
+/* Kernels of the CPU fast inference path (dfl/fast_inference.py), loaded by dfl/native/__init__.py.
+ * Rows are channels-last [time, C] float32 with C % 8 == 0; loops over rows run on OpenMP threads.
  *
- * A 3-tap conv with dilation d gives 4 outputs t, t+d, t+2d, t+3d from 6 inputs t-d … t+4d.
+ * Winograd F(4,3) transforms along time. A 3-tap conv with dilation d gives 4 outputs t, t+d, t+2d, t+3d from 6 inputs t-d … t+4d.
  * Winograd computes them from 6 channel-mixing products (one GEMM per product) instead of
  * 12, so these transforms turn 6 input rows into the 6 GEMM operands and the 6 GEMM
- * results into 4 output rows (+ bias, leaky ReLU). Rows are channels-last [time, C] with
- * C % 8 == 0. A tile is `nb` blocks of 4d rows × `np` consecutive phases inside a block;
+ * results into 4 output rows (+ bias, leaky ReLU). A tile is `nb` blocks of 4d rows × `np` consecutive phases inside a block;
  * operand i of tile item k lives at U[i * plane + k * C].
  */
 #include <stdint.h>
+#include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
 typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
@@ -60,5 +64,46 @@ void dfl_wino43_output(const float *M, int64_t nb, int64_t np, int64_t C, int64_
             }
             STORE(o + c, y0), STORE(o + row + c, y1), STORE(o + 2 * row + c, y2), STORE(o + 3 * row + c, y3);
         }
+    }
+}
+
+/* Per-channel sum and sum of squares of `rows` rows, added to sums[0:C] and sums[C:2C] (float64).
+ * Each thread sums its own rows; the partial sums are then added in thread order (deterministic). */
+int dfl_channel_moments(const float *z, int64_t rows, int64_t C, double *sums) {
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    double *partial = calloc((size_t)threads * 2 * C, sizeof(double));
+    if (!partial) return -1;
+#pragma omp parallel num_threads(threads)
+    {
+        int t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+        double *s = partial + (size_t)t * 2 * C, *q = s + C;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            const float *row = z + r * C;
+            for (int64_t c = 0; c < C; c++) {
+                double v = row[c];
+                s[c] += v, q[c] += v * v;
+            }
+        }
+    }
+    for (int t = 0; t < threads; t++)  /* slots of threads that did not run stay zero */
+        for (int64_t c = 0; c < 2 * C; c++) sums[c] += partial[(size_t)t * 2 * C + c];
+    free(partial);
+    return 0;
+}
+
+/* In place: z = leaky_relu(scale * z + offset), per channel. */
+void dfl_affine_leaky_relu(float *z, int64_t rows, int64_t C, const float *scale, const float *offset,
+                           float slope) {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        float *row = z + r * C;
+        for (int64_t c = 0; c < C; c += 8) STORE(row + c, leaky_relu(LOAD(row + c) * LOAD(scale + c) + LOAD(offset + c), slope));
     }
 }

@@ -1,0 +1,147 @@
+"""The compiled Winograd kernels (dfl.native): results, bounds checks, caching and the fallback."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dfl import native
+from dfl.fast_inference import FastContextAggregationNet
+from tests.helpers.small_denoisers import small_denoiser
+
+
+@pytest.fixture
+def kernels():
+    k = native.cpu_kernels()
+    assert k is not None, "the Winograd kernels should compile wherever the tests run (gcc builds pesq)"
+    return k
+
+
+@pytest.fixture
+def fresh_native(tmp_path, monkeypatch):
+    """An empty kernel cache and a cleared loader, restored afterwards."""
+    monkeypatch.setenv("DFL_CACHE_DIR", str(tmp_path / "cache"))
+    native.cpu_kernels.cache_clear()
+    yield tmp_path / "cache" / "native"
+    native.cpu_kernels.cache_clear()
+
+
+def reference_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, d: int, slope: float | None):
+    """[time, Cin] → [time, Cout], 'same' zero padding, float64."""
+    y = F.conv1d(F.pad(x.double().t()[None], (d, d)), weight.double(), bias.double(), dilation=d)[0].t()
+    return y if slope is None else F.leaky_relu(y, slope)
+
+
+@pytest.mark.parametrize("d", [1, 3, 16])
+@pytest.mark.parametrize("slope", [0.2, None], ids=["leaky_relu", "linear"])
+def test_kernels_compute_a_dilated_conv_layer(kernels, d, slope):
+    torch.manual_seed(d)
+    c_in, c_out, length, margin = 16, 24, 8 * d + 5, 2 * d
+    x = torch.zeros(margin + length + 2 * margin, c_in)
+    x[margin : margin + length] = torch.randn(length, c_in)
+    weight, bias = torch.randn(c_out, c_in, 3), torch.randn(c_out)
+    blocks, phases = length // (4 * d), d
+    y = torch.full((x.shape[0], c_out), float("nan"))
+    operands = torch.empty(6, blocks * phases, c_in)
+    products = torch.empty(6, blocks * phases, c_out)
+    kernels.winograd_input(x, margin, blocks, phases, d, operands)
+    torch.bmm(operands, kernels.winograd_weights(weight), out=products)
+    kernels.winograd_output(products, y, margin, blocks, phases, d, bias, slope)
+
+    done = blocks * 4 * d
+    expected = reference_layer(x[margin : margin + length], weight, bias, d, slope)[:done]
+    torch.testing.assert_close(y[margin : margin + done].double(), expected, atol=1e-4, rtol=1e-5)
+    assert y[:margin].isnan().all() and y[margin + done :].isnan().all()  # nothing written outside the tile
+
+
+def test_batch_norm_kernels(kernels):
+    z = 3 * torch.randn(1000, 16) + 5  # a large mean: the float64 sums must not cancel
+    sums = torch.zeros(2, 16, dtype=torch.float64)
+    kernels.channel_moments(z, sums)
+    kernels.channel_moments(z[:10], sums)  # adds
+    both = torch.cat([z, z[:10]]).double()
+    torch.testing.assert_close(sums[0], both.sum(0), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(sums[1], both.square().sum(0), rtol=1e-12, atol=1e-9)
+
+    scale, offset = torch.randn(16), torch.randn(16)
+    expected = F.leaky_relu(z * scale + offset, 0.2)
+    assert kernels.affine_leaky_relu_(z, scale, offset, 0.2) is z
+    torch.testing.assert_close(z, expected, rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match=r"sums must .* shape \(2, 16\)"):
+        kernels.channel_moments(z, torch.zeros(2, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="offset must be 16"):
+        kernels.affine_leaky_relu_(z, scale, offset[:8], 0.2)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.affine_leaky_relu_(z[:, :8], scale[:8], offset[:8], 0.2)
+
+
+def test_kernels_refuse_rows_outside_the_buffer(kernels):
+    x = torch.zeros(100, 8)
+    operands = torch.empty(6, 4, 8)
+    with pytest.raises(ValueError, match=r"rows \[-2, "):
+        kernels.winograd_input(x, 0, 1, 4, 2, operands)  # reads 2 rows before the buffer
+    with pytest.raises(ValueError, match="outside its 100 rows"):
+        kernels.winograd_input(x, 90, 1, 4, 2, operands)
+    with pytest.raises(ValueError, match="outside its 100 rows"):
+        kernels.winograd_output(operands, x, 95, 1, 4, 2, torch.zeros(8), 0.2)
+    with pytest.raises(ValueError, match=r"shape \(6, 8, 8\)"):
+        kernels.winograd_input(x, 10, 2, 4, 2, operands)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.winograd_input(x.double(), 10, 1, 4, 2, operands)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        kernels.winograd_input(torch.zeros(100, 6), 10, 1, 4, 2, torch.empty(6, 4, 6))
+    with pytest.raises(ValueError, match="bias"):
+        kernels.winograd_output(operands, x, 10, 1, 4, 2, torch.zeros(7), 0.2)
+
+
+def test_library_is_built_once_into_the_cache(fresh_native):
+    first = native.build()
+    assert first.parent == fresh_native and first.suffix == ".so"
+    assert sorted(p.name for p in fresh_native.iterdir()) == [first.name]  # no temporary files left
+    stamp = first.stat().st_mtime_ns
+    assert native.build() == first and first.stat().st_mtime_ns == stamp
+    assert native.cpu_kernels() is not None
+
+
+def test_library_is_keyed_by_the_cpu(fresh_native, monkeypatch):
+    first = native.build()
+    monkeypatch.setattr(native, "_cpu_identity", lambda: "model name: another CPU\nflags: sse2\n")
+    second = native.build()
+    assert second != first and second.exists() and first.exists()
+
+
+def test_without_a_compiler_the_pytorch_path_is_used(fresh_native, monkeypatch, tmp_path, caplog):
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo broken-cc 1.0 && exit 0\necho 'cc: error' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    with pytest.raises(RuntimeError, match="could not compile .*kernels.c"):
+        native.build()
+    assert not fresh_native.exists() or not any(fresh_native.iterdir())  # failed builds leave nothing
+
+    with caplog.at_level(logging.WARNING, logger="dfl.native"):
+        assert native.cpu_kernels() is None
+    assert "using the PyTorch path" in caplog.text
+    model = small_denoiser()
+    x = 0.3 * torch.randn(1, 500)
+    with torch.inference_mode():
+        expected = model(x)
+    torch.testing.assert_close(FastContextAggregationNet(model).forward_cpu(x), expected, atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeError, match="winograd=True"):
+        FastContextAggregationNet(model, winograd=True).forward_cpu(x)
+
+
+def test_native_kernels_can_be_switched_off(fresh_native, monkeypatch):
+    monkeypatch.setenv("DFL_NATIVE", "0")
+    assert native.cpu_kernels() is None
+    assert not fresh_native.exists()  # nothing compiled
+
+
+def test_one_openmp_runtime_in_the_process(kernels):
+    # OpenMP in the kernels shares the libgomp PyTorch loaded: one runtime in the process
+    maps = {line.split()[-1] for line in open(f"/proc/{os.getpid()}/maps") if "libgomp" in line}
+    assert len(maps) <= 1, maps
