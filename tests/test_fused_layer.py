@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dfl.models import ContextAggregationNet, LossNetwork
+from dfl.models import ContextAggregationNet, LossNetwork, winograd
 from dfl.models.fused_layer import conv_norm_act
 
 DILATIONS = [1, 1, 2, 4, 8, 1]
@@ -36,6 +36,21 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).detach())
 
 
+@pytest.fixture(params=["winograd", "direct"])
+def conv_path(request, monkeypatch):
+    """Runs a test with the Winograd convs (and checks they ran) or with the direct GEMMs only."""
+    calls = []
+    if request.param == "direct":
+        monkeypatch.setattr(winograd, "kernels_for", lambda *tensors: None)
+    else:
+        for name in ("conv3", "weight_grad"):
+            original = getattr(winograd, name)
+            monkeypatch.setattr(winograd, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    yield request.param
+    if request.param == "winograd":
+        assert {"conv3", "weight_grad"} <= set(calls)
+
+
 CONFIGS = [
     pytest.param({}, id="adaptive"),
     pytest.param({"normalization": "batch"}, id="plain-bn"),
@@ -49,7 +64,7 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_training_step_matches_plain_layers(config):
+def test_training_step_matches_plain_layers(config, conv_path):
     plain, fused = _pair(**config)
     shape = (3, config.get("in_channels", 1), 701) if "in_channels" in config else (3, 701)
     x = torch.randn(*shape)
@@ -68,7 +83,7 @@ def test_training_step_matches_plain_layers(config):
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_eval_mode_and_input_gradient_match_plain_layers(config):
+def test_eval_mode_and_input_gradient_match_plain_layers(config, conv_path):
     plain, fused = _pair(**config)
     warm = torch.randn(2, config["in_channels"], 500) if "in_channels" in config else torch.randn(2, 500)
     with torch.no_grad():  # give the running statistics something to say
@@ -117,7 +132,9 @@ def test_receptive_field_is_exact_on_the_fused_path():
     y = net(x)
     assert "_ConvNormActBackward" in _graph_ops(y)
     y[0, 100].backward()
-    touched = (x.grad[0] != 0).nonzero().flatten()
+    # Winograd's transforms leave float32 rounding (~1e-9 here) where direct convolution gives exact zeros
+    grad = x.grad[0].abs()
+    touched = (grad > 1e-5 * grad.max()).nonzero().flatten()
     half = (net.receptive_field - 1) // 2
     assert touched.min().item() == 100 - half and touched.max().item() == 100 + half
 

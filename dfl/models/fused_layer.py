@@ -5,8 +5,9 @@ ReLU on ``[batch, channels, time]`` tensors: eight or so passes over memory forw
 backward, plus a padding copy and oneDNN's slow dilated-conv weight gradient. Here activations
 live as ``[batch, time, channels]`` buffers whose zero margins are the next layer's dilation:
 
-* the 3-tap dilated conv is three accumulating GEMMs over row-shifted views (no padding copy, no
-  im2col), and so are its input and weight gradients;
+* the 3-tap dilated conv is Winograd F(4,3) along time (:mod:`dfl.models.winograd`: half the GEMM
+  FLOPs) where the compiled kernels are available, else three accumulating GEMMs over row-shifted
+  views (no padding copy, no im2col), and so are its input and weight gradients;
 * BN + adaptive mix is one per-channel affine map ``s·z + c`` (batch or running statistics), applied
   together with the leaky ReLU;
 * backward is hand-written: the leaky ReLU mask comes from the output, the BN backward is PyTorch's
@@ -20,14 +21,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dfl.models import winograd
 
-def _conv3(x: torch.Tensor, taps: torch.Tensor, d: int, out: torch.Tensor) -> None:
-    """``out[b, t] = Σ_k x[b, t + k·d] @ taps[k]`` for a buffer ``x`` padded by ``d`` on both sides."""
+
+def _conv3(x: torch.Tensor, taps: torch.Tensor, d: int, out: torch.Tensor, weight: torch.Tensor) -> None:
+    """``out[b, t] = Σ_k x[b, t + k·d] @ taps[k]`` for a buffer ``x`` padded by ``d`` on both sides.
+
+    Winograd F(4,3) (:mod:`dfl.models.winograd`) where the compiled kernels apply, direct GEMMs for
+    the rest; ``weight`` is the ``[Cout, Cin, 3]`` conv weight that ``taps`` were made from.
+    """
     n = out.shape[1]
+    kernels = winograd.kernels_for(x, out)
+    wino_weights = kernels.winograd_weights(weight) if kernels is not None else None
     for b in range(x.shape[0]):
-        torch.mm(x[b, 0:n], taps[0], out=out[b])
-        out[b].addmm_(x[b, d : d + n], taps[1])
-        out[b].addmm_(x[b, 2 * d : 2 * d + n], taps[2])
+        s = winograd.conv3(kernels, x[b], d, wino_weights, out[b], 0, n, d) if kernels is not None else 0
+        torch.mm(x[b, s:n], taps[0], out=out[b, s:n])
+        out[b, s:n].addmm_(x[b, d + s : d + n], taps[1])
+        out[b, s:n].addmm_(x[b, 2 * d + s : 2 * d + n], taps[2])
 
 
 def _as_nchw_channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -53,7 +63,7 @@ class _ConvNormAct(torch.autograd.Function):
         bsz = x.shape[0]
         taps = weight.permute(2, 1, 0).contiguous()  # [3, Cin, Cout]
         z = x.new_empty(bsz, rows, weight.shape[0])
-        _conv3(x, taps, d, z)
+        _conv3(x, taps, d, z, weight)
         out = x.new_empty(bsz, front + n + back, weight.shape[0])
         out[:, :front].zero_()
         out[:, front + n :].zero_()
@@ -80,12 +90,12 @@ class _ConvNormAct(torch.autograd.Function):
         F.leaky_relu_(act, slope)
         ctx.cfg = cfg
         running = (mean, var) if not batch_stats else (None, None)
-        ctx.save_for_backward(x, taps, z, out, mean, invstd, *running, alpha, beta, gamma, bn_bias)
+        ctx.save_for_backward(x, weight, taps, z, out, mean, invstd, *running, alpha, beta, gamma, bn_bias)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, taps, z, out, mean, invstd, run_mean, run_var, alpha, beta, gamma, bn_bias = ctx.saved_tensors
+        x, weight, taps, z, out, mean, invstd, run_mean, run_var, alpha, beta, gamma, bn_bias = ctx.saved_tensors
         d, n, rows, (front, _), eps, _, slope, batch_stats, _ = ctx.cfg
         bsz, _, cout = z.shape
         act = out[:, front : front + n]
@@ -106,24 +116,37 @@ class _ConvNormAct(torch.autograd.Function):
             eps,
             [True, True, True],
         )
-        dz = gi.squeeze(-1).permute(0, 2, 1)
-        dz = dz.contiguous()
-        dz.add_(dy, alpha=float(alpha))
+        # dz = β·∂BN/∂z + α·dy, in a buffer with d zero rows on each side: the input gradient's padding
+        dz_padded = z.new_empty(bsz, d + rows + d, cout)
+        dz_padded[:, :d].zero_()
+        dz_padded[:, d + rows :].zero_()
+        dz = dz_padded[:, d : d + rows]
+        torch.add(gi.squeeze(-1).permute(0, 2, 1), dy, alpha=float(alpha), out=dz)
         grads = [None] * 9
         need = ctx.needs_input_grad
-        if need[0]:
+        kernels = winograd.kernels_for(x, z)
+        if need[0]:  # the conv with the taps flipped and transposed, over the rows x holds (margins: none)
             dx = x.new_empty(x.shape)
+            dx[:, :d].zero_()
+            dx[:, d + n :].zero_()
+            flipped = kernels.winograd_weights(weight.flip(-1).transpose(0, 1)) if kernels is not None else None
             for b in range(bsz):
-                torch.mm(dz[b], taps[0].t(), out=dx[b, 0:rows])
-                dx[b, rows:].zero_()
-                dx[b, d : d + rows].addmm_(dz[b], taps[1].t())
-                dx[b, 2 * d : 2 * d + rows].addmm_(dz[b], taps[2].t())
+                s = winograd.conv3(kernels, dz_padded[b], d, flipped, dx[b], d, n, d) if kernels is not None else 0
+                torch.mm(dz_padded[b, 2 * d + s : 2 * d + n], taps[0].t(), out=dx[b, d + s : d + n])
+                dx[b, d + s : d + n].addmm_(dz_padded[b, d + s : d + n], taps[1].t())
+                dx[b, d + s : d + n].addmm_(dz_padded[b, s:n], taps[2].t())
             grads[0] = dx
         if need[1]:
             dtaps = torch.zeros_like(taps)
+            wino_grad = x.new_zeros(6, *taps.shape[1:]) if kernels is not None else None
             for b in range(bsz):
+                s = 0
+                if kernels is not None:
+                    s = winograd.weight_grad(kernels, x[b], d, dz_padded[b], d, rows, d, wino_grad)
                 for k in range(3):
-                    dtaps[k].addmm_(x[b, k * d : k * d + rows].t(), dz[b])
+                    dtaps[k].addmm_(x[b, k * d + s : k * d + rows].t(), dz[b, s:])
+            if kernels is not None:
+                dtaps += winograd.taps_grad(wino_grad)
             grads[1] = dtaps.permute(2, 1, 0)
         if need[2]:  # Σ dy·z = Σ dy·(x̂σ + μ)
             grads[2] = (sum_dy_xhat / invstd + mean * sum_dy).sum().reshape(alpha.shape)

@@ -132,6 +132,9 @@ class CpuKernels:
         self._output = lib.dfl_wino43_output
         self._output.argtypes = [ptr, i64, i64, i64, i64, ptr, ctypes.c_float, ctypes.c_int, ptr, i64]
         self._output.restype = None
+        self._output_grad = lib.dfl_wino43_output_grad
+        self._output_grad.argtypes = [ptr, i64, i64, i64, i64, ptr, i64]
+        self._output_grad.restype = None
         self._moments = lib.dfl_channel_moments
         self._moments.argtypes = [ptr, i64, i64, ptr]
         self._moments.restype = ctypes.c_int
@@ -190,6 +193,13 @@ class CpuKernels:
             products.stride(0),
         )
 
+
+    def winograd_output_grad(self, dy: torch.Tensor, row: int, blocks: int, phases: int, dilation: int, out):
+        """Weight-gradient operands ``A·dy`` of output rows as in :meth:`winograd_output` into ``out [6, b·p, C]``."""
+        channels = dy.shape[1]
+        self._check_tile(out, blocks * phases, channels)
+        _check_rows("dy", dy, row, row + 4 * dilation * (blocks - 1) + 3 * dilation + phases)
+        self._output_grad(_row_pointer(dy, row), blocks, phases, channels, dilation, out.data_ptr(), out.stride(0))
 
     def channel_moments(self, z: torch.Tensor, sums: torch.Tensor) -> None:
         """Adds the per-channel sums of ``z [rows, C]`` to ``sums[0]`` and of its squares to ``sums[1]`` (float64)."""

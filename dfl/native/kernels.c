@@ -67,6 +67,28 @@ void dfl_wino43_output(const float *M, int64_t nb, int64_t np, int64_t C, int64_
     }
 }
 
+/* The weight gradient's second operand: the transpose of the output transform applied to the
+ * 4 output-gradient rows of each tile item, V = A·dy (6 planes, like dfl_wino43_input's U). */
+void dfl_wino43_output_grad(const float *dy, int64_t nb, int64_t np, int64_t C, int64_t d, float *V,
+                            int64_t plane) {
+    const int64_t row = d * C, block = 4 * d * C;
+#pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < nb * np; k++) {
+        const float *g = dy + (k / np) * block + (k % np) * C;
+        float *v = V + k * C;
+        for (int64_t c = 0; c < C; c += 8) {
+            v8 g0 = LOAD(g + c), g1 = LOAD(g + row + c), g2 = LOAD(g + 2 * row + c), g3 = LOAD(g + 3 * row + c);
+            v8 even = g0 + g2, odd = g1 + g3, even4 = g0 + 4.f * g2, odd2 = 2.f * g1 + 8.f * g3;
+            STORE(v + c, g0);
+            STORE(v + plane + c, even + odd);
+            STORE(v + 2 * plane + c, even - odd);
+            STORE(v + 3 * plane + c, even4 + odd2);
+            STORE(v + 4 * plane + c, even4 - odd2);
+            STORE(v + 5 * plane + c, g3);
+        }
+    }
+}
+
 /* Per-channel sum and sum of squares of `rows` rows, added to sums[0:C] and sums[C:2C] (float64).
  * Each thread sums its own rows; the partial sums are then added in thread order (deterministic). */
 int dfl_channel_moments(const float *z, int64_t rows, int64_t C, double *sums) {
