@@ -28,7 +28,7 @@ from torch import nn
 
 from dfl.models import AdaptiveBatchNorm, BatchNorm, ContextAggregationNet
 from dfl.models.fused_layer import channels_last_batch_stats
-from dfl.native import cpu_kernels
+from dfl.native import channel_mean_var, cpu_kernels
 
 
 def _norm_coefficients(norm: nn.Module, channels: int):
@@ -186,14 +186,10 @@ class FastContextAggregationNet(nn.Module):
 
     def _batch_norm_act_native(self, layer: _Layer, z: torch.Tensor, kernels) -> None:
         """Norm with the statistics of ``z [batch, rows, C]`` + leaky ReLU, in place, in two passes."""
-        sums = torch.zeros(2, z.shape[2], dtype=torch.float64)
-        for zb in z:
-            kernels.channel_moments(zb, sums)
-        mean = sums[0] / z[..., 0].numel()
-        var = (sums[1] / z[..., 0].numel() - mean.square()).clamp_min(0)  # float64 sums: no cancellation issue
+        mean, var = channel_mean_var(kernels, z)
         scale, offset = layer.batch_affine(mean.float(), torch.rsqrt(var + layer.eps).float())
         for zb in z:
-            kernels.affine_leaky_relu_(zb, scale.contiguous(), offset.contiguous(), self.negative_slope)
+            kernels.affine_leaky_relu(zb, scale.contiguous(), offset.contiguous(), self.negative_slope)
 
     def _winograd_rows(self, layer: _Layer, xb, ob, margin: int, n_rows: int, kernels, work) -> int:
         """Rows ``[0, 4d·⌊n_rows/4d⌋)`` of one layer by Winograd F(4,3); returns how many rows it did.

@@ -59,24 +59,48 @@ def test_kernels_compute_a_dilated_conv_layer(kernels, d, slope):
 
 
 def test_batch_norm_kernels(kernels):
-    z = 3 * torch.randn(1000, 16) + 5  # a large mean: the float64 sums must not cancel
+    z = 3 * torch.randn(1000, 16) + 5
     sums = torch.zeros(2, 16, dtype=torch.float64)
-    kernels.channel_moments(z, sums)
-    kernels.channel_moments(z[:10], sums)  # adds
-    both = torch.cat([z, z[:10]]).double()
-    torch.testing.assert_close(sums[0], both.sum(0), rtol=1e-12, atol=1e-9)
-    torch.testing.assert_close(sums[1], both.square().sum(0), rtol=1e-12, atol=1e-9)
+    shift = torch.full((16,), 4.0)
+    kernels.channel_moments(z, sums, shift)
+    kernels.channel_moments(z[:10], sums, shift)  # adds
+    both = torch.cat([z, z[:10]]).double() - 4.0
+    torch.testing.assert_close(sums[0], both.sum(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sums[1], both.square().sum(0), rtol=1e-6, atol=1e-6)
+    # the gradient moments: dy = leaky ReLU's input gradient, Σdy and Σdy·(z − shift)
+    grad, act = torch.randn(1000, 16), torch.randn(1000, 16)
+    dy = torch.where(act > 0, grad, 0.2 * grad).double()
+    sums.zero_()
+    kernels.channel_moments(z, sums, shift, grad=grad, act=act, negative_slope=0.2)
+    torch.testing.assert_close(sums[0], dy.sum(0), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(sums[1], (dy * (z.double() - 4.0)).sum(0), rtol=1e-6, atol=1e-4)
+    # mean and variance without cancellation, even for a mean 10⁴ standard deviations from zero
+    far = 1e-3 * torch.randn(3, 4000, 16) + 10.0
+    mean, var = native.channel_mean_var(kernels, far)
+    torch.testing.assert_close(mean, far.double().mean((0, 1)), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(var, far.double().var((0, 1), unbiased=False), rtol=1e-4, atol=0)
 
     scale, offset = torch.randn(16), torch.randn(16)
     expected = F.leaky_relu(z * scale + offset, 0.2)
-    assert kernels.affine_leaky_relu_(z, scale, offset, 0.2) is z
+    assert kernels.affine_leaky_relu(z, scale, offset, 0.2) is z
     torch.testing.assert_close(z, expected, rtol=1e-6, atol=1e-5)
+    # the backward of act = leaky_relu(norm(z)): out = a·dy + b·z + e (no grad: dy = 0)
+    a, b, e = torch.randn(16), torch.randn(16), torch.randn(16)
+    out = torch.empty_like(z)
+    kernels.norm_act_backward(grad, act, z, 0.2, a, b, e, out)
+    torch.testing.assert_close(out, (a * dy + b * z + e).float(), rtol=1e-5, atol=1e-4)
+    kernels.norm_act_backward(None, None, z, 0.2, a, b, e, out)
+    torch.testing.assert_close(out, b * z + e, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match=r"sums must .* shape \(2, 16\)"):
-        kernels.channel_moments(z, torch.zeros(2, 8, dtype=torch.float64))
+        kernels.channel_moments(z, torch.zeros(2, 8, dtype=torch.float64), shift)
+    with pytest.raises(ValueError, match="grad and act go together"):
+        kernels.channel_moments(z, sums, shift, grad=grad)
+    with pytest.raises(ValueError, match="act has shape"):
+        kernels.channel_moments(z, sums, shift, grad=grad, act=act[:10])
     with pytest.raises(ValueError, match="offset must be 16"):
-        kernels.affine_leaky_relu_(z, scale, offset[:8], 0.2)
+        kernels.affine_leaky_relu(z, scale, offset[:8], 0.2)
     with pytest.raises(ValueError, match="contiguous"):
-        kernels.affine_leaky_relu_(z[:, :8], scale[:8], offset[:8], 0.2)
+        kernels.affine_leaky_relu(z[:, :8], scale[:8], offset[:8], 0.2)
 
 
 def test_kernels_refuse_rows_outside_the_buffer(kernels):

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from dfl.models import winograd
+from dfl.native import channel_mean_var
 
 
 def _conv3(x: torch.Tensor, taps: torch.Tensor, d: int, out: torch.Tensor, weight: torch.Tensor) -> None:
@@ -56,6 +57,61 @@ def channels_last_batch_stats(z: torch.Tensor, eps: float) -> tuple[torch.Tensor
     return mean, invstd
 
 
+def _norm_act_native(kernels, z, act, alpha, beta, gamma, bn_bias, running_mean, running_var, cfg):
+    """``act = leaky_relu(α·z + β·BN(z))`` by the compiled kernels; returns (μ, σ² or None, 1/√(σ²+ε)).
+
+    Batch statistics come from float64 sums, and the running ones move as in ``F.batch_norm``
+    (unbiased variance).
+    """
+    _, n, rows, _, eps, momentum, slope, batch_stats, update_running = cfg
+    if batch_stats:
+        mean64, var64 = channel_mean_var(kernels, z)
+        count = z.shape[0] * rows
+        if update_running:
+            running_mean.mul_(1 - momentum).add_(mean64.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_((var64 * count / (count - 1)).to(running_var.dtype), alpha=momentum)
+        mean, var, invstd = mean64.float(), None, torch.rsqrt(var64 + eps).float()
+    else:
+        mean, var = running_mean.clone(), running_var.clone()
+        invstd = torch.rsqrt(var + eps)
+    g = gamma * invstd
+    scale = (alpha + beta * g).expand(z.shape[-1]).contiguous()
+    offset = (beta * (bn_bias - g * mean)).contiguous()
+    for zb, ab in zip(z, act):
+        kernels.affine_leaky_relu(zb[:n], scale, offset, slope, out=ab)
+    return mean, var, invstd
+
+
+def _norm_act_backward_native(kernels, grad_out, act, z, mean, invstd, alpha, beta, gamma, dz, cfg):
+    """``dz`` of :func:`_norm_act_native` in two passes; returns BN backward's sums ``(Σdy·x̂, Σdy)``.
+
+    ``dz = a·dy + b·z + e`` per channel: ``a = α + βγ/σ`` and, with batch statistics (their
+    gradient), ``b = −βγ·Σdy·x̂ /(Nσ²)``, ``e = −βγ·Σdy/(Nσ) − b·μ``.
+    """
+    _, n, rows, (front, _), _, _, slope, batch_stats, _ = cfg
+    grad_act = grad_out.contiguous()[:, front : front + n]  # each [b] a contiguous block, no copy
+    sums = torch.zeros(2, z.shape[-1], dtype=torch.float64)
+    for gb, ab, zb in zip(grad_act, act, z):  # about the mean: Σdy·(z−μ) directly
+        kernels.channel_moments(zb[:n], sums, mean.contiguous(), grad=gb, act=ab, negative_slope=slope)
+    mean64, invstd64 = mean.double(), invstd.double()
+    sum_dy = sums[0]
+    sum_dy_xhat = invstd64 * sums[1]
+    bg = (beta * gamma).double().expand_as(sum_dy)
+    a = (alpha.double() + bg * invstd64).float().contiguous()
+    if batch_stats:
+        count = z.shape[0] * rows  # the cut rows (dy = 0) count: BN's statistics saw them
+        b64 = -bg * invstd64.square() * sum_dy_xhat / count
+        e64 = -bg * invstd64 * sum_dy / count - b64 * mean64
+        b, e = b64.float().contiguous(), e64.float().contiguous()
+    else:  # running statistics are constants
+        b = e = torch.zeros_like(a)
+    for gb, ab, zb, db in zip(grad_act, act, z, dz):
+        kernels.norm_act_backward(gb, ab, zb[:n], slope, a, b, e, out=db[:n])
+        if rows > n:
+            kernels.norm_act_backward(None, None, zb[n:], slope, a, b, e, out=db[n:])
+    return sum_dy_xhat.float(), sum_dy.float()
+
+
 class _ConvNormAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, alpha, beta, gamma, bn_bias, running_mean, running_var, cfg):
@@ -68,7 +124,11 @@ class _ConvNormAct(torch.autograd.Function):
         out[:, :front].zero_()
         out[:, front + n :].zero_()
         act = out[:, front : front + n]  # rows beyond n (tf_authors padding) are cut after the activation
-        if batch_stats:
+        kernels = winograd.kernels_for(x, z)
+        if kernels is not None:  # the compiled kernels: statistics in one read, norm + activation in one pass
+            mean, var, invstd = _norm_act_native(kernels, z, act, alpha, beta, gamma, bn_bias, running_mean,
+                                                 running_var, cfg)  # fmt: skip
+        elif batch_stats:
             # PyTorch's channels-last BN kernel: batch statistics (and F.batch_norm's running update),
             # with weight β·γ and bias β·b its output is β·BN(z); α·z is added on the way out.
             bn_out, mean, invstd = torch.ops.aten.native_batch_norm(
@@ -87,7 +147,8 @@ class _ConvNormAct(torch.autograd.Function):
             invstd = torch.rsqrt(var + eps)
             g = gamma * invstd
             torch.addcmul(beta * (bn_bias - g * mean), z[:, :n], alpha + beta * g, out=act)
-        F.leaky_relu_(act, slope)
+        if kernels is None:
+            F.leaky_relu_(act, slope)
         ctx.cfg = cfg
         running = (mean, var) if not batch_stats else (None, None)
         ctx.save_for_backward(x, weight, taps, z, out, mean, invstd, *running, alpha, beta, gamma, bn_bias)
@@ -99,32 +160,36 @@ class _ConvNormAct(torch.autograd.Function):
         d, n, rows, (front, _), eps, _, slope, batch_stats, _ = ctx.cfg
         bsz, _, cout = z.shape
         act = out[:, front : front + n]
-        dy = torch.ops.aten.leaky_relu_backward(grad_out[:, front : front + n], act, slope, True)
-        if rows > n:  # the cut rows get no gradient, but BN's statistics saw them
-            dy = torch.cat([dy, dy.new_zeros(bsz, rows - n, cout)], dim=1)
-        dy = dy.contiguous()
-        # BN backward with weight β·γ gives β·∂BN/∂z; its sums Σ dy·x̂ and Σ dy give every parameter grad.
-        gi, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            _as_nchw_channels_last(dy),
-            _as_nchw_channels_last(z),
-            (beta * gamma).expand(cout).contiguous(),
-            run_mean,
-            run_var,
-            mean,
-            invstd,
-            batch_stats,
-            eps,
-            [True, True, True],
-        )
         # dz = β·∂BN/∂z + α·dy, in a buffer with d zero rows on each side: the input gradient's padding
         dz_padded = z.new_empty(bsz, d + rows + d, cout)
         dz_padded[:, :d].zero_()
         dz_padded[:, d + rows :].zero_()
         dz = dz_padded[:, d : d + rows]
-        torch.add(gi.squeeze(-1).permute(0, 2, 1), dy, alpha=float(alpha), out=dz)
+        kernels = winograd.kernels_for(x, z)
+        if kernels is not None:
+            sum_dy_xhat, sum_dy = _norm_act_backward_native(kernels, grad_out, act, z, mean, invstd, alpha, beta,
+                                                            gamma, dz, ctx.cfg)  # fmt: skip
+        else:
+            dy = torch.ops.aten.leaky_relu_backward(grad_out[:, front : front + n], act, slope, True)
+            if rows > n:  # the cut rows get no gradient, but BN's statistics saw them
+                dy = torch.cat([dy, dy.new_zeros(bsz, rows - n, cout)], dim=1)
+            dy = dy.contiguous()
+            # BN backward with weight β·γ gives β·∂BN/∂z; its sums Σ dy·x̂ and Σ dy give every parameter grad.
+            gi, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+                _as_nchw_channels_last(dy),
+                _as_nchw_channels_last(z),
+                (beta * gamma).expand(cout).contiguous(),
+                run_mean,
+                run_var,
+                mean,
+                invstd,
+                batch_stats,
+                eps,
+                [True, True, True],
+            )
+            torch.add(gi.squeeze(-1).permute(0, 2, 1), dy, alpha=float(alpha), out=dz)
         grads = [None] * 9
         need = ctx.needs_input_grad
-        kernels = winograd.kernels_for(x, z)
         if need[0]:  # the conv with the taps flipped and transposed, over the rows x holds (margins: none)
             dx = x.new_empty(x.shape)
             dx[:, :d].zero_()

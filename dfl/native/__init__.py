@@ -30,6 +30,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
+# read once, with the wrappers below: the library built is always the one they were written for
+SOURCE_TEXT = SOURCE.read_text()
 # tried in order: OpenMP shares the libgomp PyTorch already loaded (same thread count)
 FLAG_SETS = (
     ["-O3", "-march=native", "-fopenmp"],
@@ -58,8 +60,8 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def build(source: Path = SOURCE) -> Path:
-    """Compile ``source`` into the cache (atomically) unless already there; returns the library path."""
+def build(source_text: str = SOURCE_TEXT, name: str = SOURCE.stem) -> Path:
+    """Compile the C source into the cache (atomically) unless already there; returns the library path."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC or install gcc/clang)")
@@ -68,27 +70,35 @@ def build(source: Path = SOURCE) -> Path:
     except (OSError, subprocess.SubprocessError) as exc:
         raise RuntimeError(f"C compiler {cc!r} does not run: {exc}") from exc
     key = hashlib.sha256(
-        b"\0".join(s.encode() for s in (source.read_text(), cc, version, _cpu_identity(), platform.machine()))
+        b"\0".join(s.encode() for s in (source_text, cc, version, _cpu_identity(), platform.machine()))
     ).hexdigest()[:16]
-    target = cache_dir() / f"{source.stem}-{key}.so"
+    target = cache_dir() / f"{name}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     errors = []
-    for flags in FLAG_SETS:
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        cmd = [cc, *flags, "-shared", "-fPIC", str(source), "-o", tmp]
-        try:
-            result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.SubprocessError) as exc:
-            result = subprocess.CompletedProcess(cmd, 1, "", str(exc))
-        if result.returncode == 0:
-            os.replace(tmp, target)  # other processes see the whole library or none
-            return target
-        os.unlink(tmp)
-        errors.append(f"{' '.join(cmd)}: {result.stderr.strip()[-500:]}")
-    raise RuntimeError("could not compile " + str(source) + ":\n" + "\n".join(errors))
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp_dir:
+        source = Path(tmp_dir) / f"{name}.c"
+        source.write_text(source_text)
+        for flags in FLAG_SETS:
+            if _compile(cc, flags, source, target, errors):
+                return target
+    raise RuntimeError(f"could not compile {SOURCE.parent / (name + '.c')}:\n" + "\n".join(errors))
+
+
+def _compile(cc: str, flags: list[str], source: Path, target: Path, errors: list[str]) -> bool:
+    """One compiler run into a temporary file, renamed onto ``target`` on success."""
+    tmp = source.with_suffix(".so")
+    cmd = [cc, *flags, "-shared", "-fPIC", str(source), "-o", str(tmp)]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as exc:
+        result = subprocess.CompletedProcess(cmd, 1, "", str(exc))
+    if result.returncode == 0:
+        os.replace(tmp, target)  # other processes see the whole library or none
+        return True
+    errors.append(f"{' '.join(cmd)}: {result.stderr.strip()[-500:]}")
+    return False
 
 
 def _row_pointer(t: torch.Tensor, row: int) -> int:
@@ -136,11 +146,14 @@ class CpuKernels:
         self._output_grad.argtypes = [ptr, i64, i64, i64, i64, ptr, i64]
         self._output_grad.restype = None
         self._moments = lib.dfl_channel_moments
-        self._moments.argtypes = [ptr, i64, i64, ptr]
+        self._moments.argtypes = [ptr, ptr, ptr, ptr, ctypes.c_float, i64, i64, ptr]
         self._moments.restype = ctypes.c_int
         self._affine = lib.dfl_affine_leaky_relu
-        self._affine.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_float]
+        self._affine.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ctypes.c_float]
         self._affine.restype = None
+        self._norm_act_backward = lib.dfl_norm_act_backward
+        self._norm_act_backward.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, ptr, ptr, ptr, ptr]
+        self._norm_act_backward.restype = None
 
     @classmethod
     def winograd_weights(cls, weight: torch.Tensor) -> torch.Tensor:
@@ -201,25 +214,95 @@ class CpuKernels:
         _check_rows("dy", dy, row, row + 4 * dilation * (blocks - 1) + 3 * dilation + phases)
         self._output_grad(_row_pointer(dy, row), blocks, phases, channels, dilation, out.data_ptr(), out.stride(0))
 
-    def channel_moments(self, z: torch.Tensor, sums: torch.Tensor) -> None:
-        """Adds the per-channel sums of ``z [rows, C]`` to ``sums[0]`` and of its squares to ``sums[1]`` (float64)."""
-        channels = z.shape[1] if z.dim() == 2 else -1
+    @staticmethod
+    def _check_like(z: torch.Tensor, **others: torch.Tensor | None) -> int:
+        """``z`` and each other ``[rows, C]`` tensor: contiguous float32 CPU, same shape; returns C."""
         _check_rows("z", z, 0, z.shape[0] if z.dim() == 2 else 0)
+        for name, t in others.items():
+            if t is not None:
+                _check_rows(name, t, 0, t.shape[0] if t.dim() == 2 else 0)
+                if t.shape != z.shape:
+                    raise ValueError(f"{name} has shape {tuple(t.shape)}, z has {tuple(z.shape)}")
+        if z.shape[1] % 8:
+            raise ValueError(f"channels must be a multiple of 8, got {z.shape[1]}")
+        return z.shape[1]
+
+    def channel_moments(
+        self,
+        z: torch.Tensor,
+        sums: torch.Tensor,
+        shift: torch.Tensor,
+        grad: torch.Tensor | None = None,
+        act: torch.Tensor | None = None,
+        negative_slope: float = 0.0,
+    ) -> None:
+        """Adds per-channel moments of ``z [rows, C]`` about ``shift`` to ``sums (2, C)`` (float64).
+
+        Without ``grad``: ``Σ(z−k)`` and ``Σ(z−k)²``. With ``grad`` and ``act = leaky_relu(·)``: ``Σdy``
+        and ``Σdy·(z−k)`` for the leaky ReLU's input gradient ``dy`` (the batch-norm backward's sums).
+        A shift ``k`` near the channel means avoids cancellation in the variance.
+        """
+        if (grad is None) != (act is None):
+            raise ValueError("grad and act go together")
+        channels = self._check_like(z, grad=grad, act=act)
+        _check_channels("shift", shift, channels)
         if sums.dtype != torch.float64 or not sums.is_contiguous() or tuple(sums.shape) != (2, channels):
             raise ValueError(f"sums must be a contiguous float64 tensor of shape (2, {channels})")
-        if self._moments(z.data_ptr(), z.shape[0], channels, sums.data_ptr()) != 0:
+        g, a = (None, None) if grad is None else (grad.data_ptr(), act.data_ptr())
+        status = self._moments(z.data_ptr(), shift.data_ptr(), g, a, float(negative_slope), z.shape[0], channels,
+                               sums.data_ptr())  # fmt: skip
+        if status != 0:
             raise MemoryError("dfl_channel_moments: out of memory")
 
-    def affine_leaky_relu_(self, z: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, negative_slope: float):
-        """In place ``z = leaky_relu(scale·z + offset)`` with per-channel ``scale``, ``offset``."""
-        _check_rows("z", z, 0, z.shape[0] if z.dim() == 2 else 0)
-        channels = z.shape[1]
-        if channels % 8:
-            raise ValueError(f"channels must be a multiple of 8, got {channels}")
+    def affine_leaky_relu(
+        self,
+        z: torch.Tensor,
+        scale: torch.Tensor,
+        offset: torch.Tensor,
+        negative_slope: float,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``out = leaky_relu(scale·z + offset)`` with per-channel ``scale``, ``offset`` (``out=z``: in place)."""
+        out = z if out is None else out
+        channels = self._check_like(z, out=out)
         _check_channels("scale", scale, channels)
         _check_channels("offset", offset, channels)
-        self._affine(z.data_ptr(), z.shape[0], channels, scale.data_ptr(), offset.data_ptr(), float(negative_slope))
-        return z
+        self._affine(z.data_ptr(), out.data_ptr(), z.shape[0], channels, scale.data_ptr(), offset.data_ptr(),
+                     float(negative_slope))  # fmt: skip
+        return out
+
+    def norm_act_backward(
+        self,
+        grad: torch.Tensor | None,
+        act: torch.Tensor | None,
+        z: torch.Tensor,
+        negative_slope: float,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        e: torch.Tensor,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        """``out = a·dy + b·z + e`` per channel, ``dy`` the leaky ReLU's input gradient (0 without ``grad``)."""
+        if (grad is None) != (act is None):
+            raise ValueError("grad and act go together")
+        channels = self._check_like(z, grad=grad, act=act, out=out)
+        for name, t in (("a", a), ("b", b), ("e", e)):
+            _check_channels(name, t, channels)
+        g, ac = (None, None) if grad is None else (grad.data_ptr(), act.data_ptr())
+        self._norm_act_backward(g, ac, z.data_ptr(), z.shape[0], channels, float(negative_slope), a.data_ptr(),
+                                b.data_ptr(), e.data_ptr(), out.data_ptr())  # fmt: skip
+        return out
+
+
+def channel_mean_var(kernels: CpuKernels, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (biased) variance of ``z [batch, rows, C]`` in float64."""
+    shift = z[0, 0].contiguous()  # any value near the mean will do: one of the samples
+    sums = torch.zeros(2, z.shape[-1], dtype=torch.float64)
+    for zb in z:
+        kernels.channel_moments(zb, sums, shift)
+    count = z.shape[0] * z.shape[1]
+    mean_shifted = sums[0] / count
+    return shift.double() + mean_shifted, (sums[1] / count - mean_shifted.square()).clamp_min(0)
 
 
 @functools.cache

@@ -89,15 +89,27 @@ void dfl_wino43_output_grad(const float *dy, int64_t nb, int64_t np, int64_t C, 
     }
 }
 
-/* Per-channel sum and sum of squares of `rows` rows, added to sums[0:C] and sums[C:2C] (float64).
- * Each thread sums its own rows; the partial sums are then added in thread order (deterministic). */
-int dfl_channel_moments(const float *z, int64_t rows, int64_t C, double *sums) {
+/* Per-channel moments of `rows` rows about `shift` (k), added in float64 to sums[0:C] and sums[C:2C]:
+ * grad == NULL: Σ (z−k) and Σ (z−k)²; else, with dy = grad where act > 0 and slope·grad elsewhere
+ * (the leaky ReLU's gradient), Σ dy and Σ dy·(z−k). A shift near the mean keeps the variance free of
+ * cancellation. Blocks of 64 rows are summed in float32 vectors, then
+ * added in float64 per thread; the threads' sums are added in thread order, so results do not
+ * depend on scheduling. Returns -1 when out of memory. */
+#define MOMENT_BLOCK 64
+int dfl_channel_moments(const float *z, const float *shift, const float *grad, const float *act, float slope,
+                        int64_t rows, int64_t C, double *sums) {
     int threads = 1;
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
     double *partial = calloc((size_t)threads * 2 * C, sizeof(double));
-    if (!partial) return -1;
+    float *blocks = malloc((size_t)threads * 2 * C * sizeof(float));
+    if (!partial || !blocks) {
+        free(partial), free(blocks);
+        return -1;
+    }
+    const int64_t n_blocks = (rows + MOMENT_BLOCK - 1) / MOMENT_BLOCK;
+    const v8 zero = {0};
 #pragma omp parallel num_threads(threads)
     {
         int t = 0;
@@ -105,27 +117,55 @@ int dfl_channel_moments(const float *z, int64_t rows, int64_t C, double *sums) {
         t = omp_get_thread_num();
 #endif
         double *s = partial + (size_t)t * 2 * C, *q = s + C;
+        float *bs = blocks + (size_t)t * 2 * C, *bq = bs + C;
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r++) {
-            const float *row = z + r * C;
-            for (int64_t c = 0; c < C; c++) {
-                double v = row[c];
-                s[c] += v, q[c] += v * v;
-            }
+        for (int64_t blk = 0; blk < n_blocks; blk++) {
+            const int64_t r1 = (blk + 1) * MOMENT_BLOCK < rows ? (blk + 1) * MOMENT_BLOCK : rows;
+            for (int64_t c = 0; c < C; c += 8) STORE(bs + c, zero), STORE(bq + c, zero);
+            for (int64_t r = blk * MOMENT_BLOCK; r < r1; r++)
+                for (int64_t c = 0; c < C; c += 8) {
+                    v8 v = LOAD(z + r * C + c) - LOAD(shift + c), w = v;
+                    if (grad) {
+                        v8 g = LOAD(grad + r * C + c);
+                        v8i negative = LOAD(act + r * C + c) <= zero;
+                        w = (v8)(((v8i)g & ~negative) | ((v8i)(g * slope) & negative)); /* dy */
+                    }
+                    STORE(bs + c, LOAD(bs + c) + w);
+                    STORE(bq + c, LOAD(bq + c) + w * v);
+                }
+            for (int64_t c = 0; c < C; c++) s[c] += bs[c], q[c] += bq[c];
         }
     }
-    for (int t = 0; t < threads; t++)  /* slots of threads that did not run stay zero */
+    for (int t = 0; t < threads; t++) /* slots of threads that did not run stay zero */
         for (int64_t c = 0; c < 2 * C; c++) sums[c] += partial[(size_t)t * 2 * C + c];
-    free(partial);
+    free(partial), free(blocks);
     return 0;
 }
 
-/* In place: z = leaky_relu(scale * z + offset), per channel. */
-void dfl_affine_leaky_relu(float *z, int64_t rows, int64_t C, const float *scale, const float *offset,
-                           float slope) {
+/* out = leaky_relu(scale * z + offset), per channel (out == z: in place). */
+void dfl_affine_leaky_relu(const float *z, float *out, int64_t rows, int64_t C, const float *scale,
+                           const float *offset, float slope) {
 #pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        float *row = z + r * C;
-        for (int64_t c = 0; c < C; c += 8) STORE(row + c, leaky_relu(LOAD(row + c) * LOAD(scale + c) + LOAD(offset + c), slope));
-    }
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < C; c += 8)
+            STORE(out + r * C + c, leaky_relu(LOAD(z + r * C + c) * LOAD(scale + c) + LOAD(offset + c), slope));
+}
+
+/* Backward of act = leaky_relu(norm(z)) for a norm that is per channel a·z + (batch-statistics terms):
+ * out = a·dy + b·z + e, with dy as in dfl_channel_moments (grad == NULL: dy = 0). */
+void dfl_norm_act_backward(const float *grad, const float *act, const float *z, int64_t rows, int64_t C,
+                           float slope, const float *a, const float *b, const float *e, float *out) {
+    const v8 zero = {0};
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < C; c += 8) {
+            v8 v = LOAD(b + c) * LOAD(z + r * C + c) + LOAD(e + c);
+            if (grad) {
+                v8 g = LOAD(grad + r * C + c);
+                v8i negative = LOAD(act + r * C + c) <= zero;
+                v8 dy = (v8)(((v8i)g & ~negative) | ((v8i)(g * slope) & negative));
+                v += LOAD(a + c) * dy;
+            }
+            STORE(out + r * C + c, v);
+        }
 }
