@@ -119,4 +119,5 @@ def weight_grad(
 
 def taps_grad(grad: torch.Tensor) -> torch.Tensor:
     """``∂L/∂(winograd weights) [6, Cin, Cout]`` → ``∂L/∂taps [3, Cin, Cout]`` (the chain rule through G)."""
-    return torch.einsum("ik,icd->kcd", CpuKernels.G, grad.double()).to(grad.dtype)
+    six, c_in, c_out = grad.shape
+    return (CpuKernels.G.to(grad.dtype).t() @ grad.reshape(six, c_in * c_out)).view(3, c_in, c_out)
