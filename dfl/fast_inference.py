@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfl.models import AdaptiveBatchNorm, BatchNorm, ContextAggregationNet
+from dfl.models import AdaptiveBatchNorm, BatchNorm, ContextAggregationNet, winograd
 from dfl.models.fused_layer import channels_last_batch_stats
 from dfl.native import channel_mean_var, cpu_kernels
 
@@ -141,11 +141,9 @@ class FastContextAggregationNet(nn.Module):
         x = torch.zeros(batch, rows, 1)
         x[:, margin : margin + length, 0] = wav
         kernels = self._winograd_kernels()
-        # Winograd operands and products of one tile, reused by every layer
-        work = torch.empty(2, 6 * (self.winograd_tile // 4) * channels) if kernels is not None else None
         for i, layer in enumerate(self.layers):
             out = bufs[i % 2]
-            self._layer_cpu(layer, x, out, margin, length, kernels, work)
+            self._layer_cpu(layer, x, out, margin, length, kernels)
             x = out
         return x[:, margin : margin + length] @ self.out_weight + self.out_bias
 
@@ -157,14 +155,21 @@ class FastContextAggregationNet(nn.Module):
             raise RuntimeError("winograd=True but the compiled kernels are unavailable (see the log)")
         return kernels
 
-    def _layer_cpu(self, layer: _Layer, x, out, margin: int, length: int, kernels=None, work=None) -> None:
+    def _layer_cpu(self, layer: _Layer, x, out, margin: int, length: int, kernels=None) -> None:
         d = layer.dilation
         taps = [layer.weight[:, :, k].t().contiguous() for k in range(3)]  # [Cin, Cout] each
         n_rows = length + (-length) % d if layer.pad_to_multiple else length
         tile = self.tile
+        # Winograd where both sides have channels in multiples of 8 (not the 1-channel first layer)
+        conv_kernels = kernels if kernels is not None and winograd.kernels_for(x, out) is not None else None
+        weights = conv_kernels.winograd_weights(layer.weight) if conv_kernels is not None else None
+        slope = None if layer.batch_stats else self.negative_slope  # batch statistics: activate after the norm
         for b in range(x.shape[0]):
             xb, ob = x[b], out[b]
-            done = self._winograd_rows(layer, xb, ob, margin, n_rows, kernels, work) if kernels is not None else 0
+            done = 0
+            if conv_kernels is not None:
+                done = winograd.conv3(conv_kernels, xb, margin, weights, ob, margin, n_rows, d, layer.bias, slope,
+                                      tile_outputs=self.winograd_tile)  # fmt: skip
             for s in range(done, n_rows, tile):
                 n = min(tile, n_rows - s)
                 o = ob[margin + s : margin + s + n]
@@ -190,35 +195,6 @@ class FastContextAggregationNet(nn.Module):
         scale, offset = layer.batch_affine(mean.float(), torch.rsqrt(var + layer.eps).float())
         for zb in z:
             kernels.affine_leaky_relu(zb, scale.contiguous(), offset.contiguous(), self.negative_slope)
-
-    def _winograd_rows(self, layer: _Layer, xb, ob, margin: int, n_rows: int, kernels, work) -> int:
-        """Rows ``[0, 4d·⌊n_rows/4d⌋)`` of one layer by Winograd F(4,3); returns how many rows it did.
-
-        Time splits into blocks of 4d rows; within a block, phase p's outputs p, p+d, p+2d, p+3d
-        form one Winograd tile. A work tile is several whole blocks (small d) or a run of
-        phases of one block (large d), about ``winograd_tile`` outputs, so it stays in cache.
-        """
-        d = layer.dilation
-        blocks = n_rows // (4 * d)
-        c_in, c_out = xb.shape[1], ob.shape[1]
-        if blocks == 0 or c_in % 8 or c_out % 8:  # the first layer (1 channel) stays direct
-            return 0
-        weights = kernels.winograd_weights(layer.weight)
-        slope = None if layer.batch_stats else self.negative_slope  # batch statistics: activate after the norm
-        items = max(1, self.winograd_tile // 4)
-        phase_step, block_step = min(d, items), max(1, items // d)
-        for b0 in range(0, blocks, block_step):
-            nb = min(block_step, blocks - b0)
-            for p0 in range(0, d, phase_step):
-                n_phases = min(phase_step, d - p0)
-                k = nb * n_phases
-                operands = work[0, : 6 * k * c_in].view(6, k, c_in)
-                products = work[1, : 6 * k * c_out].view(6, k, c_out)
-                row = margin + 4 * d * b0 + p0
-                kernels.winograd_input(xb, row, nb, n_phases, d, operands)
-                torch.bmm(operands, weights, out=products)
-                kernels.winograd_output(products, ob, row, nb, n_phases, d, layer.bias, slope)
-        return blocks * 4 * d
 
     def run(self, wav: torch.Tensor) -> torch.Tensor:
         """Fastest layout for the tensor's device: tiled GEMMs on CPU (fp32), convs elsewhere."""

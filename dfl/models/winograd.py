@@ -119,5 +119,5 @@ def weight_grad(
 
 def taps_grad(grad: torch.Tensor) -> torch.Tensor:
     """``∂L/∂(winograd weights) [6, Cin, Cout]`` → ``∂L/∂taps [3, Cin, Cout]`` (the chain rule through G)."""
-    six, c_in, c_out = grad.shape
-    return (CpuKernels.G.to(grad.dtype).t() @ grad.reshape(six, c_in * c_out)).view(3, c_in, c_out)
+    six, c_in, c_out = grad.shape  # float64: the 6 terms cancel to much smaller taps gradients
+    return (CpuKernels.G.t() @ grad.reshape(six, c_in * c_out).double()).view(3, c_in, c_out).to(grad.dtype)

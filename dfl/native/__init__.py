@@ -159,8 +159,8 @@ class CpuKernels:
     def winograd_weights(cls, weight: torch.Tensor) -> torch.Tensor:
         """``[Cout, Cin, 3]`` conv weight → the 6 GEMM operands ``[6, Cin, Cout]``, ``Σ_k G[i,k]·W_kᵀ``."""
         c_out, c_in, _ = weight.shape
-        taps = weight.detach().permute(2, 1, 0).reshape(3, c_in * c_out)  # [3, Cin·Cout]
-        return (cls.G.to(taps.dtype) @ taps).view(6, c_in, c_out)
+        taps = weight.detach().permute(2, 1, 0).reshape(3, c_in * c_out).double()  # [3, Cin·Cout]
+        return (cls.G @ taps).view(6, c_in, c_out).to(weight.dtype)
 
     @staticmethod
     def _check_tile(operands: torch.Tensor, items: int, channels: int) -> None:
