@@ -10,8 +10,11 @@ live as ``[batch, time, channels]`` buffers whose zero margins are the next laye
   views (no padding copy, no im2col), and so are its input and weight gradients;
 * BN + adaptive mix is one per-channel affine map ``s·z + c`` (batch or running statistics), applied
   together with the leaky ReLU;
-* backward is hand-written: the leaky ReLU mask comes from the output, the BN backward is PyTorch's
-  channels-last kernel, and the adaptive scalars' gradients come out of its per-channel sums.
+* with the compiled kernels of :mod:`dfl.native`, the statistics are one read of ``z`` and norm +
+  activation one pass; without them, PyTorch's channels-last BN kernel does the norm;
+* backward is hand-written: the leaky ReLU mask comes from the output, the BN backward is two passes
+  of the compiled kernels (or PyTorch's channels-last kernel), and the adaptive scalars' gradients
+  come out of its per-channel sums.
 
 Same parameters, running statistics and results as the plain layer, to float rounding.
 """
