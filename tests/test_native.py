@@ -131,6 +131,18 @@ def test_library_is_built_once_into_the_cache(fresh_native):
     assert native.cpu_kernels() is not None
 
 
+def test_a_library_others_can_write_is_not_loaded(fresh_native, caplog):
+    library = native.build()
+    library.chmod(0o666)  # anyone could have replaced it
+    with pytest.raises(RuntimeError, match="refusing to load .*others can write"):
+        native.build()
+    with caplog.at_level(logging.WARNING, logger="dfl.native"):
+        assert native.cpu_kernels() is None
+    assert "refusing to load" in caplog.text
+    library.chmod(0o644)
+    assert native.build() == library
+
+
 def test_library_is_keyed_by_the_cpu(fresh_native, monkeypatch):
     first = native.build()
     monkeypatch.setattr(native, "_cpu_identity", lambda: "model name: another CPU\nflags: sse2\n")

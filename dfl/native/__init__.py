@@ -74,6 +74,7 @@ def build(source_text: str = SOURCE_TEXT, name: str = SOURCE.stem) -> Path:
     ).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
     if target.exists():
+        _check_ownership(target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     errors = []
@@ -84,6 +85,16 @@ def build(source_text: str = SOURCE_TEXT, name: str = SOURCE.stem) -> Path:
             if _compile(cc, flags, source, target, errors):
                 return target
     raise RuntimeError(f"could not compile {SOURCE.parent / (name + '.c')}:\n" + "\n".join(errors))
+
+
+def _check_ownership(library: Path) -> None:
+    """Load only a library this user built: loading one runs its code (as unpickling a checkpoint would)."""
+    st = library.stat()
+    if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
+        raise RuntimeError(
+            f"refusing to load {library}: it belongs to another user or others can write to it "
+            "(point DFL_CACHE_DIR at a directory of your own)"
+        )
 
 
 def _compile(cc: str, flags: list[str], source: Path, target: Path, errors: list[str]) -> bool:
