@@ -188,3 +188,17 @@ def test_checkpoints_record_the_architecture_not_how_it_runs(tmp_path):
     assert loaded.config == net.config and loaded.fused  # rebuilt models run the fused layers by default
     x = torch.randn(1, 200)
     torch.testing.assert_close(loaded.eval()(x), net.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+def test_training_after_fast_inference_in_the_same_thread():
+    # the Winograd scratch buffer is shared per thread: one made under inference_mode must not be an
+    # inference tensor, or the next training step could not write to it
+    from dfl.fast_inference import FastContextAggregationNet
+
+    winograd._local.__dict__.clear()
+    plain, fused = _pair()
+    FastContextAggregationNet(fused.eval(), winograd=True).forward_cpu(torch.randn(1, 4000))
+    fused.train()
+    y = fused(torch.randn(2, 9000))
+    y.square().mean().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in fused.parameters())

@@ -36,7 +36,8 @@ def _workspace(numel: int) -> torch.Tensor:
     """A per-thread scratch buffer of at least ``2·numel`` floats (reused: no page faults per call)."""
     buf = getattr(_local, "buf", None)
     if buf is None or buf.numel() < 2 * numel:
-        buf = _local.buf = torch.empty(2 * numel)
+        with torch.inference_mode(False):  # a normal tensor: usable by inference and by training alike
+            buf = _local.buf = torch.empty(2 * numel)
     return buf
 
 
