@@ -335,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     gemm = max(gemm_gflops(cpu) for _ in range(3))  # a fresh process's first GEMMs can run well below peak
     print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
           f"2048³ fp32 GEMM {gemm:.1f} GFLOP/s")  # fmt: skip
+    native = cpu_kernels() is not None
+    print("compiled CPU kernels (dfl.native): " + ("yes" if native else "NO, the fast paths run on PyTorch alone"))
     results: dict = {
         "machine": {
             "platform": platform.platform(),
@@ -343,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "load_average": os.getloadavg(),
+            "native_kernels": native,
         },
         "gemm_gflops": {"cpu_fp32": gemm},
         "inference": {},
