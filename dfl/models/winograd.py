@@ -15,7 +15,6 @@ done here: callers finish the last ``rows mod 4d`` rows with direct GEMMs.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 
 import torch
 
@@ -46,14 +45,20 @@ def whole_block_rows(rows: int, d: int) -> int:
     return rows // (4 * d) * 4 * d
 
 
-def _tiles(rows: int, d: int, tile_outputs: int) -> Iterator[tuple[int, int, int]]:
-    """(first output row, blocks, phases) of each work tile."""
+def _tiles(rows: int, d: int, tile_outputs: int, c_in: int, c_out: int):
+    """Each work tile's (first output row, blocks, phases, ``[6, k, c_in]`` and ``[6, k, c_out]`` scratch)."""
     blocks = rows // (4 * d)
     items = max(1, tile_outputs // 4)
     phase_step, block_step = min(d, items), max(1, items // d)
+    work = _workspace(6 * items * max(c_in, c_out))
+    half = work.numel() // 2
     for b0 in range(0, blocks, block_step):
         for p0 in range(0, d, phase_step):
-            yield 4 * d * b0 + p0, min(block_step, blocks - b0), min(phase_step, d - p0)
+            nb, n_phases = min(block_step, blocks - b0), min(phase_step, d - p0)
+            k = nb * n_phases
+            first = work[: 6 * k * c_in].view(6, k, c_in)
+            second = work[half : half + 6 * k * c_out].view(6, k, c_out)
+            yield 4 * d * b0 + p0, nb, n_phases, first, second
 
 
 def conv3(
@@ -75,14 +80,8 @@ def conv3(
     :meth:`CpuKernels.winograd_weights` of the ``[Cout, Cin, 3]`` conv weight; ``act`` is a leaky
     ReLU unless ``negative_slope`` is None. Returns the number of output rows done.
     """
-    c_in, c_out = x.shape[1], y.shape[1]
-    bias = y.new_zeros(c_out) if bias is None else bias
-    work = _workspace(6 * max(1, tile_outputs // 4) * max(c_in, c_out))
-    half = work.numel() // 2
-    for t0, nb, n_phases in _tiles(rows, d, tile_outputs):
-        k = nb * n_phases
-        operands = work[: 6 * k * c_in].view(6, k, c_in)
-        products = work[half : half + 6 * k * c_out].view(6, k, c_out)
+    bias = y.new_zeros(y.shape[1]) if bias is None else bias
+    for t0, nb, n_phases, operands, products in _tiles(rows, d, tile_outputs, x.shape[1], y.shape[1]):
         kernels.winograd_input(x, x_row + t0, nb, n_phases, d, operands)
         torch.bmm(operands, weights, out=products)
         kernels.winograd_output(products, y, y_row + t0, nb, n_phases, d, bias, negative_slope)
@@ -105,13 +104,7 @@ def weight_grad(
     With operands ``U = Bᵀx`` and ``V = A·dy`` per tile, ``∂L/∂Wᵢ += Uᵢᵀ Vᵢ``; :func:`taps_grad` maps
     the 6 back to the 3 taps. Returns the number of output rows done.
     """
-    c_in, c_out = x.shape[1], dy.shape[1]
-    work = _workspace(6 * max(1, tile_outputs // 4) * max(c_in, c_out))
-    half = work.numel() // 2
-    for t0, nb, n_phases in _tiles(rows, d, tile_outputs):
-        k = nb * n_phases
-        operands = work[: 6 * k * c_in].view(6, k, c_in)
-        grads = work[half : half + 6 * k * c_out].view(6, k, c_out)
+    for t0, nb, n_phases, operands, grads in _tiles(rows, d, tile_outputs, x.shape[1], dy.shape[1]):
         kernels.winograd_input(x, x_row + t0, nb, n_phases, d, operands)
         kernels.winograd_output_grad(dy, dy_row + t0, nb, n_phases, d, grads)
         grad.baddbmm_(operands.transpose(1, 2), grads)
