@@ -5,8 +5,8 @@ Reports, for the ``can_paper`` and ``can_authors`` denoisers, fp32, batch 1, a
 minimum over repeats, since shared machines are noisy), FLOPs per second of
 audio, achieved GFLOP/s next to a 2048³ fp32 GEMM measured in the same run
 (the practical ceiling; GFLOP/s count the direct convolution's FLOPs, so the
-Winograd fast path, which does about half of them, can pass it), peak memory, and the max abs difference of each fast
-path to the plain model; on CUDA also bf16. Training throughput is audio
+Winograd fast path, which does about half of them, can pass it), peak memory,
+and the max abs difference of each fast path to the plain model; on CUDA also bf16. Training throughput is audio
 seconds per second for one feature-loss step (``can_paper`` + a 14-layer loss
 network, first 6 layers in the loss, batch 1, 3 s). Results go to JSON too.
 """
