@@ -1,5 +1,6 @@
 from callbacks.loss_weight_balancer import LossWeightBalancer
 from callbacks.preemption import CheckpointOnSigterm
+from callbacks.throughput import TrainingThroughput
 from callbacks.wandb_media import WandbMediaLogger
 
-__all__ = ["CheckpointOnSigterm", "LossWeightBalancer", "WandbMediaLogger"]
+__all__ = ["CheckpointOnSigterm", "LossWeightBalancer", "TrainingThroughput", "WandbMediaLogger"]

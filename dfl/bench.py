@@ -8,12 +8,16 @@ audio, achieved GFLOP/s next to a 2048³ fp32 GEMM measured in the same run
 Winograd fast path, which does about half of them, can pass it), peak memory,
 and the max abs difference of each fast path to the plain model; on CUDA also bf16. Training throughput is audio
 seconds per second for one feature-loss step (``can_paper`` + a 14-layer loss
-network, first 6 layers in the loss, batch 1, 3 s). Results go to JSON too.
+network, first 6 layers in the loss, batch 1, 3 s). ``--epoch-utterances N`` also times whole
+training epochs through ``dfl-train`` on N generated utterances with VoiceBank-DEMAND's length
+distribution (batch 1 as in the paper, and length-bucketed batches), and projects the time of one
+VoiceBank-DEMAND epoch from the measured throughput. Results go to JSON too.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import functools
 import json
 import os
@@ -152,14 +156,16 @@ def bench_inference(name: str, config: dict, args, gemm: float) -> dict:
         with torch.inference_mode():
             return model(x)
 
-    record("plain_fp32", plain, result["cpu"])
-    model.fused = True  # what model(x) runs by default on a CPU: the fused layers
-    record("fused_layers_fp32", plain, result["cpu"])
-    model.fused = False
-    direct = FastContextAggregationNet(model, winograd=False)
-    record("fast_direct_fp32", lambda: direct.forward_cpu(x), result["cpu"])
-    record("fast_fp32", lambda: fast.forward_cpu(x), result["cpu"])  # Winograd where the kernels compiled
-    if not args.skip_onnxruntime:
+    skip_cpu = getattr(args, "skip_cpu", False)
+    if not skip_cpu:
+        record("plain_fp32", plain, result["cpu"])
+        model.fused = True  # what model(x) runs by default on a CPU: the fused layers
+        record("fused_layers_fp32", plain, result["cpu"])
+        model.fused = False
+        direct = FastContextAggregationNet(model, winograd=False)
+        record("fast_direct_fp32", lambda: direct.forward_cpu(x), result["cpu"])
+        record("fast_fp32", lambda: fast.forward_cpu(x), result["cpu"])  # Winograd where the kernels compiled
+    if not args.skip_onnxruntime and not skip_cpu:
         from dfl.export import export_onnx, load_onnx_session
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -246,22 +252,21 @@ def bench_training(device: torch.device, args) -> dict:
         model.load_state_dict(weights)
         return model.to(device, dtype).train()
 
-    exact = None
-    if device.type == "cpu":
-        exact = _loss_and_grads(build(False, torch.float64), copy.deepcopy(loss_fn).double(), noisy.double(),
-                                clean.double())  # fmt: skip
+    cpu = torch.device("cpu")
+    exact = _loss_and_grads(build(False, torch.float64).to(cpu), copy.deepcopy(loss_fn).to(cpu).double(),
+                            noisy.to(cpu).double(), clean.to(cpu).double())  # fmt: skip
+    repeats = args.train_repeats if device.type == "cpu" else max(args.train_repeats, 20)
     result: dict = {"utterance_seconds": seconds}
     plain = None
     for label, fused in ({"plain": False, "fused": True} if device.type == "cpu" else {"plain": False}).items():
         model = build(fused)
         loss, grads = _loss_and_grads(model, loss_fn, noisy, clean)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-        t = min_time(functools.partial(_train_step, model, optimizer, loss_fn, noisy, clean), args.train_repeats, sync)
+        t = min_time(functools.partial(_train_step, model, optimizer, loss_fn, noisy, clean), repeats, sync)
         entry = {"step_seconds": t, "audio_seconds_per_second": seconds / t}
         line = f"  training {device.type} {label:5s}: {seconds / t:.2f} audio-s/s ({t:.3f} s/step)"
-        if exact is not None:
-            entry["max_grad_rel_diff_to_float64"] = _max_rel_diff(grads, exact[1])
-            line += f"; max grad Δ to float64 {entry['max_grad_rel_diff_to_float64']:.1e}"
+        entry["max_grad_rel_diff_to_float64"] = _max_rel_diff(grads, exact[1])
+        line += f"; max grad Δ to float64 {entry['max_grad_rel_diff_to_float64']:.1e}"
         if plain is None:
             plain = (loss, grads)
         else:
@@ -272,6 +277,88 @@ def bench_training(device: torch.device, args) -> dict:
         result[label] = entry
         print(line, flush=True)
     result["audio_seconds_per_second"] = max(v["audio_seconds_per_second"] for v in result.values() if isinstance(v, dict))
+    return result
+
+
+VOICEBANK_TRAIN_SECONDS = 9.4 * 3600  # the 28-speaker training set: 11 572 utterances
+# Training runs of the epoch benchmark: dfl-train overrides on top of the common ones.
+EPOCH_RUNS = {
+    "batch1": [],  # the paper: whole utterances, one per step
+    "bucket16": ["data.batch_size=16", "data.bucket=true"],  # whole utterances of similar length, padding masked
+}
+EPOCH_RUNS_CUDA = {"bucket16_bf16": [*EPOCH_RUNS["bucket16"], "trainer.precision=bf16-mixed"]}
+
+
+def voicebank_like_seconds(utterances: int, rng: np.random.Generator) -> np.ndarray:
+    """Utterance lengths like VoiceBank-DEMAND's training set: log-normal, mean ≈ 2.9 s, within 1.1–15 s."""
+    return np.clip(rng.lognormal(np.log(2.92) - 0.35**2 / 2, 0.35, utterances), 1.1, 15.0)
+
+
+def write_voicebank_like(root: Path, utterances: int, seed: int = 0) -> float:
+    """A paired-folder set with :func:`voicebank_like_seconds` training lengths; returns their audio seconds.
+
+    The signals are random (speed does not depend on them). Validation gets 2 short utterances,
+    which the epoch benchmark never uses (dfl-train needs the split to exist).
+    """
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    lengths = voicebank_like_seconds(utterances, rng)
+    total = 0
+    for split, split_lengths in (("trainset", lengths), ("valset", [1.0, 1.0])):
+        for kind in ("noisy", "clean"):
+            (root / f"{split}_{kind}").mkdir(parents=True)
+        for i, seconds in enumerate(split_lengths):
+            n = int(seconds * SAMPLE_RATE)
+            total += n if split == "trainset" else 0
+            clean = (0.1 * rng.standard_normal(n)).astype(np.float32)
+            noisy = clean + (0.05 * rng.standard_normal(n)).astype(np.float32)
+            for kind, x in (("noisy", noisy), ("clean", clean)):
+                sf.write(root / f"{split}_{kind}" / f"u{i:05d}.wav", x, SAMPLE_RATE, subtype="FLOAT")
+    return total / SAMPLE_RATE
+
+
+def epoch_throughput(metrics_csv: Path) -> list[float]:
+    """``perf/audio_seconds_per_second`` of each epoch of a run (from the CSV logger)."""
+    with open(metrics_csv, newline="") as f:
+        return [float(r["perf/audio_seconds_per_second"]) for r in csv.DictReader(f) if r.get("perf/audio_seconds_per_second")]
+
+
+def bench_training_epoch(device: torch.device, args, extra_overrides: tuple[str, ...] = ()) -> dict:
+    """Whole training epochs through `dfl-train` (data loading, Lightning, the balancer, logging).
+
+    ``can_paper`` + the default loss network and feature loss, ``args.epoch_utterances`` generated
+    utterances, 2 epochs, no validation; the second epoch counts (the first pays for warm-up).
+    """
+    runs = {**EPOCH_RUNS, **(EPOCH_RUNS_CUDA if device.type == "cuda" else {})}
+    result: dict = {"utterances": args.epoch_utterances, "voicebank_train_seconds": VOICEBANK_TRAIN_SECONDS}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        result["audio_seconds"] = write_voicebank_like(tmp / "data", args.epoch_utterances)
+        for label, overrides in runs.items():
+            run_dir = tmp / label
+            cmd = [sys.executable, "-m", "dfl.train", f"hydra.run.dir={run_dir}", "data=paired_folder",
+                   f"data.root={tmp / 'data'}", f"paths.cache_dir={tmp / 'cache'}",
+                   f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}", "trainer.max_epochs=2",
+                   "+trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", "test=false", "logger=csv",
+                   "callbacks=[loss_weight_balancer,training_throughput]", *overrides, *extra_overrides]  # fmt: skip
+            env = {**os.environ, "WANDB_MODE": "offline"}
+            start = time.perf_counter()
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                raise RuntimeError(f"dfl-train ({label}) failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+            per_epoch = epoch_throughput(run_dir / "csv" / "metrics.csv")
+            speed = per_epoch[-1]
+            entry = {
+                "overrides": overrides,
+                "audio_seconds_per_second_per_epoch": per_epoch,
+                "audio_seconds_per_second": speed,
+                "voicebank_epoch_minutes": VOICEBANK_TRAIN_SECONDS / speed / 60,
+                "wall_seconds_whole_run": time.perf_counter() - start,
+            }
+            result[label] = entry
+            print(f"  epoch {device.type} {label:14s}: {speed:8.1f} audio-s/s → one VoiceBank-DEMAND epoch "
+                  f"(9.4 h) in {entry['voicebank_epoch_minutes']:.1f} min", flush=True)  # fmt: skip
     return result
 
 
@@ -324,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-onnxruntime", action="store_true")
     parser.add_argument("--skip-cuda", action="store_true")
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--skip-cpu", action="store_true", help="only the CUDA rows (the CPU reference still runs)")
+    parser.add_argument("--epoch-utterances", type=int, default=0,
+                        help="also time whole dfl-train epochs on this many generated utterances (0: skip)")
     parser.add_argument(
         "--long-file-minutes", type=float, default=0.0, help="also check memory on a file this long (e.g. 60)"
     )
@@ -351,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         "inference": {},
         "timing": f"minimum over {args.repeats} runs after a warm-up",
     }
-    if torch.cuda.is_available() and not args.skip_cuda:
+    use_cuda = torch.cuda.is_available() and not args.skip_cuda
+    if use_cuda:
         cuda = torch.device("cuda")
         results["gemm_gflops"]["cuda_fp32"] = gemm_gflops(cuda)
         results["gemm_gflops"]["cuda_bf16"] = gemm_gflops(cuda, torch.bfloat16)
@@ -360,11 +451,13 @@ def main(argv: list[str] | None = None) -> int:
     print("inference (10 s input, batch 1):" if args.seconds == 10 else f"inference ({args.seconds:g} s input):")
     for name in args.models:
         results["inference"][name] = bench_inference(name, MODELS[name], args, gemm)
+    devices = ([] if args.skip_cpu else [cpu]) + ([torch.device("cuda")] if use_cuda else [])
     if not args.skip_training:
         print("training (can_paper + 14-layer loss network, 6 layers in the loss, batch 1, 3 s):")
-        results["training"] = {"cpu": bench_training(cpu, args)}
-        if torch.cuda.is_available() and not args.skip_cuda:
-            results["training"]["cuda"] = bench_training(torch.device("cuda"), args)
+        results["training"] = {d.type: bench_training(d, args) for d in devices}
+    if args.epoch_utterances > 0:
+        print(f"training epochs through dfl-train ({args.epoch_utterances} VoiceBank-like utterances, 2nd epoch):")
+        results["training_epoch"] = {d.type: bench_training_epoch(d, args) for d in devices}
     if args.long_file_minutes > 0:
         results["long_file"] = bench_long_file(args.long_file_minutes, args)
     atomic_write(args.output, lambda tmp: tmp.write_text(json.dumps(results, indent=2)))

@@ -36,3 +36,31 @@ def test_inference_bench_reports_every_cpu_path():
         assert row["rtf"] > 0 and row["gflops"] == pytest.approx(result["gflop_per_audio_second"] / row["rtf"])
         assert row["fraction_of_gemm"] == pytest.approx(row["gflops"] / 100.0)
         assert row["max_abs_diff_to_plain"] < (1e-12 if label == "plain_fp32" else 1e-4), label
+
+
+def test_voicebank_like_lengths_match_the_training_set():
+    import numpy as np
+
+    from dfl.bench import voicebank_like_seconds
+
+    seconds = voicebank_like_seconds(20_000, np.random.default_rng(0))
+    assert seconds.min() >= 1.1 and seconds.max() <= 15.0
+    # 11 572 utterances, 9.4 h: a mean of 2.92 s
+    assert seconds.mean() == pytest.approx(9.4 * 3600 / 11572, rel=0.02)
+
+
+def test_epoch_bench_times_real_dfl_train_epochs(tmp_path):
+    from dfl.bench import EPOCH_RUNS, VOICEBANK_TRAIN_SECONDS, bench_training_epoch
+    from tests.test_train import TINY
+
+    tiny = [o for o in TINY if o.startswith(("model.", "lossnet."))] + ["callbacks.loss_weight_balancer.epochs=1"]
+    args = argparse.Namespace(epoch_utterances=6)
+    result = bench_training_epoch(torch.device("cpu"), args, extra_overrides=tuple(tiny))
+    assert 6 * 1.1 <= result["audio_seconds"] <= 6 * 15.0
+    assert set(result) >= set(EPOCH_RUNS)
+    for label in EPOCH_RUNS:
+        entry = result[label]
+        assert len(entry["audio_seconds_per_second_per_epoch"]) == 2  # two epochs, the second counts
+        speed = entry["audio_seconds_per_second"]
+        assert speed == entry["audio_seconds_per_second_per_epoch"][-1] > 0
+        assert entry["voicebank_epoch_minutes"] == pytest.approx(VOICEBANK_TRAIN_SECONDS / speed / 60)

@@ -41,7 +41,8 @@ def test_two_epoch_training_writes_outputs(tiny_run):
     assert any(p.name.startswith("epoch_") for p in (run_dir / "checkpoints").iterdir())
     assert (run_dir / "config.yaml").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
     csv_text = (run_dir / "csv" / "metrics.csv").read_text()
-    for column in ("train/loss", "train/feature/layer_0", "val/enhanced/pesq", "val/noisy/si_sdr", "loss_weights/layer_3"):
+    for column in ("train/loss", "train/feature/layer_0", "val/enhanced/pesq", "val/noisy/si_sdr", "loss_weights/layer_3",
+                   "perf/audio_seconds_per_second", "perf/train_seconds"):
         assert column in csv_text.splitlines()[0]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     for kind in ("noisy", "enhanced"):
