@@ -58,8 +58,8 @@ class LossWeightBalancer(Callback):
         per_layer = outputs.get("per_layer") if isinstance(outputs, dict) else None
         if per_layer is None or per_layer.numel() == 0:
             return
-        values = per_layer.detach().to("cpu", torch.float64)
-        self.sums = values.clone() if self.sums is None else self.sums + values
+        values = per_layer.detach().to(torch.float64)  # summed where it is: no GPU sync per step
+        self.sums = values.clone() if self.sums is None else self.sums.to(values.device) + values
         self.count += 1
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -70,7 +70,7 @@ class LossWeightBalancer(Callback):
             return
         loss = self._loss(pl_module)
         n = loss.weights.numel()
-        sums = self.sums if self.sums is not None else torch.zeros(n, dtype=torch.float64)
+        sums = self.sums.cpu() if self.sums is not None else torch.zeros(n, dtype=torch.float64)
         packed = torch.cat([sums, torch.tensor([float(self.count)], dtype=torch.float64)])
         packed = pl_module.all_gather(packed.to(pl_module.device)).reshape(-1, n + 1).sum(0).cpu()
         total_sums, total_count = packed[:n], packed[n].item()
@@ -98,7 +98,7 @@ class LossWeightBalancer(Callback):
         return {
             "epochs": self.epochs,
             "window": self.window,
-            "sums": self.sums,
+            "sums": None if self.sums is None else self.sums.cpu(),
             "count": self.count,
             "frozen_weights": self.frozen_weights,
             "frozen_at_epoch": self.frozen_at_epoch,

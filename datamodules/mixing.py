@@ -204,8 +204,11 @@ class MixingDataModule(SplitDataModule):
         seed: int = 0,
         pin_memory: bool = False,
         manifest_dir: str | Path | None = None,
+        pad_to_multiple: int = 1,
     ) -> None:
         super().__init__()
+        if pad_to_multiple < 1:
+            raise ValueError(f"data.pad_to_multiple must be >= 1, got {pad_to_multiple}")
         for name, (lo, hi) in (("snr_range", snr_range), ("gain_db_range", gain_db_range)):
             if not lo <= hi:
                 raise ValueError(f"data.{name} must be [low, high] with low <= high, got {list((lo, hi))}")
@@ -234,6 +237,7 @@ class MixingDataModule(SplitDataModule):
         self.eval_seeds = {"val": val_seed, "test": test_seed}
         self.num_workers, self.sample_rate, self.seed, self.pin_memory = num_workers, sample_rate, seed, pin_memory
         self.manifest_dir = manifest_dir
+        self.pad_to_multiple = pad_to_multiple
         self.datasets: dict[str, Dataset] = {}
         self._files: dict[str, list[AudioEntry]] = {}
 

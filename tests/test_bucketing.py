@@ -163,3 +163,39 @@ def test_paired_folder_bucketed_batches_of_whole_utterances(tmp_path):
             assert torch.all(row[n:] == 0) and torch.all(row[:n] != 0)
     # validation stays whole utterances, one per batch
     assert all(b["noisy"].shape[0] == 1 for b in dm.val_dataloader())
+
+
+def test_pad_to_multiple_rounds_training_batches_up_and_flags_padding(tmp_path):
+    root = tmp_path / "pairs"
+    sizes = [1600, 9000, 1700, 8800, 1650, 4096]
+    for split in ("train", "val"):
+        for kind in ("noisy", "clean"):
+            (root / f"{split}set_{kind}").mkdir(parents=True)
+            for i, n in enumerate(sizes):
+                sf.write(root / f"{split}set_{kind}/u{i}.wav", np.full(n, 0.1 * (i + 1), np.float32), 16000)
+    with pytest.raises(ValueError, match="data.pad_to_multiple must be >= 1"):
+        PairedFolderDataModule(root, pad_to_multiple=0)
+    dm = PairedFolderDataModule(root, batch_size=1, seed=4, pad_to_multiple=1024)
+    dm.setup("fit")
+    for b in dm.train_dataloader():
+        n = int(b["lengths"][0])
+        assert b["noisy"].shape[-1] == -(-n // 1024) * 1024  # rounded up to the next multiple
+        assert b["padded"] is (n % 1024 != 0)  # 4096 is a multiple already: no padding
+        assert torch.all(b["clean"][0, n:] == 0) and torch.all(b["noisy"][0, :n] != 0)
+    # validation and test keep whole utterances, unpadded
+    assert [b["noisy"].shape[-1] for b in dm.val_dataloader()] == [int(b["lengths"][0]) for b in dm.val_dataloader()]
+    assert all(b["padded"] is False for b in dm.val_dataloader())
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")
+def test_padded_flag_decides_masking_without_looking_at_the_lengths():
+    lengths = [800, 500]
+    noisy, clean = padded_batch(lengths)
+    system = DenoisingSystem(Shift(), WaveformL1Loss())
+    batch = {"noisy": noisy, "clean": clean, "lengths": torch.tensor(lengths)}
+    looked = system.training_step(batch, 0)["loss"]
+    flagged = system.training_step({**batch, "padded": True}, 0)["loss"]
+    unmasked = system.training_step({**batch, "padded": False}, 0)["loss"]  # taken at its word
+    assert torch.equal(looked, flagged)
+    torch.testing.assert_close(unmasked, (Shift()(noisy) - clean).abs().mean())
+    assert not torch.isclose(unmasked, looked)

@@ -19,7 +19,7 @@ from tests.helpers.small_denoisers import BATCH_STATS, saved_denoiser, small_den
 from tests.test_train import TINY, dfl_train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-CUDA = torch.device("cuda")
+CUDA = torch.device("cuda:0")
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ def test_training_step_on_cuda_matches_float64_on_cpu(no_tf32):
             assert rel_err(g, grads64[name]) < 1e-3, name
 
 
-@pytest.mark.parametrize("batching", [[], ["data.batch_size=2", "+data.bucket=true"]], ids=["batch1", "bucketed"])
+@pytest.mark.parametrize("batching", [[], ["data.batch_size=2", "+data.bucket=true", "+data.pad_to_multiple=1024"]], ids=["batch1", "bucketed"])
 def test_dfl_train_on_gpu(tmp_path, batching):
     """A real short GPU training: checkpoints, balanced weights, throughput and metrics written."""
     run = tmp_path / "run"

@@ -31,7 +31,7 @@ def dfl_train(*overrides, cwd=REPO, timeout=600):
 def tiny_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("train")
     run_dir = base / "run"
-    proc = dfl_train(f"hydra.run.dir={run_dir}", f"paths.cache_dir={base / 'cache'}", *TINY)
+    proc = dfl_train(f"hydra.run.dir={run_dir}", f"paths.cache_dir={base / 'cache'}", *TINY, "tf32=false")
     return run_dir, proc
 
 
@@ -50,6 +50,21 @@ def test_two_epoch_training_writes_outputs(tiny_run):
         assert all(isinstance(v, float) for v in metrics[kind].values())
     assert 1.0 <= metrics["noisy"]["pesq"] <= 4.7
     assert "Test split" in proc.stdout
+
+
+def test_tf32_setting_reaches_the_run_and_sets_both_backends(tiny_run):
+    from dfl.train import set_tf32
+
+    run_dir, _ = tiny_run
+    assert "tf32: false" in (run_dir / "config.yaml").read_text().splitlines()
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        set_tf32(False)
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (False, False)
+        set_tf32(True)
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def test_lightning_messages_are_logged_once_and_into_the_run_log(tiny_run):

@@ -52,13 +52,17 @@ class DenoisingSystem(L.LightningModule):
         return self.denoiser(noisy)
 
     # -- training -----------------------------------------------------------------------------
-    def _loss(self, enhanced: torch.Tensor, clean: torch.Tensor, lengths: torch.Tensor | None):
+    def _loss(self, enhanced: torch.Tensor, clean: torch.Tensor, lengths: torch.Tensor | None, padded: bool | None = None):
         """The loss with the padding of variable-length batches masked out.
 
         The denoiser's output beyond each utterance's length is zeroed (it is padding, and a
         convolutional net fills it with non-zero values), and ``lengths`` goes to the loss.
+        ``padded`` comes with dfl's batches (``collate_pairs``); without it the lengths are looked
+        at, which on a GPU waits for the device.
         """
-        if lengths is None or bool((lengths >= enhanced.shape[-1]).all()):
+        if padded is None:
+            padded = lengths is not None and not bool((lengths >= enhanced.shape[-1]).all())
+        if lengths is None or not padded:
             return self.loss(enhanced, clean)  # no padding: every loss works
         if "lengths" not in inspect.signature(self.loss.forward).parameters:
             raise ValueError(
@@ -69,7 +73,7 @@ class DenoisingSystem(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         enhanced = self(batch["noisy"])
-        total, per_layer = self._loss(enhanced, batch["clean"], batch.get("lengths"))
+        total, per_layer = self._loss(enhanced, batch["clean"], batch.get("lengths"), batch.get("padded"))
         if not torch.isfinite(total):
             raise FloatingPointError(
                 f"training loss became {total.item()} at epoch {self.current_epoch}, batch {batch_idx}; "
@@ -93,7 +97,7 @@ class DenoisingSystem(L.LightningModule):
 
         noisy, clean = batch["noisy"], batch["clean"]
         enhanced = self(noisy)
-        total, per_layer = self._loss(enhanced, clean, batch.get("lengths"))
+        total, per_layer = self._loss(enhanced, clean, batch.get("lengths"), batch.get("padded"))
         self.log(f"{stage}/loss", total, batch_size=noisy.shape[0], sync_dist=True)
         lengths = batch.get("lengths", torch.full((noisy.shape[0],), noisy.shape[-1]))
         score_noisy = stage not in self._noisy_scored
