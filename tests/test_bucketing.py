@@ -142,14 +142,18 @@ def test_system_refuses_a_loss_that_cannot_mask():
     system.training_step({"noisy": noisy, "clean": clean, "lengths": torch.tensor([100, 100])}, 0)
 
 
-def test_paired_folder_bucketed_batches_of_whole_utterances(tmp_path):
-    root = tmp_path / "pairs"
-    sizes = [1600, 9000, 1700, 8800, 1650, 9100]
+def constant_pairs(root, sizes):
+    """train and val splits of constant, non-zero utterances of the given lengths (padding shows as 0)."""
     for split in ("train", "val"):
         for kind in ("noisy", "clean"):
             (root / f"{split}set_{kind}").mkdir(parents=True)
             for i, n in enumerate(sizes):
                 sf.write(root / f"{split}set_{kind}/u{i}.wav", np.full(n, 0.1 * (i + 1), np.float32), 16000)
+    return root
+
+
+def test_paired_folder_bucketed_batches_of_whole_utterances(tmp_path):
+    root = constant_pairs(tmp_path / "pairs", [1600, 9000, 1700, 8800, 1650, 9100])
     with pytest.raises(ValueError, match="data.bucket=true"):
         PairedFolderDataModule(root, batch_size=3, crop_seconds=0.5, bucket=True)
     dm = PairedFolderDataModule(root, batch_size=3, bucket=True, seed=4, manifest_dir=tmp_path / "manifests")
@@ -166,13 +170,7 @@ def test_paired_folder_bucketed_batches_of_whole_utterances(tmp_path):
 
 
 def test_pad_to_multiple_rounds_training_batches_up_and_flags_padding(tmp_path):
-    root = tmp_path / "pairs"
-    sizes = [1600, 9000, 1700, 8800, 1650, 4096]
-    for split in ("train", "val"):
-        for kind in ("noisy", "clean"):
-            (root / f"{split}set_{kind}").mkdir(parents=True)
-            for i, n in enumerate(sizes):
-                sf.write(root / f"{split}set_{kind}/u{i}.wav", np.full(n, 0.1 * (i + 1), np.float32), 16000)
+    root = constant_pairs(tmp_path / "pairs", [1600, 9000, 1700, 8800, 1650, 4096])
     with pytest.raises(ValueError, match="data.pad_to_multiple must be >= 1"):
         PairedFolderDataModule(root, pad_to_multiple=0)
     dm = PairedFolderDataModule(root, batch_size=1, seed=4, pad_to_multiple=1024)
