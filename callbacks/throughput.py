@@ -25,7 +25,7 @@ class TrainingThroughput(Callback):
         self._start: float | None = None
         self._validation = 0.0
         self._validation_start: float | None = None
-        self._samples = 0
+        self._samples: int | torch.Tensor = 0
 
     @staticmethod
     def _now(pl_module) -> float:
@@ -38,10 +38,8 @@ class TrainingThroughput(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         lengths = batch.get("lengths") if isinstance(batch, dict) else None
-        if lengths is not None:
-            self._samples += int(lengths.sum())
-        else:
-            self._samples += batch["noisy"].numel()
+        # summed as a tensor where the lengths are: reading a GPU value each step would wait for the device
+        self._samples = self._samples + (lengths.sum() if lengths is not None else batch["noisy"].numel())
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if self._start is not None:
@@ -53,10 +51,11 @@ class TrainingThroughput(Callback):
             self._validation_start = None
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self._start is None or self._samples == 0:
+        samples = int(self._samples)
+        if self._start is None or samples == 0:
             return
         seconds = self._now(pl_module) - self._start - self._validation
         self._start = None
-        audio = self._samples / self.sample_rate
+        audio = samples / self.sample_rate
         pl_module.log("perf/train_seconds", seconds, sync_dist=True, reduce_fx="max")
         pl_module.log("perf/audio_seconds_per_second", audio / seconds, sync_dist=True, reduce_fx="sum")
