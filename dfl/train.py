@@ -124,6 +124,10 @@ def train(cfg: DictConfig) -> dict:
         torch.set_num_threads(int(cfg.num_threads))
     if cfg.get("tf32") is not None:
         set_tf32(bool(cfg.tf32))
+    if cfg.get("cuda_conv") is not None:
+        from dfl.models.conv import set_cuda_conv
+
+        set_cuda_conv(cfg.cuda_conv)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)

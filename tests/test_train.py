@@ -31,7 +31,7 @@ def dfl_train(*overrides, cwd=REPO, timeout=600):
 def tiny_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("train")
     run_dir = base / "run"
-    proc = dfl_train(f"hydra.run.dir={run_dir}", f"paths.cache_dir={base / 'cache'}", *TINY, "tf32=false")
+    proc = dfl_train(f"hydra.run.dir={run_dir}", f"paths.cache_dir={base / 'cache'}", *TINY, "tf32=false", "cuda_conv=gemm")
     return run_dir, proc
 
 
@@ -56,7 +56,8 @@ def test_tf32_setting_reaches_the_run_and_sets_both_backends(tiny_run):
     from dfl.train import set_tf32
 
     run_dir, _ = tiny_run
-    assert "tf32: false" in (run_dir / "config.yaml").read_text().splitlines()
+    lines = (run_dir / "config.yaml").read_text().splitlines()
+    assert "tf32: false" in lines and "cuda_conv: gemm" in lines
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:
         set_tf32(False)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfl.models.adaptive_bn import make_norm
+from dfl.models.conv import Conv1d
 from dfl.models.fused_layer import conv_norm_act
 from dfl.models.padding import pad_to_multiple
 
@@ -87,10 +88,10 @@ class ContextAggregationNet(nn.Module):
         self.norms = nn.ModuleList()
         cin = in_channels
         for d in self.dilations:
-            self.convs.append(nn.Conv1d(cin, channels, kernel_size, dilation=d, bias=bias))
+            self.convs.append(Conv1d(cin, channels, kernel_size, dilation=d, bias=bias))
             self.norms.append(make_norm(normalization, channels, **bn))
             cin = channels
-        self.output = nn.Conv1d(channels, 1, 1, bias=True)
+        self.output = Conv1d(channels, 1, 1, bias=True)
         if init == "identity":
             self._identity_init()
 

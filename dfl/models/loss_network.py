@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfl.models.adaptive_bn import make_norm
+from dfl.models.conv import Conv1d
 from dfl.models.padding import tf_same_padding
 
 
@@ -59,10 +60,10 @@ class LossNetwork(nn.Module):
         self.norms = nn.ModuleList()
         cin = 1
         for cout, s in zip(self.channels, self.strides):
-            self.convs.append(nn.Conv1d(cin, cout, kernel_size, stride=s, bias=bias))
+            self.convs.append(Conv1d(cin, cout, kernel_size, stride=s, bias=bias))
             self.norms.append(make_norm(normalization, cout, **bn))
             cin = cout
-        self.heads = nn.ModuleDict({name: nn.Conv1d(cin, n, 1) for name, n in (heads or {}).items()})
+        self.heads = nn.ModuleDict({name: Conv1d(cin, n, 1) for name, n in (heads or {}).items()})
 
     @property
     def n_layers(self) -> int:
