@@ -204,7 +204,7 @@ def audio_loader(
         raise ValueError(f"data.pad_to_multiple must be >= 1, got {pad_to_multiple}")
     sampler = EpochSampler(len(dataset), shuffle, seed)
     sampler.set_epoch(epoch)
-    collate = functools.partial(collate_pairs, pad_to_multiple=pad_to_multiple) if pad_to_multiple > 1 else collate_pairs
+    collate = functools.partial(collate_pairs, pad_to_multiple=pad_to_multiple)
     common = dict(num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory,
                   persistent_workers=num_workers > 0, skip_batches=skip_batches)
     if bucket_window and batch_size > 1:

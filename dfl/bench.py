@@ -453,8 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"CUDA: {results['machine']['cuda']}; GEMM fp32 {results['gemm_gflops']['cuda_fp32']:.0f}, "
               f"bf16 {results['gemm_gflops']['cuda_bf16']:.0f} GFLOP/s")  # fmt: skip
     print("inference (10 s input, batch 1):" if args.seconds == 10 else f"inference ({args.seconds:g} s input):")
+    cuda_gemm = {k.removeprefix("cuda_"): v for k, v in results["gemm_gflops"].items() if k.startswith("cuda_")}
     for name in args.models:
-        cuda_gemm = {k.removeprefix("cuda_"): v for k, v in results["gemm_gflops"].items() if k.startswith("cuda_")}
         results["inference"][name] = bench_inference(name, MODELS[name], args, gemm, cuda_gemm or None)
     devices = ([] if args.skip_cpu else [cpu]) + ([torch.device("cuda")] if use_cuda else [])
     if not args.skip_training:
