@@ -38,6 +38,7 @@ from dfl import SAMPLE_RATE
 from dfl.audio import atomic_write
 from dfl.fast_inference import FastContextAggregationNet
 from dfl.models import ContextAggregationNet, LossNetwork
+from dfl.models.conv import set_cuda_conv
 from dfl.native import cpu_kernels
 
 MODELS = {
@@ -261,11 +262,18 @@ def bench_training(device: torch.device, args) -> dict:
     repeats = args.train_repeats if device.type == "cpu" else max(args.train_repeats, 20)
     result: dict = {"utterance_seconds": seconds}
     plain = None
-    for label, fused in ({"plain": False, "fused": True} if device.type == "cpu" else {"plain": False}).items():
-        model = build(fused)
-        loss, grads = _loss_and_grads(model, loss_fn, noisy, clean)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-        t = min_time(functools.partial(_train_step, model, optimizer, loss_fn, noisy, clean), repeats, sync)
+    # CPU: plain vs fused layers; CUDA: convolutions through cuDNN vs one matmul each (cuda_conv=gemm)
+    variants = {"plain": (False, "cudnn"), "fused": (True, "cudnn")} if device.type == "cpu" else \
+        {"plain": (False, "cudnn"), "gemm": (False, "gemm")}  # fmt: skip
+    for label, (fused, cuda_conv) in variants.items():
+        set_cuda_conv(cuda_conv)
+        try:
+            model = build(fused)
+            loss, grads = _loss_and_grads(model, loss_fn, noisy, clean)
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+            t = min_time(functools.partial(_train_step, model, optimizer, loss_fn, noisy, clean), repeats, sync)
+        finally:
+            set_cuda_conv("cudnn")
         entry = {"step_seconds": t, "audio_seconds_per_second": seconds / t}
         line = f"  training {device.type} {label:5s}: {seconds / t:.2f} audio-s/s ({t:.3f} s/step)"
         entry["max_grad_rel_diff_to_float64"] = _max_rel_diff(grads, exact[1])
@@ -290,7 +298,11 @@ EPOCH_RUNS = {
     # whole utterances of similar length, padded (masked) to multiples of 4096 samples: few shapes for cuDNN
     "bucket16_pad4096": ["data.batch_size=16", "data.bucket=true", "data.pad_to_multiple=4096"],
 }
-EPOCH_RUNS_CUDA = {"bucket16_pad4096_bf16": [*EPOCH_RUNS["bucket16_pad4096"], "trainer.precision=bf16-mixed"]}
+EPOCH_RUNS_CUDA = {
+    "batch1_gemm": ["cuda_conv=gemm"],  # no cuDNN plan per new length
+    "batch1_pad4096": ["data.pad_to_multiple=4096"],  # few lengths, so cuDNN's plans are reused
+    "bucket16_pad4096_bf16": [*EPOCH_RUNS["bucket16_pad4096"], "trainer.precision=bf16-mixed"],
+}
 
 
 def voicebank_like_seconds(utterances: int, rng: np.random.Generator) -> np.ndarray:
@@ -335,6 +347,8 @@ def bench_training_epoch(device: torch.device, args, extra_overrides: tuple[str,
     utterances, 2 epochs, no validation; the second epoch counts (the first pays for warm-up).
     """
     runs = {**EPOCH_RUNS, **(EPOCH_RUNS_CUDA if device.type == "cuda" else {})}
+    if args.epoch_runs:
+        runs = {label: overrides for label, overrides in runs.items() if label in args.epoch_runs}
     result: dict = {"utterances": args.epoch_utterances, "voicebank_train_seconds": VOICEBANK_TRAIN_SECONDS}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -418,6 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-cpu", action="store_true", help="only the CUDA rows (the CPU reference still runs)")
     parser.add_argument("--epoch-utterances", type=int, default=0,
                         help="also time whole dfl-train epochs on this many generated utterances (0: skip)")
+    parser.add_argument("--epoch-runs", nargs="+", default=None, metavar="RUN",
+                        choices=[*EPOCH_RUNS, *EPOCH_RUNS_CUDA],
+                        help="only these epoch runs (default: all for the device; the CUDA-only ones: "
+                        + ", ".join(EPOCH_RUNS_CUDA) + ")")  # fmt: skip
     parser.add_argument(
         "--long-file-minutes", type=float, default=0.0, help="also check memory on a file this long (e.g. 60)"
     )

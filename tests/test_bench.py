@@ -54,7 +54,7 @@ def test_epoch_bench_times_real_dfl_train_epochs(tmp_path):
     from tests.test_train import TINY
 
     tiny = [o for o in TINY if o.startswith(("model.", "lossnet."))] + ["callbacks.loss_weight_balancer.epochs=1"]
-    args = argparse.Namespace(epoch_utterances=6)
+    args = argparse.Namespace(epoch_utterances=6, epoch_runs=None)
     result = bench_training_epoch(torch.device("cpu"), args, extra_overrides=tuple(tiny))
     assert 6 * 1.1 <= result["audio_seconds"] <= 6 * 15.0
     assert set(result) >= set(EPOCH_RUNS)
@@ -64,3 +64,18 @@ def test_epoch_bench_times_real_dfl_train_epochs(tmp_path):
         speed = entry["audio_seconds_per_second"]
         assert speed == entry["audio_seconds_per_second_per_epoch"][-1] > 0
         assert entry["voicebank_epoch_minutes"] == pytest.approx(VOICEBANK_TRAIN_SECONDS / speed / 60)
+
+
+def test_epoch_bench_runs_only_the_selected_runs(tmp_path):
+    from dfl.bench import EPOCH_RUNS_CUDA, bench_training_epoch, main
+    from tests.test_train import TINY
+
+    tiny = [o for o in TINY if o.startswith(("model.", "lossnet."))] + ["callbacks.loss_weight_balancer.epochs=1"]
+    args = argparse.Namespace(epoch_utterances=3, epoch_runs=["bucket16_pad4096"])
+    result = bench_training_epoch(torch.device("cpu"), args, extra_overrides=tuple(tiny))
+    assert "bucket16_pad4096" in result and "batch1" not in result
+    assert len(result["bucket16_pad4096"]["audio_seconds_per_second_per_epoch"]) == 2
+    assert set(EPOCH_RUNS_CUDA) >= {"batch1_gemm", "batch1_pad4096"}
+    with pytest.raises(SystemExit):  # argparse names the bad choice
+        main(["--epoch-runs", "no_such_run", "-o", str(tmp_path / "b.json")])
+    assert not (tmp_path / "b.json").exists()
