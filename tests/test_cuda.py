@@ -139,3 +139,16 @@ def test_dfl_denoise_on_cuda_matches_the_cpu(tmp_path, no_tf32):
     gpu, _ = sf.read(tmp_path / "cuda" / "a.wav", dtype="float32")
     assert gpu.shape == cpu.shape == audio.shape
     assert rel_err(torch.from_numpy(gpu), torch.from_numpy(cpu)) < 1e-5
+
+
+def test_nan_loss_on_cuda_is_read_every_few_steps_and_names_its_batch(tmp_path):
+    from tests.conftest import write_pair_tree
+    from tests.helpers.tiny_training import datamodule, make_system, make_trainer
+    from tests.test_denoising_system import PoisonBatch
+
+    data = write_pair_tree(tmp_path / "pairs", splits=("train", "val"), n=6)
+    poison = PoisonBatch(epoch=1, batch=2)
+    trainer = make_trainer(tmp_path, 3, [poison], enable_checkpointing=False, log_every_n_steps=2, accelerator="gpu")
+    with pytest.raises(FloatingPointError, match=r"training loss became nan at epoch 1, batch 2"):
+        trainer.fit(make_system(), datamodule=datamodule(data))
+    assert poison.ran[-1] == (1, 3)  # read with batch 3's loss, not at batch 2's step

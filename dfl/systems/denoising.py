@@ -43,6 +43,7 @@ class DenoisingSystem(L.LightningModule):
         self.loss = loss
         self.metric_names = list(metrics)
         self._noisy_scored: set[str] = set()
+        self._unchecked_losses: list[tuple[int, torch.Tensor]] = []  # (batch, loss) not yet read: see _check_finite
 
     @property
     def plain_denoiser(self) -> nn.Module:
@@ -74,16 +75,49 @@ class DenoisingSystem(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         enhanced = self(batch["noisy"])
         total, per_layer = self._loss(enhanced, batch["clean"], batch.get("lengths"), batch.get("padded"))
-        if not torch.isfinite(total):
-            raise FloatingPointError(
-                f"training loss became {total.item()} at epoch {self.current_epoch}, batch {batch_idx}; "
-                "lower model.lr / check the data"
-            )
+        self._check_finite(total, batch_idx)
         bs = batch["noisy"].shape[0]
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
         for name, value in zip(getattr(self.loss, "term_names", []), per_layer):
             self.log(f"train/feature/{name}", value, batch_size=bs)
         return {"loss": total, "per_layer": per_layer.detach()}
+
+    # A non-finite loss stops training with an error naming the batch. Reading a GPU loss waits for
+    # the device (CONTRIBUTING: no waits in a GPU step), so there the losses are read every
+    # `trainer.log_every_n_steps` steps, when Lightning's logging waits anyway, and with the
+    # epoch's last batch, before the balancer or a checkpoint sees the epoch.
+    @staticmethod
+    def _reading_waits_for_device(t: torch.Tensor) -> bool:
+        return t.device.type != "cpu"
+
+    def _check_finite(self, total: torch.Tensor, batch_idx: int) -> None:
+        self._unchecked_losses.append((batch_idx, total.detach()))
+        if not self._reading_waits_for_device(total):
+            self._read_unchecked_losses()
+
+    def _read_unchecked_losses(self) -> None:
+        if not self._unchecked_losses:
+            return
+        values = torch.stack([v.float() for _, v in self._unchecked_losses]).cpu()
+        batches = [b for b, _ in self._unchecked_losses]
+        self._unchecked_losses = []
+        bad = (~torch.isfinite(values)).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            raise FloatingPointError(
+                f"training loss became {values[i].item()} at epoch {self.current_epoch}, batch {batches[i]}; "
+                "lower model.lr / check the data"
+            )
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        trainer = self._trainer
+        every = trainer.log_every_n_steps if trainer is not None else 1
+        last = trainer is not None and batch_idx + 1 >= trainer.num_training_batches
+        if len(self._unchecked_losses) >= every or last:
+            self._read_unchecked_losses()
+
+    def on_train_epoch_end(self) -> None:
+        self._read_unchecked_losses()
 
     def configure_optimizers(self):
         params = [p for p in self.denoiser.parameters() if p.requires_grad]

@@ -38,7 +38,7 @@ def make_trainer(root_dir: Path, max_epochs: int, callbacks, **kw) -> L.Trainer:
     return L.Trainer(
         default_root_dir=root_dir,
         max_epochs=max_epochs,
-        accelerator="cpu",
+        accelerator=kw.pop("accelerator", "cpu"),
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,

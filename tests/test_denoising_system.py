@@ -1,0 +1,60 @@
+"""DenoisingSystem: a non-finite training loss stops the run with an error naming the batch."""
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from callbacks import LossWeightBalancer
+from dfl.systems import DenoisingSystem
+from tests.conftest import write_pair_tree
+from tests.helpers.tiny_training import datamodule, make_system, make_trainer
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_pair_tree(tmp_path_factory.mktemp("nan") / "pairs", splits=("train", "val"), n=6)
+
+
+class PoisonBatch(Callback):
+    """Puts a NaN into the noisy input of one batch; records every batch that ran."""
+
+    def __init__(self, epoch: int, batch: int):
+        self.at, self.ran = (epoch, batch), []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if (trainer.current_epoch, batch_idx) == self.at:
+            batch["noisy"][0, 10] = float("nan")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.ran.append((trainer.current_epoch, batch_idx))
+
+
+def test_nan_loss_on_the_cpu_stops_at_that_batch(tmp_path, data):
+    poison = PoisonBatch(epoch=1, batch=2)
+    trainer = make_trainer(tmp_path, 3, [poison], enable_checkpointing=False)
+    with pytest.raises(FloatingPointError, match=r"training loss became nan at epoch 1, batch 2"):
+        trainer.fit(make_system(), datamodule=datamodule(data))
+    assert poison.ran[-1] == (1, 1)  # raised inside batch 2's step: its end never came
+
+
+@pytest.mark.parametrize("log_every, last_ran", [(2, (1, 3)), (50, (1, 5))], ids=["every_2_steps", "epoch_end"])
+def test_nan_loss_on_a_gpu_is_read_in_batches_but_names_its_batch(tmp_path, data, monkeypatch, log_every, last_ran):
+    # Reading a GPU loss waits for the device: the losses are read every log_every_n_steps and at
+    # the epoch's last batch. Here the CPU plays the GPU.
+    monkeypatch.setattr(DenoisingSystem, "_reading_waits_for_device", staticmethod(lambda t: True))
+    poison, balancer = PoisonBatch(epoch=1, batch=2), LossWeightBalancer(epochs=2)
+    trainer = make_trainer(tmp_path, 3, [poison, balancer], enable_checkpointing=True, log_every_n_steps=log_every)
+    with pytest.raises(FloatingPointError, match=r"training loss became nan at epoch 1, batch 2"):
+        trainer.fit(make_system(), datamodule=datamodule(data))
+    assert poison.ran[-1] == last_ran
+    # stopped before the epoch ended: the balancer never froze NaN weights, no checkpoint of epoch 1
+    assert balancer.frozen_at_epoch is None
+    assert not list(tmp_path.rglob("epoch=1*.ckpt"))
+
+
+def test_finite_losses_are_all_read_and_nothing_is_held(tmp_path, data, monkeypatch):
+    monkeypatch.setattr(DenoisingSystem, "_reading_waits_for_device", staticmethod(lambda t: True))
+    system = make_system()
+    make_trainer(tmp_path, 2, [], enable_checkpointing=False, log_every_n_steps=4).fit(system, datamodule=datamodule(data))
+    assert system._unchecked_losses == []
+    assert system.trainer.global_step == 12
