@@ -58,3 +58,22 @@ def test_finite_losses_are_all_read_and_nothing_is_held(tmp_path, data, monkeypa
     make_trainer(tmp_path, 2, [], enable_checkpointing=False, log_every_n_steps=4).fit(system, datamodule=datamodule(data))
     assert system._unchecked_losses == []
     assert system.trainer.global_step == 12
+
+
+def test_per_layer_terms_reach_the_logger_on_its_steps_with_their_values(tmp_path, data):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from tests.helpers.tiny_training import RecordPerLayer
+
+    record, system = RecordPerLayer(), make_system()
+    logger = CSVLogger(tmp_path, name="", version="")
+    trainer = make_trainer(tmp_path, 2, [record], enable_checkpointing=False, log_every_n_steps=4, logger=logger)
+    trainer.fit(system, datamodule=datamodule(data))
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    names = [f"train/feature/{n}" for n in system.loss.term_names]
+    assert [int(r["step"]) for r in rows] == [3, 7, 11]  # 12 steps, written every 4th
+    for r in rows:  # each written step has every term, with that step's own values
+        assert [float(r[n]) for n in names] == pytest.approx(record.rows[int(r["step"])][1], rel=1e-6)

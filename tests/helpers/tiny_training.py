@@ -39,7 +39,7 @@ def make_trainer(root_dir: Path, max_epochs: int, callbacks, **kw) -> L.Trainer:
         default_root_dir=root_dir,
         max_epochs=max_epochs,
         accelerator=kw.pop("accelerator", "cpu"),
-        logger=False,
+        logger=kw.pop("logger", False),
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
