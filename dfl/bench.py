@@ -37,6 +37,7 @@ import torch
 from dfl import SAMPLE_RATE
 from dfl.audio import atomic_write
 from dfl.fast_inference import FastContextAggregationNet
+from dfl.malloc import keep_freed_memory
 from dfl.models import ContextAggregationNet, LossNetwork
 from dfl.models.conv import set_cuda_conv
 from dfl.native import cpu_kernels
@@ -262,10 +263,13 @@ def bench_training(device: torch.device, args) -> dict:
     repeats = args.train_repeats if device.type == "cpu" else max(args.train_repeats, 20)
     result: dict = {"utterance_seconds": seconds}
     plain = None
-    # CPU: plain vs fused layers; CUDA: convolutions through cuDNN vs one matmul each (cuda_conv=gemm)
-    variants = {"plain": (False, "cudnn"), "fused": (True, "cudnn")} if device.type == "cpu" else \
-        {"plain": (False, "cudnn"), "gemm": (False, "gemm")}  # fmt: skip
+    # CPU: plain vs fused layers, then fused as dfl-train runs them, with glibc keeping freed memory
+    # (process-wide and not undone, so last); CUDA: convolutions through cuDNN vs one matmul each
+    variants = {"plain": (False, "cudnn"), "fused": (True, "cudnn"), "fused_keep_freed_memory": (True, "cudnn")} \
+        if device.type == "cpu" else {"plain": (False, "cudnn"), "gemm": (False, "gemm")}  # fmt: skip
     for label, (fused, cuda_conv) in variants.items():
+        if label == "fused_keep_freed_memory" and not (getattr(args, "keep_freed_memory", True) and keep_freed_memory()):
+            continue  # not asked for (tests keep their process as it is), or not glibc
         set_cuda_conv(cuda_conv)
         try:
             model = build(fused)
@@ -275,7 +279,7 @@ def bench_training(device: torch.device, args) -> dict:
         finally:
             set_cuda_conv("cudnn")
         entry = {"step_seconds": t, "audio_seconds_per_second": seconds / t}
-        line = f"  training {device.type} {label:5s}: {seconds / t:.2f} audio-s/s ({t:.3f} s/step)"
+        line = f"  training {device.type} {label:23s}: {seconds / t:.2f} audio-s/s ({t:.3f} s/step)"
         entry["max_grad_rel_diff_to_float64"] = _max_rel_diff(grads, exact[1])
         line += f"; max grad Δ to float64 {entry['max_grad_rel_diff_to_float64']:.1e}"
         if plain is None:
