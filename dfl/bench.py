@@ -37,7 +37,6 @@ import torch
 from dfl import SAMPLE_RATE
 from dfl.audio import atomic_write
 from dfl.fast_inference import FastContextAggregationNet
-from dfl.malloc import keep_freed_memory
 from dfl.models import ContextAggregationNet, LossNetwork
 from dfl.models.conv import set_cuda_conv
 from dfl.native import cpu_kernels
@@ -79,9 +78,10 @@ class PeakRSS:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def min_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
-    """Minimum wall time of ``fn`` over ``repeats`` runs after one warm-up."""
-    fn()
+def run_times(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None, warmup: int = 1) -> list[float]:
+    """Wall times of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
     sync()
     times = []
     for _ in range(repeats):
@@ -89,7 +89,12 @@ def min_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = 
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return times
+
+
+def min_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
+    """Minimum wall time of ``fn`` over ``repeats`` runs after one warm-up."""
+    return min(run_times(fn, repeats, sync))
 
 
 def gemm_gflops(device: torch.device, dtype=torch.float32, n: int = 2048, repeats: int = 5) -> float:
@@ -263,23 +268,21 @@ def bench_training(device: torch.device, args) -> dict:
     repeats = args.train_repeats if device.type == "cpu" else max(args.train_repeats, 20)
     result: dict = {"utterance_seconds": seconds}
     plain = None
-    # CPU: plain vs fused layers, then fused as dfl-train runs them, with glibc keeping freed memory
-    # (process-wide and not undone, so last); CUDA: convolutions through cuDNN vs one matmul each
-    variants = {"plain": (False, "cudnn"), "fused": (True, "cudnn"), "fused_keep_freed_memory": (True, "cudnn")} \
-        if device.type == "cpu" else {"plain": (False, "cudnn"), "gemm": (False, "gemm")}  # fmt: skip
+    # CPU: plain vs fused layers; CUDA: convolutions through cuDNN vs one matmul each (cuda_conv=gemm)
+    variants = {"plain": (False, "cudnn"), "fused": (True, "cudnn")} if device.type == "cpu" else \
+        {"plain": (False, "cudnn"), "gemm": (False, "gemm")}  # fmt: skip
     for label, (fused, cuda_conv) in variants.items():
-        if label == "fused_keep_freed_memory" and not (getattr(args, "keep_freed_memory", True) and keep_freed_memory()):
-            continue  # not asked for (tests keep their process as it is), or not glibc
         set_cuda_conv(cuda_conv)
         try:
             model = build(fused)
             loss, grads = _loss_and_grads(model, loss_fn, noisy, clean)
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-            t = min_time(functools.partial(_train_step, model, optimizer, loss_fn, noisy, clean), repeats, sync)
+            times = run_times(functools.partial(_train_step, model, optimizer, loss_fn, noisy, clean), repeats, sync)
         finally:
             set_cuda_conv("cudnn")
-        entry = {"step_seconds": t, "audio_seconds_per_second": seconds / t}
-        line = f"  training {device.type} {label:23s}: {seconds / t:.2f} audio-s/s ({t:.3f} s/step)"
+        t, mean = min(times), sum(times) / len(times)
+        entry = {"step_seconds": t, "step_seconds_mean": mean, "audio_seconds_per_second": seconds / t}
+        line = f"  training {device.type} {label:5s}: {seconds / t:.2f} audio-s/s ({t:.3f} s/step, mean {mean:.3f})"
         entry["max_grad_rel_diff_to_float64"] = _max_rel_diff(grads, exact[1])
         line += f"; max grad Δ to float64 {entry['max_grad_rel_diff_to_float64']:.1e}"
         if plain is None:

@@ -44,10 +44,6 @@ def pretrain(cfg: DictConfig) -> dict:
         import torch
 
         torch.set_num_threads(int(cfg.num_threads))
-    if cfg.get("keep_freed_memory"):
-        from dfl.malloc import keep_freed_memory
-
-        keep_freed_memory()
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)

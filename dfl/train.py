@@ -122,10 +122,6 @@ def train(cfg: DictConfig) -> dict:
         import torch
 
         torch.set_num_threads(int(cfg.num_threads))
-    if cfg.get("keep_freed_memory"):
-        from dfl.malloc import keep_freed_memory
-
-        keep_freed_memory()
     if cfg.get("tf32") is not None:
         set_tf32(bool(cfg.tf32))
     if cfg.get("cuda_conv") is not None:
