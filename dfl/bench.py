@@ -78,10 +78,9 @@ class PeakRSS:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_times(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None, warmup: int = 1) -> list[float]:
-    """Wall times of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
+def run_times(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> list[float]:
+    """Wall times of ``fn`` over ``repeats`` runs after one warm-up."""
+    fn()
     sync()
     times = []
     for _ in range(repeats):

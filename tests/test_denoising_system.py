@@ -1,7 +1,6 @@
 """DenoisingSystem: a non-finite training loss stops the run with an error naming the batch."""
 
 import pytest
-import torch
 from lightning.pytorch.callbacks import Callback
 
 from callbacks import LossWeightBalancer
