@@ -354,6 +354,8 @@ def bench_training_epoch(device: torch.device, args, extra_overrides: tuple[str,
     """
     runs = {**EPOCH_RUNS, **(EPOCH_RUNS_CUDA if device.type == "cuda" else {})}
     if args.epoch_runs:
+        for label in sorted(set(args.epoch_runs) - set(runs)):
+            print(f"  epoch {device.type} {label}: skipped (a CUDA run)", flush=True)
         runs = {label: overrides for label, overrides in runs.items() if label in args.epoch_runs}
     result: dict = {"utterances": args.epoch_utterances, "voicebank_train_seconds": VOICEBANK_TRAIN_SECONDS}
     with tempfile.TemporaryDirectory() as tmp:
@@ -372,6 +374,9 @@ def bench_training_epoch(device: torch.device, args, extra_overrides: tuple[str,
             if done.returncode != 0:
                 raise RuntimeError(f"dfl-train ({label}) failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
             per_epoch = epoch_throughput(run_dir / "csv" / "metrics.csv")
+            if not per_epoch:
+                raise RuntimeError(f"dfl-train ({label}) logged no perf/audio_seconds_per_second in "
+                                   f"{run_dir / 'csv' / 'metrics.csv'}")  # fmt: skip
             speed = per_epoch[-1]
             entry = {
                 "overrides": overrides,

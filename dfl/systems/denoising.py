@@ -44,6 +44,7 @@ class DenoisingSystem(L.LightningModule):
         self.metric_names = list(metrics)
         self._noisy_scored: set[str] = set()
         self._unchecked_losses: list[tuple[int, torch.Tensor]] = []  # (batch, loss) not yet read: see _check_finite
+        self._written_step = True  # this step's values go to the loggers: see _loggers_write_this_step
 
     @property
     def plain_denoiser(self) -> nn.Module:
@@ -78,7 +79,8 @@ class DenoisingSystem(L.LightningModule):
         self._check_finite(total, batch_idx)
         bs = batch["noisy"].shape[0]
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
-        if self._loggers_write_this_step():
+        self._written_step = self._loggers_write_this_step()
+        if self._written_step:
             for name, value in zip(getattr(self.loss, "term_names", []), per_layer):
                 self.log(f"train/feature/{name}", value, batch_size=bs)
         return {"loss": total, "per_layer": per_layer.detach()}
@@ -97,9 +99,9 @@ class DenoisingSystem(L.LightningModule):
         return written or trainer.should_stop or bool(trainer.fast_dev_run)
 
     # A non-finite loss stops training with an error naming the batch. Reading a GPU loss waits for
-    # the device (CONTRIBUTING: no waits in a GPU step), so there the losses are read every
-    # `trainer.log_every_n_steps` steps, when Lightning's logging waits anyway, and with the
-    # epoch's last batch, before the balancer or a checkpoint sees the epoch.
+    # the device (CONTRIBUTING: no waits in a GPU step), so there the losses are read on the steps
+    # Lightning writes to the loggers (it waits then anyway) and with the epoch's last batch, before
+    # the balancer or a checkpoint sees the epoch.
     @staticmethod
     def _reading_waits_for_device(t: torch.Tensor) -> bool:
         return t.device.type != "cpu"
@@ -125,9 +127,8 @@ class DenoisingSystem(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         trainer = self._trainer
-        every = trainer.log_every_n_steps if trainer is not None else 1
         last = trainer is not None and batch_idx + 1 >= trainer.num_training_batches
-        if len(self._unchecked_losses) >= every or last:
+        if self._written_step or last:
             self._read_unchecked_losses()
 
     def on_train_epoch_end(self) -> None:
