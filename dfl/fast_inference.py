@@ -92,9 +92,7 @@ class _Layer(nn.Module):
 class FastContextAggregationNet(nn.Module):
     """Inference-only twin of a trained :class:`ContextAggregationNet` (eval semantics)."""
 
-    def __init__(
-        self, model: ContextAggregationNet, tile: int = 2048, winograd: bool | None = None, winograd_tile: int = 8192
-    ) -> None:
+    def __init__(self, model: ContextAggregationNet, tile: int = 2048, winograd: bool | None = None) -> None:
         super().__init__()
         if model.kernel_size != 3:
             raise ValueError(f"the fast path supports kernel_size=3 only, got {model.kernel_size}")
@@ -111,7 +109,6 @@ class FastContextAggregationNet(nn.Module):
         self.tile = int(tile)
         # None: use the Winograd kernels when they can be compiled here; False: always direct GEMMs
         self.winograd = winograd
-        self.winograd_tile = int(winograd_tile)
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
         """``[batch, time]`` → ``[batch, time]`` (portable conv layout; exported by ``dfl-export``)."""
@@ -168,8 +165,7 @@ class FastContextAggregationNet(nn.Module):
             xb, ob = x[b], out[b]
             done = 0
             if conv_kernels is not None:
-                done = winograd.conv3(conv_kernels, xb, margin, weights, ob, margin, n_rows, d, layer.bias, slope,
-                                      tile_outputs=self.winograd_tile)  # fmt: skip
+                done = winograd.conv3(conv_kernels, xb, margin, weights, ob, margin, n_rows, d, layer.bias, slope)
             for s in range(done, n_rows, tile):
                 n = min(tile, n_rows - s)
                 o = ob[margin + s : margin + s + n]

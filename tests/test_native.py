@@ -36,26 +36,46 @@ def reference_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, d
     return y if slope is None else F.leaky_relu(y, slope)
 
 
+def _conv_case(d: int, c_in: int = 16, c_out: int = 24):
+    """A zero-margined ``[time, Cin]`` buffer whose whole blocks span several kernel groups (48 items)."""
+    torch.manual_seed(d)
+    blocks, margin = 100 // d + 1, 2 * d
+    length = 4 * d * blocks + 5
+    x = torch.zeros(margin + length + 2 * margin, c_in)
+    x[margin : margin + length] = torch.randn(length, c_in)
+    return x, torch.randn(c_out, c_in, 3), blocks, margin, length
+
+
 @pytest.mark.parametrize("d", [1, 3, 16])
 @pytest.mark.parametrize("slope", [0.2, None], ids=["leaky_relu", "linear"])
 def test_kernels_compute_a_dilated_conv_layer(kernels, d, slope):
-    torch.manual_seed(d)
-    c_in, c_out, length, margin = 16, 24, 8 * d + 5, 2 * d
-    x = torch.zeros(margin + length + 2 * margin, c_in)
-    x[margin : margin + length] = torch.randn(length, c_in)
-    weight, bias = torch.randn(c_out, c_in, 3), torch.randn(c_out)
-    blocks, phases = length // (4 * d), d
-    y = torch.full((x.shape[0], c_out), float("nan"))
-    operands = torch.empty(6, blocks * phases, c_in)
-    products = torch.empty(6, blocks * phases, c_out)
-    kernels.winograd_input(x, margin, blocks, phases, d, operands)
-    torch.bmm(operands, kernels.winograd_weights(weight), out=products)
-    kernels.winograd_output(products, y, margin, blocks, phases, d, bias, slope)
+    x, weight, blocks, margin, length = _conv_case(d)  # 24 output channels: one full and one half panel of 16
+    bias = torch.randn(weight.shape[0])
+    y = torch.full((x.shape[0], weight.shape[0]), float("nan"))
+    kernels.winograd_conv(x, margin, kernels.winograd_weights(weight), y, margin, blocks, d, bias, slope)
 
     done = blocks * 4 * d
     expected = reference_layer(x[margin : margin + length], weight, bias, d, slope)[:done]
     torch.testing.assert_close(y[margin : margin + done].double(), expected, atol=1e-4, rtol=1e-5)
-    assert y[:margin].isnan().all() and y[margin + done :].isnan().all()  # nothing written outside the tile
+    assert y[:margin].isnan().all() and y[margin + done :].isnan().all()  # nothing written outside the blocks
+
+
+@pytest.mark.parametrize("d", [1, 3, 16])
+def test_kernels_compute_the_weight_gradient(kernels, d):
+    from dfl.models.winograd import taps_grad
+
+    x, weight, blocks, margin, length = _conv_case(d)
+    done = blocks * 4 * d
+    dy = torch.zeros(x.shape[0], weight.shape[0])
+    dy[margin : margin + done] = torch.randn(done, weight.shape[0])
+    w64 = weight.double().requires_grad_()
+    y = F.conv1d(F.pad(x[margin : margin + length].double().t()[None], (d, d)), w64, dilation=d)[0].t()
+    (y[:done] * dy[margin : margin + done].double()).sum().backward()
+
+    grad = torch.ones(6, *weight.shape[1::-1])  # the kernel adds to what is there
+    kernels.winograd_weight_grad(x, margin, dy, margin, blocks, d, grad)
+    taps = taps_grad(grad - 1).permute(2, 1, 0)  # [3, Cin, Cout] → the conv's [Cout, Cin, 3]
+    torch.testing.assert_close(taps.double(), w64.grad, atol=1e-3 * w64.grad.abs().max().item(), rtol=0)
 
 
 def test_batch_norm_kernels(kernels):
@@ -104,22 +124,26 @@ def test_batch_norm_kernels(kernels):
 
 
 def test_kernels_refuse_rows_outside_the_buffer(kernels):
-    x = torch.zeros(100, 8)
-    operands = torch.empty(6, 4, 8)
-    with pytest.raises(ValueError, match=r"rows \[-2, "):
-        kernels.winograd_input(x, 0, 1, 4, 2, operands)  # reads 2 rows before the buffer
-    with pytest.raises(ValueError, match="outside its 100 rows"):
-        kernels.winograd_input(x, 90, 1, 4, 2, operands)
-    with pytest.raises(ValueError, match="outside its 100 rows"):
-        kernels.winograd_output(operands, x, 95, 1, 4, 2, torch.zeros(8), 0.2)
-    with pytest.raises(ValueError, match=r"shape \(6, 8, 8\)"):
-        kernels.winograd_input(x, 10, 2, 4, 2, operands)
+    x, y, bias = torch.zeros(100, 8), torch.zeros(100, 8), torch.zeros(8)
+    weights, grad = torch.zeros(6, 8, 8), torch.zeros(6, 8, 8)
+    with pytest.raises(ValueError, match=r"x: rows \[-2, "):
+        kernels.winograd_conv(x, 0, weights, y, 10, 1, 2, bias, 0.2)  # reads 2 rows before the buffer
+    with pytest.raises(ValueError, match=r"x: rows .* outside its 100 rows"):
+        kernels.winograd_conv(x, 91, weights, y, 10, 1, 2, bias, 0.2)  # needs rows up to 101
+    with pytest.raises(ValueError, match=r"y: rows .* outside its 100 rows"):
+        kernels.winograd_conv(x, 10, weights, y, 95, 1, 2, bias, 0.2)
+    with pytest.raises(ValueError, match=r"dy: rows .* outside its 100 rows"):
+        kernels.winograd_weight_grad(x, 10, y, 95, 1, 2, grad)
+    with pytest.raises(ValueError, match=r"weights must have shape \(6, 8, 8\)"):
+        kernels.winograd_conv(x, 10, torch.zeros(6, 8, 16), y, 10, 1, 2, bias, 0.2)
+    with pytest.raises(ValueError, match=r"grad must have shape \(6, 8, 8\)"):
+        kernels.winograd_weight_grad(x, 10, y, 10, 1, 2, torch.zeros(3, 8, 8))
     with pytest.raises(ValueError, match="float32"):
-        kernels.winograd_input(x.double(), 10, 1, 4, 2, operands)
+        kernels.winograd_conv(x.double(), 10, weights, y, 10, 1, 2, bias, 0.2)
     with pytest.raises(ValueError, match="multiple of 8"):
-        kernels.winograd_input(torch.zeros(100, 6), 10, 1, 4, 2, torch.empty(6, 4, 6))
+        kernels.winograd_conv(torch.zeros(100, 6), 10, torch.zeros(6, 6, 8), y, 10, 1, 2, bias, 0.2)
     with pytest.raises(ValueError, match="bias"):
-        kernels.winograd_output(operands, x, 10, 1, 4, 2, torch.zeros(7), 0.2)
+        kernels.winograd_conv(x, 10, weights, y, 10, 1, 2, torch.zeros(7), 0.2)
 
 
 def test_library_is_built_once_into_the_cache(fresh_native):

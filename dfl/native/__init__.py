@@ -129,7 +129,7 @@ def _check_channels(name: str, t: torch.Tensor, channels: int) -> None:
 
 
 class CpuKernels:
-    """The kernels of ``kernels.c``: Winograd F(4,3) transforms along time, BN moments, affine + leaky ReLU."""
+    """The kernels of ``kernels.c``: Winograd F(4,3) convs along time, BN moments, affine + leaky ReLU."""
 
     # filter transform: the 6 GEMM weights are G @ (the 3 taps)
     G = torch.tensor(
@@ -147,15 +147,12 @@ class CpuKernels:
     def __init__(self, library: Path) -> None:
         lib = ctypes.CDLL(str(library))
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        self._input = lib.dfl_wino43_input
-        self._input.argtypes = [ptr, i64, i64, i64, i64, ptr, i64]
-        self._input.restype = None
-        self._output = lib.dfl_wino43_output
-        self._output.argtypes = [ptr, i64, i64, i64, i64, ptr, ctypes.c_float, ctypes.c_int, ptr, i64]
-        self._output.restype = None
-        self._output_grad = lib.dfl_wino43_output_grad
-        self._output_grad.argtypes = [ptr, i64, i64, i64, i64, ptr, i64]
-        self._output_grad.restype = None
+        self._conv = lib.dfl_wino43_conv
+        self._conv.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, ctypes.c_int, ptr]
+        self._conv.restype = ctypes.c_int
+        self._weight_grad = lib.dfl_wino43_weight_grad
+        self._weight_grad.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr]
+        self._weight_grad.restype = ctypes.c_int
         self._moments = lib.dfl_channel_moments
         self._moments.argtypes = [ptr, ptr, ptr, ptr, ctypes.c_float, i64, i64, ptr]
         self._moments.restype = ctypes.c_int
@@ -174,58 +171,63 @@ class CpuKernels:
         return (cls.G @ taps).view(6, c_in, c_out).to(weight.dtype)
 
     @staticmethod
-    def _check_tile(operands: torch.Tensor, items: int, channels: int) -> None:
-        if channels % 8:
-            raise ValueError(f"channels must be a multiple of 8, got {channels}")
-        if not (operands.is_contiguous() and operands.dtype == torch.float32 and operands.device.type == "cpu"):
-            raise ValueError("the Winograd operands must be a contiguous float32 CPU tensor")
-        if tuple(operands.shape) != (6, items, channels):
-            raise ValueError(f"operands must have shape (6, {items}, {channels}), got {tuple(operands.shape)}")
+    def _check_winograd(name: str, w: torch.Tensor, c_in: int, c_out: int) -> None:
+        if w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous float32 CPU tensor")
+        if tuple(w.shape) != (6, c_in, c_out):
+            raise ValueError(f"{name} must have shape (6, {c_in}, {c_out}), got {tuple(w.shape)}")
 
-    def winograd_input(self, x: torch.Tensor, row: int, blocks: int, phases: int, dilation: int, out: torch.Tensor):
-        """Operands of outputs ``row + 4d·b + p + j·d`` (b < blocks, p < phases, j < 4) into ``out [6, b·p, C]``."""
-        channels = x.shape[1]
-        self._check_tile(out, blocks * phases, channels)
-        _check_rows("x", x, row - dilation, row + 4 * dilation * (blocks - 1) + 5 * dilation + phases - dilation)
-        self._input(_row_pointer(x, row - dilation), blocks, phases, channels, dilation, out.data_ptr(), out.stride(0))
+    @staticmethod
+    def _check_blocks(x, x_row, y_name, y, y_row, blocks: int, dilation: int) -> None:
+        """Whole blocks of 4d outputs from ``y_row`` read inputs ``x_row − d … x_row + 4d·blocks + d``."""
+        if blocks < 0 or dilation < 1:
+            raise ValueError(f"need blocks >= 0 and dilation >= 1, got {blocks} and {dilation}")
+        _check_rows("x", x, x_row - dilation, x_row + 4 * dilation * blocks + dilation)
+        _check_rows(y_name, y, y_row, y_row + 4 * dilation * blocks)
+        for name, t in (("x", x), (y_name, y)):
+            if t.shape[1] % 8:
+                raise ValueError(f"{name}: channels must be a multiple of 8, got {t.shape[1]}")
 
-    def winograd_output(
+    def winograd_conv(
         self,
-        products: torch.Tensor,
+        x: torch.Tensor,
+        x_row: int,
+        weights: torch.Tensor,
         y: torch.Tensor,
-        row: int,
+        y_row: int,
         blocks: int,
-        phases: int,
         dilation: int,
         bias: torch.Tensor,
         negative_slope: float | None,
     ) -> None:
-        """The 4 outputs per item from ``products [6, b·p, C]`` (+ bias, leaky ReLU unless None) into ``y``."""
-        channels = y.shape[1]
-        self._check_tile(products, blocks * phases, channels)
-        _check_rows("y", y, row, row + 4 * dilation * (blocks - 1) + 3 * dilation + phases)
-        _check_channels("bias", bias, channels)
+        """``y[y_row + t] = act(Σ_k x[x_row + t + (k−1)·d] @ W_k + bias)`` for ``t < 4d·blocks``.
+
+        ``weights``: :meth:`winograd_weights` ``[6, Cin, Cout]``; ``act`` is a leaky ReLU unless
+        ``negative_slope`` is None.
+        """
+        self._check_blocks(x, x_row, "y", y, y_row, blocks, dilation)
+        self._check_winograd("weights", weights, x.shape[1], y.shape[1])
+        _check_channels("bias", bias, y.shape[1])
         slope = 0.0 if negative_slope is None else float(negative_slope)
-        self._output(
-            products.data_ptr(),
-            blocks,
-            phases,
-            channels,
-            dilation,
-            bias.data_ptr(),
-            slope,
-            int(negative_slope is not None),
-            _row_pointer(y, row),
-            products.stride(0),
-        )
+        status = self._conv(_row_pointer(x, x_row - dilation), blocks, dilation, x.shape[1], y.shape[1], dilation,
+                            weights.data_ptr(), bias.data_ptr(), slope, int(negative_slope is not None),
+                            _row_pointer(y, y_row))  # fmt: skip
+        if status != 0:
+            raise MemoryError("dfl_wino43_conv: out of memory")
 
+    def winograd_weight_grad(
+        self, x: torch.Tensor, x_row: int, dy: torch.Tensor, dy_row: int, blocks: int, dilation: int, grad: torch.Tensor
+    ) -> None:
+        """Adds ``∂L/∂(winograd weights)`` of :meth:`winograd_conv`'s outputs ``dy`` to ``grad [6, Cin, Cout]``.
 
-    def winograd_output_grad(self, dy: torch.Tensor, row: int, blocks: int, phases: int, dilation: int, out):
-        """Weight-gradient operands ``A·dy`` of output rows as in :meth:`winograd_output` into ``out [6, b·p, C]``."""
-        channels = dy.shape[1]
-        self._check_tile(out, blocks * phases, channels)
-        _check_rows("dy", dy, row, row + 4 * dilation * (blocks - 1) + 3 * dilation + phases)
-        self._output_grad(_row_pointer(dy, row), blocks, phases, channels, dilation, out.data_ptr(), out.stride(0))
+        With operands ``U = Bᵀx`` and ``V = A·dy`` per item, ``∂L/∂Wᵢ = Σ Uᵢᵀ Vᵢ``.
+        """
+        self._check_blocks(x, x_row, "dy", dy, dy_row, blocks, dilation)
+        self._check_winograd("grad", grad, x.shape[1], dy.shape[1])
+        status = self._weight_grad(_row_pointer(x, x_row - dilation), _row_pointer(dy, dy_row), blocks, dilation,
+                                   x.shape[1], dy.shape[1], dilation, grad.data_ptr())  # fmt: skip
+        if status != 0:
+            raise MemoryError("dfl_wino43_weight_grad: out of memory")
 
     @staticmethod
     def _check_like(z: torch.Tensor, **others: torch.Tensor | None) -> int:

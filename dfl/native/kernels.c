@@ -1,14 +1,17 @@
-/* Kernels of the CPU fast inference path (dfl/fast_inference.py), loaded by dfl/native/__init__.py.
- * Rows are channels-last [time, C] float32 with C % 8 == 0; loops over rows run on OpenMP threads.
+/* Kernels of the CPU fast paths (dfl/models/winograd.py, fused_layer.py, fast_inference.py), loaded by
+ * dfl/native/__init__.py. Rows are channels-last [time, C] float32 with C % 8 == 0; loops over rows run on
+ * OpenMP threads.
  *
- * Winograd F(4,3) transforms along time. A 3-tap conv with dilation d gives 4 outputs t, t+d, t+2d, t+3d from 6 inputs t-d … t+4d.
- * Winograd computes them from 6 channel-mixing products (one GEMM per product) instead of
- * 12, so these transforms turn 6 input rows into the 6 GEMM operands and the 6 GEMM
- * results into 4 output rows (+ bias, leaky ReLU). A tile is `nb` blocks of 4d rows × `np` consecutive phases inside a block;
- * operand i of tile item k lives at U[i * plane + k * C].
+ * Winograd F(4,3) along time: a 3-tap conv with dilation d gives 4 outputs t, t+d, t+2d, t+3d from the 6
+ * inputs t-d … t+4d through 6 channel-mixing products (GEMMs) instead of 12. A tile item is one such group
+ * of 4 outputs: item k is phase k % np of block k / np, a block being 4d rows. The conv and its weight
+ * gradient run GROUP items at a time through transform → GEMM → transform, all in per-thread buffers that
+ * stay in cache, with a register-blocked GEMM (MR × 16 accumulators), so activations are read and written
+ * once.
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -18,13 +21,31 @@ typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
 #define LOAD(p) (*(const v8 *)(p))
 #define STORE(p, v) (*(v8 *)(p) = (v))
 
-void dfl_wino43_input(const float *x, int64_t nb, int64_t np, int64_t C, int64_t d, float *U,
-                      int64_t plane) {
-    const int64_t row = d * C, block = 4 * d * C;
-#pragma omp parallel for schedule(static)
-    for (int64_t k = 0; k < nb * np; k++) {
-        const float *s = x + (k / np) * block + (k % np) * C;
-        float *u = U + k * C;
+static inline v8 leaky_relu(v8 y, float slope) {
+    const v8 zero = {0};
+    v8i negative = y < zero;
+    v8 scaled = y * slope;
+    return (v8)(((v8i)y & ~negative) | ((v8i)scaled & negative));
+}
+
+static inline v8 bcast(float f) { return (v8){f, f, f, f, f, f, f, f}; }
+
+#define GROUP 48 /* tile items per GEMM pass, a multiple of MR: their operands stay in L2 */
+#define MR 6  /* GEMM micro-tile: MR rows × 16 columns (12 accumulators) */
+#define NR 16
+
+static inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+static float *alloc_floats(size_t n) { return aligned_alloc(64, round_up((int64_t)(n * sizeof(float)), 64)); }
+
+/* Operands U = Bᵀx of tile items k0 … k0+n−1 into U[6][GROUP][ldu] (rows ≥ n stay as they are). */
+static void input_transform(const float *x, int64_t k0, int64_t n, int64_t np, int64_t C, int64_t d, float *U,
+                            int64_t ldu) {
+    const int64_t row = d * C, plane = GROUP * ldu;
+    for (int64_t r = 0; r < n; r++) {
+        const int64_t k = k0 + r;
+        const float *s = x + ((k / np) * 4 * d + k % np) * C;
+        float *u = U + r * ldu;
         for (int64_t c = 0; c < C; c += 8) {
             v8 x0 = LOAD(s + c), x1 = LOAD(s + row + c), x2 = LOAD(s + 2 * row + c);
             v8 x3 = LOAD(s + 3 * row + c), x4 = LOAD(s + 4 * row + c), x5 = LOAD(s + 5 * row + c);
@@ -38,55 +59,170 @@ void dfl_wino43_input(const float *x, int64_t nb, int64_t np, int64_t C, int64_t
     }
 }
 
-static inline v8 leaky_relu(v8 y, float slope) {
-    const v8 zero = {0};
-    v8i negative = y < zero;
-    v8 scaled = y * slope;
-    return (v8)(((v8i)y & ~negative) | ((v8i)scaled & negative));
+/* M[MR][ldm] = A[MR][lda] (first K columns) @ B[K][NR] */
+static inline void gemm_tile(const float *A, int64_t lda, const float *B, int64_t K, float *M, int64_t ldm) {
+    v8 c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0}, c20 = {0}, c21 = {0};
+    v8 c30 = {0}, c31 = {0}, c40 = {0}, c41 = {0}, c50 = {0}, c51 = {0};
+    for (int64_t k = 0; k < K; k++) {
+        v8 b0 = LOAD(B + k * NR), b1 = LOAD(B + k * NR + 8), a;
+        a = bcast(A[k]), c00 += a * b0, c01 += a * b1;
+        a = bcast(A[lda + k]), c10 += a * b0, c11 += a * b1;
+        a = bcast(A[2 * lda + k]), c20 += a * b0, c21 += a * b1;
+        a = bcast(A[3 * lda + k]), c30 += a * b0, c31 += a * b1;
+        a = bcast(A[4 * lda + k]), c40 += a * b0, c41 += a * b1;
+        a = bcast(A[5 * lda + k]), c50 += a * b0, c51 += a * b1;
+    }
+    STORE(M, c00), STORE(M + 8, c01), STORE(M + ldm, c10), STORE(M + ldm + 8, c11);
+    STORE(M + 2 * ldm, c20), STORE(M + 2 * ldm + 8, c21), STORE(M + 3 * ldm, c30), STORE(M + 3 * ldm + 8, c31);
+    STORE(M + 4 * ldm, c40), STORE(M + 4 * ldm + 8, c41), STORE(M + 5 * ldm, c50), STORE(M + 5 * ldm + 8, c51);
 }
 
-void dfl_wino43_output(const float *M, int64_t nb, int64_t np, int64_t C, int64_t d, const float *bias,
-                       float slope, int activate, float *y, int64_t plane) {
-    const int64_t row = d * C, block = 4 * d * C;
-#pragma omp parallel for schedule(static)
-    for (int64_t k = 0; k < nb * np; k++) {
-        const float *m = M + k * C;
-        float *o = y + (k / np) * block + (k % np) * C;
-        for (int64_t c = 0; c < C; c += 8) {
-            v8 m0 = LOAD(m + c), m1 = LOAD(m + plane + c), m2 = LOAD(m + 2 * plane + c);
-            v8 m3 = LOAD(m + 3 * plane + c), m4 = LOAD(m + 4 * plane + c), m5 = LOAD(m + 5 * plane + c);
-            v8 b = LOAD(bias + c), sum12 = m1 + m2, diff12 = m1 - m2, sum34 = m3 + m4, diff34 = m3 - m4;
-            v8 y0 = m0 + sum12 + sum34 + b, y1 = diff12 + 2.f * diff34 + b;
-            v8 y2 = sum12 + 4.f * sum34 + b, y3 = diff12 + 8.f * diff34 + m5 + b;
-            if (activate) {
-                y0 = leaky_relu(y0, slope), y1 = leaky_relu(y1, slope);
-                y2 = leaky_relu(y2, slope), y3 = leaky_relu(y3, slope);
+/* The whole Winograd conv: nb blocks × np phases of items; W [6][Cin][Cout]. Returns −1 when out of memory. */
+int dfl_wino43_conv(const float *x, int64_t nb, int64_t np, int64_t Cin, int64_t Cout, int64_t d, const float *W,
+                    const float *bias, float slope, int activate, float *y) {
+    const int64_t items = nb * np, groups = (items + GROUP - 1) / GROUP, panels = (Cout + NR - 1) / NR;
+    const int64_t ldm = panels * NR;
+    /* weights packed per 16-column panel, zero beyond Cout: B[i][panel][Cin][16] */
+    float *B = alloc_floats(6 * panels * Cin * NR);
+    if (!B) return -1;
+    for (int64_t i = 0; i < 6; i++)
+        for (int64_t j = 0; j < panels; j++)
+            for (int64_t k = 0; k < Cin; k++)
+                for (int64_t c = 0; c < NR; c++)
+                    B[((i * panels + j) * Cin + k) * NR + c] = j * NR + c < Cout ? W[(i * Cin + k) * Cout + j * NR + c] : 0.f;
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *U = alloc_floats(6 * GROUP * Cin);
+        float *M = alloc_floats(6 * GROUP * ldm);
+        if (!U || !M) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            memset(U, 0, sizeof(float) * 6 * GROUP * Cin);
+        }
+#pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; g++) {
+            if (!U || !M) continue;
+            const int64_t k0 = g * GROUP, n = items - k0 < GROUP ? items - k0 : GROUP;
+            input_transform(x, k0, n, np, Cin, d, U, Cin);
+            for (int64_t i = 0; i < 6; i++)
+                for (int64_t j = 0; j < panels; j++)
+                    for (int64_t r0 = 0; r0 < n; r0 += MR)
+                        gemm_tile(U + (i * GROUP + r0) * Cin, Cin, B + (i * panels + j) * Cin * NR, Cin,
+                                  M + (i * GROUP + r0) * ldm + j * NR, ldm);
+            const int64_t row = d * Cout, plane = GROUP * ldm;
+            for (int64_t r = 0; r < n; r++) {
+                const int64_t k = k0 + r;
+                const float *m = M + r * ldm;
+                float *o = y + ((k / np) * 4 * d + k % np) * Cout;
+                for (int64_t c = 0; c < Cout; c += 8) {
+                    v8 m0 = LOAD(m + c), m1 = LOAD(m + plane + c), m2 = LOAD(m + 2 * plane + c);
+                    v8 m3 = LOAD(m + 3 * plane + c), m4 = LOAD(m + 4 * plane + c), m5 = LOAD(m + 5 * plane + c);
+                    v8 b = LOAD(bias + c), sum12 = m1 + m2, diff12 = m1 - m2, sum34 = m3 + m4, diff34 = m3 - m4;
+                    v8 y0 = m0 + sum12 + sum34 + b, y1 = diff12 + 2.f * diff34 + b;
+                    v8 y2 = sum12 + 4.f * sum34 + b, y3 = diff12 + 8.f * diff34 + m5 + b;
+                    if (activate) {
+                        y0 = leaky_relu(y0, slope), y1 = leaky_relu(y1, slope);
+                        y2 = leaky_relu(y2, slope), y3 = leaky_relu(y3, slope);
+                    }
+                    STORE(o + c, y0), STORE(o + row + c, y1), STORE(o + 2 * row + c, y2), STORE(o + 3 * row + c, y3);
+                }
             }
-            STORE(o + c, y0), STORE(o + row + c, y1), STORE(o + 2 * row + c, y2), STORE(o + 3 * row + c, y3);
         }
+        free(U), free(M);
     }
+    free(B);
+    return failed ? -1 : 0;
 }
 
-/* The weight gradient's second operand: the transpose of the output transform applied to the
- * 4 output-gradient rows of each tile item, V = A·dy (6 planes, like dfl_wino43_input's U). */
-void dfl_wino43_output_grad(const float *dy, int64_t nb, int64_t np, int64_t C, int64_t d, float *V,
-                            int64_t plane) {
-    const int64_t row = d * C, block = 4 * d * C;
-#pragma omp parallel for schedule(static)
-    for (int64_t k = 0; k < nb * np; k++) {
-        const float *g = dy + (k / np) * block + (k % np) * C;
-        float *v = V + k * C;
-        for (int64_t c = 0; c < C; c += 8) {
-            v8 g0 = LOAD(g + c), g1 = LOAD(g + row + c), g2 = LOAD(g + 2 * row + c), g3 = LOAD(g + 3 * row + c);
-            v8 even = g0 + g2, odd = g1 + g3, even4 = g0 + 4.f * g2, odd2 = 2.f * g1 + 8.f * g3;
-            STORE(v + c, g0);
-            STORE(v + plane + c, even + odd);
-            STORE(v + 2 * plane + c, even - odd);
-            STORE(v + 3 * plane + c, even4 + odd2);
-            STORE(v + 4 * plane + c, even4 - odd2);
-            STORE(v + 5 * plane + c, g3);
-        }
+/* C[MR][ldc] += A[K][lda]ᵀ-slice (MR columns starting at A) · V[K][ldv] (16 columns) */
+static inline void grad_tile(const float *A, int64_t lda, const float *V, int64_t ldv, int64_t K, float *C,
+                             int64_t ldc) {
+    v8 c00 = LOAD(C), c01 = LOAD(C + 8), c10 = LOAD(C + ldc), c11 = LOAD(C + ldc + 8);
+    v8 c20 = LOAD(C + 2 * ldc), c21 = LOAD(C + 2 * ldc + 8), c30 = LOAD(C + 3 * ldc), c31 = LOAD(C + 3 * ldc + 8);
+    v8 c40 = LOAD(C + 4 * ldc), c41 = LOAD(C + 4 * ldc + 8), c50 = LOAD(C + 5 * ldc), c51 = LOAD(C + 5 * ldc + 8);
+    for (int64_t k = 0; k < K; k++) {
+        const float *a = A + k * lda;
+        v8 b0 = LOAD(V + k * ldv), b1 = LOAD(V + k * ldv + 8), s;
+        s = bcast(a[0]), c00 += s * b0, c01 += s * b1;
+        s = bcast(a[1]), c10 += s * b0, c11 += s * b1;
+        s = bcast(a[2]), c20 += s * b0, c21 += s * b1;
+        s = bcast(a[3]), c30 += s * b0, c31 += s * b1;
+        s = bcast(a[4]), c40 += s * b0, c41 += s * b1;
+        s = bcast(a[5]), c50 += s * b0, c51 += s * b1;
     }
+    STORE(C, c00), STORE(C + 8, c01), STORE(C + ldc, c10), STORE(C + ldc + 8, c11);
+    STORE(C + 2 * ldc, c20), STORE(C + 2 * ldc + 8, c21), STORE(C + 3 * ldc, c30), STORE(C + 3 * ldc + 8, c31);
+    STORE(C + 4 * ldc, c40), STORE(C + 4 * ldc + 8, c41), STORE(C + 5 * ldc, c50), STORE(C + 5 * ldc + 8, c51);
+}
+
+/* grad[6][Cin][Cout] += Σ_items Uᵢᵀ Vᵢ with U = Bᵀx, V = A·dy. Threads sum into their own buffers, added in thread order. */
+int dfl_wino43_weight_grad(const float *x, const float *dy, int64_t nb, int64_t np, int64_t Cin, int64_t Cout,
+                           int64_t d, float *grad) {
+    const int64_t items = nb * np, groups = (items + GROUP - 1) / GROUP;
+    const int64_t ldu = round_up(Cin, MR) + 8, mrows = round_up(Cin, MR), ldv = round_up(Cout, NR);
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    const size_t acc_size = 6 * mrows * ldv;
+    float *acc = alloc_floats(threads * acc_size);
+    if (!acc) return -1;
+    memset(acc, 0, sizeof(float) * threads * acc_size);
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        int t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+        float *C = acc + t * acc_size;
+        float *U = alloc_floats(6 * GROUP * ldu);
+        float *V = alloc_floats(6 * GROUP * ldv);
+        if (!U || !V) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            memset(U, 0, sizeof(float) * 6 * GROUP * ldu), memset(V, 0, sizeof(float) * 6 * GROUP * ldv);
+        }
+#pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; g++) {
+            if (!U || !V) continue;
+            const int64_t k0 = g * GROUP, n = items - k0 < GROUP ? items - k0 : GROUP;
+            input_transform(x, k0, n, np, Cin, d, U, ldu);
+            const int64_t row = d * Cout, plane = GROUP * ldv;
+            for (int64_t r = 0; r < n; r++) {
+                const int64_t k = k0 + r;
+                const float *gr = dy + ((k / np) * 4 * d + k % np) * Cout;
+                float *v = V + r * ldv;
+                for (int64_t c = 0; c < Cout; c += 8) {
+                    v8 g0 = LOAD(gr + c), g1 = LOAD(gr + row + c), g2 = LOAD(gr + 2 * row + c), g3 = LOAD(gr + 3 * row + c);
+                    v8 even = g0 + g2, odd = g1 + g3, even4 = g0 + 4.f * g2, odd2 = 2.f * g1 + 8.f * g3;
+                    STORE(v + c, g0);
+                    STORE(v + plane + c, even + odd);
+                    STORE(v + 2 * plane + c, even - odd);
+                    STORE(v + 3 * plane + c, even4 + odd2);
+                    STORE(v + 4 * plane + c, even4 - odd2);
+                    STORE(v + 5 * plane + c, g3);
+                }
+            }
+            for (int64_t i = 0; i < 6; i++)
+                for (int64_t m0 = 0; m0 < mrows; m0 += MR)
+                    for (int64_t j = 0; j < ldv; j += NR)
+                        grad_tile(U + i * GROUP * ldu + m0, ldu, V + i * GROUP * ldv + j, ldv, n,
+                                  C + (i * mrows + m0) * ldv + j, ldv);
+        }
+        free(U), free(V);
+    }
+    if (!failed)
+        for (int t = 0; t < threads; t++)
+            for (int64_t i = 0; i < 6; i++)
+                for (int64_t m = 0; m < Cin; m++)
+                    for (int64_t c = 0; c < Cout; c++)
+                        grad[(i * Cin + m) * Cout + c] += acc[t * acc_size + (i * mrows + m) * ldv + c];
+    free(acc);
+    return failed ? -1 : 0;
 }
 
 /* Per-channel moments of `rows` rows about `shift` (k), added in float64 to sums[0:C] and sums[C:2C]:
