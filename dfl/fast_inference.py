@@ -163,10 +163,10 @@ class FastContextAggregationNet(nn.Module):
         slope = None if layer.batch_stats else self.negative_slope  # batch statistics: activate after the norm
         for b in range(x.shape[0]):
             xb, ob = x[b], out[b]
-            done = 0
             if conv_kernels is not None:
-                done = winograd.conv3(conv_kernels, xb, margin, weights, ob, margin, n_rows, d, layer.bias, slope)
-            for s in range(done, n_rows, tile):
+                winograd.conv3(conv_kernels, xb, margin, weights, ob, margin, n_rows, d, layer.bias, slope)
+                continue
+            for s in range(0, n_rows, tile):
                 n = min(tile, n_rows - s)
                 o = ob[margin + s : margin + s + n]
                 r = margin + s

@@ -37,43 +37,43 @@ def reference_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, d
 
 
 def _conv_case(d: int, c_in: int = 16, c_out: int = 24):
-    """A zero-margined ``[time, Cin]`` buffer whose whole blocks span several kernel groups (48 items)."""
+    """A zero-margined ``[time, Cin]`` buffer: several kernel groups (48 items) and a partial last block."""
     torch.manual_seed(d)
-    blocks, margin = 100 // d + 1, 2 * d
-    length = 4 * d * blocks + 5
+    margin = 2 * d
+    length = 4 * d * (100 // d + 1) + d + 3  # the last block: d + 3 of its 4d rows
     x = torch.zeros(margin + length + 2 * margin, c_in)
     x[margin : margin + length] = torch.randn(length, c_in)
-    return x, torch.randn(c_out, c_in, 3), blocks, margin, length
+    return x, torch.randn(c_out, c_in, 3), margin, length
 
 
 @pytest.mark.parametrize("d", [1, 3, 16])
 @pytest.mark.parametrize("slope", [0.2, None], ids=["leaky_relu", "linear"])
 def test_kernels_compute_a_dilated_conv_layer(kernels, d, slope):
-    x, weight, blocks, margin, length = _conv_case(d)  # 24 output channels: one full and one half panel of 16
+    x, weight, margin, length = _conv_case(d)  # 24 output channels: one full and one half panel of 16
     bias = torch.randn(weight.shape[0])
     y = torch.full((x.shape[0], weight.shape[0]), float("nan"))
-    kernels.winograd_conv(x, margin, kernels.winograd_weights(weight), y, margin, blocks, d, bias, slope)
+    x[margin + length + d :] = float("nan")  # past the conv's padding: must not be read
+    kernels.winograd_conv(x, margin, kernels.winograd_weights(weight), y, margin, length, d, bias, slope)
 
-    done = blocks * 4 * d
-    expected = reference_layer(x[margin : margin + length], weight, bias, d, slope)[:done]
-    torch.testing.assert_close(y[margin : margin + done].double(), expected, atol=1e-4, rtol=1e-5)
-    assert y[:margin].isnan().all() and y[margin + done :].isnan().all()  # nothing written outside the blocks
+    expected = reference_layer(x[margin : margin + length], weight, bias, d, slope)
+    torch.testing.assert_close(y[margin : margin + length].double(), expected, atol=1e-4, rtol=1e-5)
+    assert y[:margin].isnan().all() and y[margin + length :].isnan().all()  # nothing written outside the rows
 
 
 @pytest.mark.parametrize("d", [1, 3, 16])
 def test_kernels_compute_the_weight_gradient(kernels, d):
     from dfl.models.winograd import taps_grad
 
-    x, weight, blocks, margin, length = _conv_case(d)
-    done = blocks * 4 * d
-    dy = torch.zeros(x.shape[0], weight.shape[0])
-    dy[margin : margin + done] = torch.randn(done, weight.shape[0])
+    x, weight, margin, length = _conv_case(d)
+    dy = torch.full((x.shape[0], weight.shape[0]), float("nan"))  # only the conv's rows may be read
+    dy[margin : margin + length] = torch.randn(length, weight.shape[0])
+    x[margin + length + d :] = float("nan")
     w64 = weight.double().requires_grad_()
     y = F.conv1d(F.pad(x[margin : margin + length].double().t()[None], (d, d)), w64, dilation=d)[0].t()
-    (y[:done] * dy[margin : margin + done].double()).sum().backward()
+    (y * dy[margin : margin + length].double()).sum().backward()
 
     grad = torch.ones(6, *weight.shape[1::-1])  # the kernel adds to what is there
-    kernels.winograd_weight_grad(x, margin, dy, margin, blocks, d, grad)
+    kernels.winograd_weight_grad(x, margin, dy, margin, length, d, grad)
     taps = taps_grad(grad - 1).permute(2, 1, 0)  # [3, Cin, Cout] → the conv's [Cout, Cin, 3]
     torch.testing.assert_close(taps.double(), w64.grad, atol=1e-3 * w64.grad.abs().max().item(), rtol=0)
 
@@ -127,23 +127,23 @@ def test_kernels_refuse_rows_outside_the_buffer(kernels):
     x, y, bias = torch.zeros(100, 8), torch.zeros(100, 8), torch.zeros(8)
     weights, grad = torch.zeros(6, 8, 8), torch.zeros(6, 8, 8)
     with pytest.raises(ValueError, match=r"x: rows \[-2, "):
-        kernels.winograd_conv(x, 0, weights, y, 10, 1, 2, bias, 0.2)  # reads 2 rows before the buffer
+        kernels.winograd_conv(x, 0, weights, y, 10, 5, 2, bias, 0.2)  # reads 2 rows before the buffer
     with pytest.raises(ValueError, match=r"x: rows .* outside its 100 rows"):
-        kernels.winograd_conv(x, 91, weights, y, 10, 1, 2, bias, 0.2)  # needs rows up to 101
+        kernels.winograd_conv(x, 94, weights, y, 10, 5, 2, bias, 0.2)  # needs rows up to 101
     with pytest.raises(ValueError, match=r"y: rows .* outside its 100 rows"):
-        kernels.winograd_conv(x, 10, weights, y, 95, 1, 2, bias, 0.2)
+        kernels.winograd_conv(x, 10, weights, y, 96, 5, 2, bias, 0.2)
     with pytest.raises(ValueError, match=r"dy: rows .* outside its 100 rows"):
-        kernels.winograd_weight_grad(x, 10, y, 95, 1, 2, grad)
+        kernels.winograd_weight_grad(x, 10, y, 96, 5, 2, grad)
     with pytest.raises(ValueError, match=r"weights must have shape \(6, 8, 8\)"):
-        kernels.winograd_conv(x, 10, torch.zeros(6, 8, 16), y, 10, 1, 2, bias, 0.2)
+        kernels.winograd_conv(x, 10, torch.zeros(6, 8, 16), y, 10, 5, 2, bias, 0.2)
     with pytest.raises(ValueError, match=r"grad must have shape \(6, 8, 8\)"):
-        kernels.winograd_weight_grad(x, 10, y, 10, 1, 2, torch.zeros(3, 8, 8))
+        kernels.winograd_weight_grad(x, 10, y, 10, 5, 2, torch.zeros(3, 8, 8))
     with pytest.raises(ValueError, match="float32"):
-        kernels.winograd_conv(x.double(), 10, weights, y, 10, 1, 2, bias, 0.2)
+        kernels.winograd_conv(x.double(), 10, weights, y, 10, 5, 2, bias, 0.2)
     with pytest.raises(ValueError, match="multiple of 8"):
-        kernels.winograd_conv(torch.zeros(100, 6), 10, torch.zeros(6, 6, 8), y, 10, 1, 2, bias, 0.2)
+        kernels.winograd_conv(torch.zeros(100, 6), 10, torch.zeros(6, 6, 8), y, 10, 5, 2, bias, 0.2)
     with pytest.raises(ValueError, match="bias"):
-        kernels.winograd_conv(x, 10, weights, y, 10, 1, 2, torch.zeros(7), 0.2)
+        kernels.winograd_conv(x, 10, weights, y, 10, 5, 2, torch.zeros(7), 0.2)
 
 
 def test_library_is_built_once_into_the_cache(fresh_native):

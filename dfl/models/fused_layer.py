@@ -31,17 +31,20 @@ from dfl.native import channel_mean_var
 def _conv3(x: torch.Tensor, taps: torch.Tensor, d: int, out: torch.Tensor, weight: torch.Tensor) -> None:
     """``out[b, t] = Σ_k x[b, t + k·d] @ taps[k]`` for a buffer ``x`` padded by ``d`` on both sides.
 
-    Winograd F(4,3) (:mod:`dfl.models.winograd`) where the compiled kernels apply, direct GEMMs for
-    the rest; ``weight`` is the ``[Cout, Cin, 3]`` conv weight that ``taps`` were made from.
+    Winograd F(4,3) (:mod:`dfl.models.winograd`) where the compiled kernels apply, else direct GEMMs;
+    ``weight`` is the ``[Cout, Cin, 3]`` conv weight that ``taps`` were made from.
     """
     n = out.shape[1]
     kernels = winograd.kernels_for(x, out)
-    wino_weights = kernels.winograd_weights(weight) if kernels is not None else None
+    if kernels is not None:
+        wino_weights = kernels.winograd_weights(weight)
+        for b in range(x.shape[0]):
+            winograd.conv3(kernels, x[b], d, wino_weights, out[b], 0, n, d)
+        return
     for b in range(x.shape[0]):
-        s = winograd.conv3(kernels, x[b], d, wino_weights, out[b], 0, n, d) if kernels is not None else 0
-        torch.mm(x[b, s:n], taps[0], out=out[b, s:n])
-        out[b, s:n].addmm_(x[b, d + s : d + n], taps[1])
-        out[b, s:n].addmm_(x[b, 2 * d + s : 2 * d + n], taps[2])
+        torch.mm(x[b, :n], taps[0], out=out[b])
+        out[b].addmm_(x[b, d : d + n], taps[1])
+        out[b].addmm_(x[b, 2 * d : 2 * d + n], taps[2])
 
 
 def _as_nchw_channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -197,24 +200,27 @@ class _ConvNormAct(torch.autograd.Function):
             dx = x.new_empty(x.shape)
             dx[:, :d].zero_()
             dx[:, d + n :].zero_()
-            flipped = kernels.winograd_weights(weight.flip(-1).transpose(0, 1)) if kernels is not None else None
-            for b in range(bsz):
-                s = winograd.conv3(kernels, dz_padded[b], d, flipped, dx[b], d, n, d) if kernels is not None else 0
-                torch.mm(dz_padded[b, 2 * d + s : 2 * d + n], taps[0].t(), out=dx[b, d + s : d + n])
-                dx[b, d + s : d + n].addmm_(dz_padded[b, d + s : d + n], taps[1].t())
-                dx[b, d + s : d + n].addmm_(dz_padded[b, s:n], taps[2].t())
+            if kernels is not None:
+                flipped = kernels.winograd_weights(weight.flip(-1).transpose(0, 1))
+                for b in range(bsz):
+                    winograd.conv3(kernels, dz_padded[b], d, flipped, dx[b], d, n, d)
+            else:
+                for b in range(bsz):
+                    torch.mm(dz_padded[b, 2 * d : 2 * d + n], taps[0].t(), out=dx[b, d : d + n])
+                    dx[b, d : d + n].addmm_(dz_padded[b, d : d + n], taps[1].t())
+                    dx[b, d : d + n].addmm_(dz_padded[b, :n], taps[2].t())
             grads[0] = dx
         if need[1]:
-            dtaps = torch.zeros_like(taps)
-            wino_grad = x.new_zeros(6, *taps.shape[1:]) if kernels is not None else None
-            for b in range(bsz):
-                s = 0
-                if kernels is not None:
-                    s = winograd.weight_grad(kernels, x[b], d, dz_padded[b], d, rows, d, wino_grad)
-                for k in range(3):
-                    dtaps[k].addmm_(x[b, k * d + s : k * d + rows].t(), dz[b, s:])
             if kernels is not None:
-                dtaps += winograd.taps_grad(wino_grad)
+                wino_grad = x.new_zeros(6, *taps.shape[1:])
+                for b in range(bsz):
+                    winograd.weight_grad(kernels, x[b], d, dz_padded[b], d, rows, d, wino_grad)
+                dtaps = winograd.taps_grad(wino_grad)
+            else:
+                dtaps = torch.zeros_like(taps)
+                for b in range(bsz):
+                    for k in range(3):
+                        dtaps[k].addmm_(x[b, k * d : k * d + rows].t(), dz[b])
             grads[1] = dtaps.permute(2, 1, 0)
         if need[2]:  # Σ dy·z = Σ dy·(x̂σ + μ)
             grads[2] = (sum_dy_xhat / invstd + mean * sum_dy).sum().reshape(alpha.shape)

@@ -8,8 +8,8 @@ the compiled kernels of :mod:`dfl.native`, a few dozen outputs at a time, so ope
 the cache.
 
 Time splits into blocks of 4d rows; within a block, phase p (0 ≤ p < d) owns the 4 outputs
-p, p+d, p+2d, p+3d. Only whole blocks are done here: callers finish the last ``rows mod 4d`` rows
-with direct GEMMs.
+p, p+d, p+2d, p+3d. A last, partial block reads its missing inputs as zero and writes only the
+outputs that exist, so every row goes through Winograd.
 """
 
 from __future__ import annotations
@@ -26,11 +26,6 @@ def kernels_for(*tensors: torch.Tensor) -> CpuKernels | None:
     return cpu_kernels()
 
 
-def whole_block_rows(rows: int, d: int) -> int:
-    """How many of ``rows`` output rows the Winograd tiles cover (whole blocks of 4d)."""
-    return rows // (4 * d) * 4 * d
-
-
 def conv3(
     kernels: CpuKernels,
     x: torch.Tensor,
@@ -42,27 +37,25 @@ def conv3(
     d: int,
     bias: torch.Tensor | None = None,
     negative_slope: float | None = None,
-) -> int:
-    """``y[y_row + t] = act(Σ_k x[x_row + t + (k−1)·d] @ W_k + bias)`` for the whole blocks of ``rows``.
+) -> None:
+    """``y[y_row + t] = act(Σ_k x[x_row + t + (k−1)·d] @ W_k + bias)`` for ``t < rows``.
 
-    ``x``, ``y``: 2-D ``[rows, channels]`` buffers (``x`` zero where the conv pads); ``weights``:
-    :meth:`CpuKernels.winograd_weights` of the ``[Cout, Cin, 3]`` conv weight; ``act`` is a leaky
-    ReLU unless ``negative_slope`` is None. Returns the number of output rows done.
+    ``x``, ``y``: 2-D ``[rows, channels]`` buffers (``x`` zero where the conv pads, ``d`` rows each
+    side); ``weights``: :meth:`CpuKernels.winograd_weights` of the ``[Cout, Cin, 3]`` conv weight;
+    ``act`` is a leaky ReLU unless ``negative_slope`` is None.
     """
     bias = y.new_zeros(y.shape[1]) if bias is None else bias
-    kernels.winograd_conv(x, x_row, weights, y, y_row, rows // (4 * d), d, bias, negative_slope)
-    return whole_block_rows(rows, d)
+    kernels.winograd_conv(x, x_row, weights, y, y_row, rows, d, bias, negative_slope)
 
 
 def weight_grad(
     kernels: CpuKernels, x: torch.Tensor, x_row: int, dy: torch.Tensor, dy_row: int, rows: int, d: int, grad: torch.Tensor
-) -> int:
-    """Adds the whole blocks' ``∂L/∂(winograd weights)`` to ``grad [6, Cin, Cout]`` (see :func:`conv3`).
+) -> None:
+    """Adds ``∂L/∂(winograd weights)`` of :func:`conv3`'s ``rows`` outputs ``dy`` to ``grad [6, Cin, Cout]``.
 
-    :func:`taps_grad` maps the 6 back to the 3 taps. Returns the number of output rows done.
+    :func:`taps_grad` maps the 6 back to the 3 taps.
     """
-    kernels.winograd_weight_grad(x, x_row, dy, dy_row, rows // (4 * d), d, grad)
-    return whole_block_rows(rows, d)
+    kernels.winograd_weight_grad(x, x_row, dy, dy_row, rows, d, grad)
 
 
 def taps_grad(grad: torch.Tensor) -> torch.Tensor:

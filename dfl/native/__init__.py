@@ -148,10 +148,10 @@ class CpuKernels:
         lib = ctypes.CDLL(str(library))
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         self._conv = lib.dfl_wino43_conv
-        self._conv.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, ctypes.c_int, ptr]
+        self._conv.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, ctypes.c_int, ptr]
         self._conv.restype = ctypes.c_int
         self._weight_grad = lib.dfl_wino43_weight_grad
-        self._weight_grad.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr]
+        self._weight_grad.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr]
         self._weight_grad.restype = ctypes.c_int
         self._moments = lib.dfl_channel_moments
         self._moments.argtypes = [ptr, ptr, ptr, ptr, ctypes.c_float, i64, i64, ptr]
@@ -178,12 +178,12 @@ class CpuKernels:
             raise ValueError(f"{name} must have shape (6, {c_in}, {c_out}), got {tuple(w.shape)}")
 
     @staticmethod
-    def _check_blocks(x, x_row, y_name, y, y_row, blocks: int, dilation: int) -> None:
-        """Whole blocks of 4d outputs from ``y_row`` read inputs ``x_row − d … x_row + 4d·blocks + d``."""
-        if blocks < 0 or dilation < 1:
-            raise ValueError(f"need blocks >= 0 and dilation >= 1, got {blocks} and {dilation}")
-        _check_rows("x", x, x_row - dilation, x_row + 4 * dilation * blocks + dilation)
-        _check_rows(y_name, y, y_row, y_row + 4 * dilation * blocks)
+    def _check_conv_rows(x, x_row, y_name, y, y_row, rows: int, dilation: int) -> None:
+        """Outputs ``y_row … y_row + rows`` read inputs ``x_row − d … x_row + rows + d`` (the zero padding included)."""
+        if rows < 0 or dilation < 1:
+            raise ValueError(f"need rows >= 0 and dilation >= 1, got {rows} and {dilation}")
+        _check_rows("x", x, x_row - dilation, x_row + rows + dilation)
+        _check_rows(y_name, y, y_row, y_row + rows)
         for name, t in (("x", x), (y_name, y)):
             if t.shape[1] % 8:
                 raise ValueError(f"{name}: channels must be a multiple of 8, got {t.shape[1]}")
@@ -195,37 +195,37 @@ class CpuKernels:
         weights: torch.Tensor,
         y: torch.Tensor,
         y_row: int,
-        blocks: int,
+        rows: int,
         dilation: int,
         bias: torch.Tensor,
         negative_slope: float | None,
     ) -> None:
-        """``y[y_row + t] = act(Σ_k x[x_row + t + (k−1)·d] @ W_k + bias)`` for ``t < 4d·blocks``.
+        """``y[y_row + t] = act(Σ_k x[x_row + t + (k−1)·d] @ W_k + bias)`` for ``t < rows``.
 
-        ``weights``: :meth:`winograd_weights` ``[6, Cin, Cout]``; ``act`` is a leaky ReLU unless
-        ``negative_slope`` is None.
+        ``x`` holds the conv's zero padding (``d`` rows each side); ``weights``: :meth:`winograd_weights`
+        ``[6, Cin, Cout]``; ``act`` is a leaky ReLU unless ``negative_slope`` is None.
         """
-        self._check_blocks(x, x_row, "y", y, y_row, blocks, dilation)
+        self._check_conv_rows(x, x_row, "y", y, y_row, rows, dilation)
         self._check_winograd("weights", weights, x.shape[1], y.shape[1])
         _check_channels("bias", bias, y.shape[1])
         slope = 0.0 if negative_slope is None else float(negative_slope)
-        status = self._conv(_row_pointer(x, x_row - dilation), blocks, dilation, x.shape[1], y.shape[1], dilation,
+        status = self._conv(_row_pointer(x, x_row - dilation), rows, x.shape[1], y.shape[1], dilation,
                             weights.data_ptr(), bias.data_ptr(), slope, int(negative_slope is not None),
                             _row_pointer(y, y_row))  # fmt: skip
         if status != 0:
             raise MemoryError("dfl_wino43_conv: out of memory")
 
     def winograd_weight_grad(
-        self, x: torch.Tensor, x_row: int, dy: torch.Tensor, dy_row: int, blocks: int, dilation: int, grad: torch.Tensor
+        self, x: torch.Tensor, x_row: int, dy: torch.Tensor, dy_row: int, rows: int, dilation: int, grad: torch.Tensor
     ) -> None:
         """Adds ``∂L/∂(winograd weights)`` of :meth:`winograd_conv`'s outputs ``dy`` to ``grad [6, Cin, Cout]``.
 
-        With operands ``U = Bᵀx`` and ``V = A·dy`` per item, ``∂L/∂Wᵢ = Σ Uᵢᵀ Vᵢ``.
+        With operands ``U = Bᵀx`` and ``V = A·dy`` per group of 4 outputs, ``∂L/∂Wᵢ = Σ Uᵢᵀ Vᵢ``.
         """
-        self._check_blocks(x, x_row, "dy", dy, dy_row, blocks, dilation)
+        self._check_conv_rows(x, x_row, "dy", dy, dy_row, rows, dilation)
         self._check_winograd("grad", grad, x.shape[1], dy.shape[1])
-        status = self._weight_grad(_row_pointer(x, x_row - dilation), _row_pointer(dy, dy_row), blocks, dilation,
-                                   x.shape[1], dy.shape[1], dilation, grad.data_ptr())  # fmt: skip
+        status = self._weight_grad(_row_pointer(x, x_row - dilation), _row_pointer(dy, dy_row), rows, x.shape[1],
+                                   dy.shape[1], dilation, grad.data_ptr())  # fmt: skip
         if status != 0:
             raise MemoryError("dfl_wino43_weight_grad: out of memory")
 

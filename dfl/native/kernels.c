@@ -4,7 +4,7 @@
  *
  * Winograd F(4,3) along time: a 3-tap conv with dilation d gives 4 outputs t, t+d, t+2d, t+3d from the 6
  * inputs t-d … t+4d through 6 channel-mixing products (GEMMs) instead of 12. A tile item is one such group
- * of 4 outputs: item k is phase k % np of block k / np, a block being 4d rows. The conv and its weight
+ * of 4 outputs: item k is phase k % d of block k / d, a block being 4d rows. The conv and its weight
  * gradient run GROUP items at a time through transform → GEMM → transform, all in per-thread buffers that
  * stay in cache, with a register-blocked GEMM (MR × 16 accumulators), so activations are read and written
  * once.
@@ -38,17 +38,29 @@ static inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * 
 
 static float *alloc_floats(size_t n) { return aligned_alloc(64, round_up((int64_t)(n * sizeof(float)), 64)); }
 
-/* Operands U = Bᵀx of tile items k0 … k0+n−1 into U[6][GROUP][ldu] (rows ≥ n stay as they are). */
-static void input_transform(const float *x, int64_t k0, int64_t n, int64_t np, int64_t C, int64_t d, float *U,
-                            int64_t ldu) {
-    const int64_t row = d * C, plane = GROUP * ldu;
+/* Tile items: rows = 4d·blocks + rest outputs give d items per whole block and min(d, rest) in the last,
+ * partial one, whose missing inputs read as zero and whose missing outputs are not written. */
+static inline int64_t tile_items(int64_t rows, int64_t d) {
+    const int64_t rest = rows % (4 * d);
+    return rows / (4 * d) * d + (rest < d ? rest : d);
+}
+
+/* First output row of item k. */
+static inline int64_t item_row(int64_t k, int64_t d) { return k / d * 4 * d + k % d; }
+
+/* Operands U = Bᵀx of items k0 … k0+n−1 into U[6][GROUP][ldu]; x holds rows [0, x_rows) (row r is the
+ * input of output r − d), rows past it read as zero. Rows ≥ n of U stay as they are. */
+static void input_transform(const float *x, int64_t x_rows, const float *zeros, int64_t k0, int64_t n, int64_t C,
+                            int64_t d, float *U, int64_t ldu) {
+    const int64_t plane = GROUP * ldu;
     for (int64_t r = 0; r < n; r++) {
-        const int64_t k = k0 + r;
-        const float *s = x + ((k / np) * 4 * d + k % np) * C;
+        const int64_t t = item_row(k0 + r, d);
+        const float *s[6];
+        for (int j = 0; j < 6; j++) s[j] = t + j * d < x_rows ? x + (t + j * d) * C : zeros;
         float *u = U + r * ldu;
         for (int64_t c = 0; c < C; c += 8) {
-            v8 x0 = LOAD(s + c), x1 = LOAD(s + row + c), x2 = LOAD(s + 2 * row + c);
-            v8 x3 = LOAD(s + 3 * row + c), x4 = LOAD(s + 4 * row + c), x5 = LOAD(s + 5 * row + c);
+            v8 x0 = LOAD(s[0] + c), x1 = LOAD(s[1] + c), x2 = LOAD(s[2] + c);
+            v8 x3 = LOAD(s[3] + c), x4 = LOAD(s[4] + c), x5 = LOAD(s[5] + c);
             STORE(u + c, 4.f * x0 - 5.f * x2 + x4);
             STORE(u + plane + c, x3 + x4 - 4.f * (x1 + x2));
             STORE(u + 2 * plane + c, 4.f * (x1 - x2) + x4 - x3);
@@ -77,11 +89,12 @@ static inline void gemm_tile(const float *A, int64_t lda, const float *B, int64_
     STORE(M + 4 * ldm, c40), STORE(M + 4 * ldm + 8, c41), STORE(M + 5 * ldm, c50), STORE(M + 5 * ldm + 8, c51);
 }
 
-/* The whole Winograd conv: nb blocks × np phases of items; W [6][Cin][Cout]. Returns −1 when out of memory. */
-int dfl_wino43_conv(const float *x, int64_t nb, int64_t np, int64_t Cin, int64_t Cout, int64_t d, const float *W,
+/* y[t] = act(Σ_k x[t + k·d] @ W_k + bias) for t < rows (x: rows + 2d rows, the conv's zero padding
+ * included), by Winograd with W [6][Cin][Cout] the transformed weights. Returns −1 when out of memory. */
+int dfl_wino43_conv(const float *x, int64_t rows, int64_t Cin, int64_t Cout, int64_t d, const float *W,
                     const float *bias, float slope, int activate, float *y) {
-    const int64_t items = nb * np, groups = (items + GROUP - 1) / GROUP, panels = (Cout + NR - 1) / NR;
-    const int64_t ldm = panels * NR;
+    const int64_t items = tile_items(rows, d), groups = (items + GROUP - 1) / GROUP;
+    const int64_t panels = (Cout + NR - 1) / NR, ldm = panels * NR;
     /* weights packed per 16-column panel, zero beyond Cout: B[i][panel][Cin][16] */
     float *B = alloc_floats(6 * panels * Cin * NR);
     if (!B) return -1;
@@ -93,40 +106,36 @@ int dfl_wino43_conv(const float *x, int64_t nb, int64_t np, int64_t Cin, int64_t
     int failed = 0;
 #pragma omp parallel
     {
-        float *U = alloc_floats(6 * GROUP * Cin);
-        float *M = alloc_floats(6 * GROUP * ldm);
+        float *U = alloc_floats(6 * GROUP * Cin + Cin), *M = alloc_floats(6 * GROUP * ldm);
+        float *zeros = U + 6 * GROUP * Cin;
         if (!U || !M) {
 #pragma omp atomic write
             failed = 1;
         } else {
-            memset(U, 0, sizeof(float) * 6 * GROUP * Cin);
+            memset(U, 0, sizeof(float) * (6 * GROUP * Cin + Cin));
         }
 #pragma omp for schedule(static)
         for (int64_t g = 0; g < groups; g++) {
             if (!U || !M) continue;
             const int64_t k0 = g * GROUP, n = items - k0 < GROUP ? items - k0 : GROUP;
-            input_transform(x, k0, n, np, Cin, d, U, Cin);
+            input_transform(x, rows + 2 * d, zeros, k0, n, Cin, d, U, Cin);
             for (int64_t i = 0; i < 6; i++)
                 for (int64_t j = 0; j < panels; j++)
                     for (int64_t r0 = 0; r0 < n; r0 += MR)
                         gemm_tile(U + (i * GROUP + r0) * Cin, Cin, B + (i * panels + j) * Cin * NR, Cin,
                                   M + (i * GROUP + r0) * ldm + j * NR, ldm);
-            const int64_t row = d * Cout, plane = GROUP * ldm;
+            const int64_t plane = GROUP * ldm;
             for (int64_t r = 0; r < n; r++) {
-                const int64_t k = k0 + r;
+                const int64_t t = item_row(k0 + r, d);
                 const float *m = M + r * ldm;
-                float *o = y + ((k / np) * 4 * d + k % np) * Cout;
                 for (int64_t c = 0; c < Cout; c += 8) {
                     v8 m0 = LOAD(m + c), m1 = LOAD(m + plane + c), m2 = LOAD(m + 2 * plane + c);
                     v8 m3 = LOAD(m + 3 * plane + c), m4 = LOAD(m + 4 * plane + c), m5 = LOAD(m + 5 * plane + c);
                     v8 b = LOAD(bias + c), sum12 = m1 + m2, diff12 = m1 - m2, sum34 = m3 + m4, diff34 = m3 - m4;
-                    v8 y0 = m0 + sum12 + sum34 + b, y1 = diff12 + 2.f * diff34 + b;
-                    v8 y2 = sum12 + 4.f * sum34 + b, y3 = diff12 + 8.f * diff34 + m5 + b;
-                    if (activate) {
-                        y0 = leaky_relu(y0, slope), y1 = leaky_relu(y1, slope);
-                        y2 = leaky_relu(y2, slope), y3 = leaky_relu(y3, slope);
-                    }
-                    STORE(o + c, y0), STORE(o + row + c, y1), STORE(o + 2 * row + c, y2), STORE(o + 3 * row + c, y3);
+                    v8 out[4] = {m0 + sum12 + sum34 + b, diff12 + 2.f * diff34 + b, sum12 + 4.f * sum34 + b,
+                                 diff12 + 8.f * diff34 + m5 + b};
+                    for (int j = 0; j < 4 && t + j * d < rows; j++)
+                        STORE(y + (t + j * d) * Cout + c, activate ? leaky_relu(out[j], slope) : out[j]);
                 }
             }
         }
@@ -157,10 +166,11 @@ static inline void grad_tile(const float *A, int64_t lda, const float *V, int64_
     STORE(C + 4 * ldc, c40), STORE(C + 4 * ldc + 8, c41), STORE(C + 5 * ldc, c50), STORE(C + 5 * ldc + 8, c51);
 }
 
-/* grad[6][Cin][Cout] += Σ_items Uᵢᵀ Vᵢ with U = Bᵀx, V = A·dy. Threads sum into their own buffers, added in thread order. */
-int dfl_wino43_weight_grad(const float *x, const float *dy, int64_t nb, int64_t np, int64_t Cin, int64_t Cout,
-                           int64_t d, float *grad) {
-    const int64_t items = nb * np, groups = (items + GROUP - 1) / GROUP;
+/* grad[6][Cin][Cout] += Σ_items Uᵢᵀ Vᵢ, U = Bᵀx and V = A·dy, for dy [rows][Cout] the gradient of
+ * dfl_wino43_conv's output. Threads sum into their own buffers, added in thread order. */
+int dfl_wino43_weight_grad(const float *x, const float *dy, int64_t rows, int64_t Cin, int64_t Cout, int64_t d,
+                           float *grad) {
+    const int64_t items = tile_items(rows, d), groups = (items + GROUP - 1) / GROUP;
     const int64_t ldu = round_up(Cin, MR) + 8, mrows = round_up(Cin, MR), ldv = round_up(Cout, NR);
     int threads = 1;
 #ifdef _OPENMP
@@ -173,31 +183,33 @@ int dfl_wino43_weight_grad(const float *x, const float *dy, int64_t nb, int64_t 
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        int t = 0;
+        int th = 0;
 #ifdef _OPENMP
-        t = omp_get_thread_num();
+        th = omp_get_thread_num();
 #endif
-        float *C = acc + t * acc_size;
-        float *U = alloc_floats(6 * GROUP * ldu);
-        float *V = alloc_floats(6 * GROUP * ldv);
+        float *C = acc + th * acc_size;
+        const int64_t widest = Cin > Cout ? Cin : Cout; /* the zero row stands in for x and dy rows */
+        float *U = alloc_floats(6 * GROUP * ldu + widest), *V = alloc_floats(6 * GROUP * ldv);
+        float *zeros = U + 6 * GROUP * ldu;
         if (!U || !V) {
 #pragma omp atomic write
             failed = 1;
         } else {
-            memset(U, 0, sizeof(float) * 6 * GROUP * ldu), memset(V, 0, sizeof(float) * 6 * GROUP * ldv);
+            memset(U, 0, sizeof(float) * (6 * GROUP * ldu + widest)), memset(V, 0, sizeof(float) * 6 * GROUP * ldv);
         }
 #pragma omp for schedule(static)
         for (int64_t g = 0; g < groups; g++) {
             if (!U || !V) continue;
             const int64_t k0 = g * GROUP, n = items - k0 < GROUP ? items - k0 : GROUP;
-            input_transform(x, k0, n, np, Cin, d, U, ldu);
-            const int64_t row = d * Cout, plane = GROUP * ldv;
+            input_transform(x, rows + 2 * d, zeros, k0, n, Cin, d, U, ldu);
+            const int64_t plane = GROUP * ldv;
             for (int64_t r = 0; r < n; r++) {
-                const int64_t k = k0 + r;
-                const float *gr = dy + ((k / np) * 4 * d + k % np) * Cout;
+                const int64_t t = item_row(k0 + r, d);
+                const float *gr[4];
+                for (int j = 0; j < 4; j++) gr[j] = t + j * d < rows ? dy + (t + j * d) * Cout : zeros;
                 float *v = V + r * ldv;
                 for (int64_t c = 0; c < Cout; c += 8) {
-                    v8 g0 = LOAD(gr + c), g1 = LOAD(gr + row + c), g2 = LOAD(gr + 2 * row + c), g3 = LOAD(gr + 3 * row + c);
+                    v8 g0 = LOAD(gr[0] + c), g1 = LOAD(gr[1] + c), g2 = LOAD(gr[2] + c), g3 = LOAD(gr[3] + c);
                     v8 even = g0 + g2, odd = g1 + g3, even4 = g0 + 4.f * g2, odd2 = 2.f * g1 + 8.f * g3;
                     STORE(v + c, g0);
                     STORE(v + plane + c, even + odd);
@@ -216,11 +228,11 @@ int dfl_wino43_weight_grad(const float *x, const float *dy, int64_t nb, int64_t 
         free(U), free(V);
     }
     if (!failed)
-        for (int t = 0; t < threads; t++)
+        for (int th = 0; th < threads; th++)
             for (int64_t i = 0; i < 6; i++)
                 for (int64_t m = 0; m < Cin; m++)
                     for (int64_t c = 0; c < Cout; c++)
-                        grad[(i * Cin + m) * Cout + c] += acc[t * acc_size + (i * mrows + m) * ldv + c];
+                        grad[(i * Cin + m) * Cout + c] += acc[th * acc_size + (i * mrows + m) * ldv + c];
     free(acc);
     return failed ? -1 : 0;
 }
