@@ -37,6 +37,7 @@ import torch
 from dfl import SAMPLE_RATE
 from dfl.audio import atomic_write
 from dfl.fast_inference import FastContextAggregationNet
+from dfl.memory import keep_freed_memory
 from dfl.models import ContextAggregationNet, LossNetwork
 from dfl.models.conv import set_cuda_conv
 from dfl.native import cpu_kernels
@@ -367,7 +368,8 @@ def bench_training_epoch(device: torch.device, args, extra_overrides: tuple[str,
                    f"data.root={tmp / 'data'}", f"paths.cache_dir={tmp / 'cache'}",
                    f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}", "trainer.max_epochs=2",
                    "+trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", "test=false", "logger=csv",
-                   "callbacks=[loss_weight_balancer,training_throughput]", *overrides, *extra_overrides]  # fmt: skip
+                   "callbacks=[loss_weight_balancer,training_throughput]",
+                   f"keep_freed_memory={str(not args.return_freed_memory).lower()}", *overrides, *extra_overrides]  # fmt: skip
             env = {**os.environ, "WANDB_MODE": "offline"}
             start = time.perf_counter()
             done = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -437,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the minimum counts")
     parser.add_argument("--train-repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--return-freed-memory", action="store_true",
+                        help="leave glibc's defaults (dfl-train's keep_freed_memory=false) instead of keeping "
+                        "freed buffers for reuse")  # fmt: skip
     parser.add_argument("--skip-onnxruntime", action="store_true")
     parser.add_argument("--skip-cuda", action="store_true")
     parser.add_argument("--skip-training", action="store_true")
@@ -453,13 +458,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = not args.return_freed_memory and keep_freed_memory()  # as dfl-train does by default
 
     cpu = torch.device("cpu")
     gemm = max(gemm_gflops(cpu) for _ in range(3))  # a fresh process's first GEMMs can run well below peak
     print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
           f"2048³ fp32 GEMM {gemm:.1f} GFLOP/s")  # fmt: skip
     native = cpu_kernels() is not None
-    print("compiled CPU kernels (dfl.native): " + ("yes" if native else "NO, the fast paths run on PyTorch alone"))
+    print("compiled CPU kernels (dfl.native): " + ("yes" if native else "NO, the fast paths run on PyTorch alone")
+          + f"; freed memory kept for reuse: {'yes' if kept else 'no'}")  # fmt: skip
     results: dict = {
         "machine": {
             "platform": platform.platform(),
@@ -469,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "load_average": os.getloadavg(),
             "native_kernels": native,
+            "keep_freed_memory": kept,
         },
         "gemm_gflops": {"cpu_fp32": gemm},
         "inference": {},

@@ -55,7 +55,7 @@ def test_epoch_bench_times_real_dfl_train_epochs(tmp_path):
     from tests.test_train import TINY
 
     tiny = [o for o in TINY if o.startswith(("model.", "lossnet."))] + ["callbacks.loss_weight_balancer.epochs=1"]
-    args = argparse.Namespace(epoch_utterances=6, epoch_runs=None)
+    args = argparse.Namespace(epoch_utterances=6, epoch_runs=None, return_freed_memory=False)
     result = bench_training_epoch(torch.device("cpu"), args, extra_overrides=tuple(tiny))
     assert 6 * 1.1 <= result["audio_seconds"] <= 6 * 15.0
     assert set(result) >= set(EPOCH_RUNS)
@@ -72,7 +72,7 @@ def test_epoch_bench_runs_only_the_selected_runs(tmp_path):
     from tests.test_train import TINY
 
     tiny = [o for o in TINY if o.startswith(("model.", "lossnet."))] + ["callbacks.loss_weight_balancer.epochs=1"]
-    args = argparse.Namespace(epoch_utterances=3, epoch_runs=["bucket16_pad4096"])
+    args = argparse.Namespace(epoch_utterances=3, epoch_runs=["bucket16_pad4096"], return_freed_memory=True)
     result = bench_training_epoch(torch.device("cpu"), args, extra_overrides=tuple(tiny))
     assert "bucket16_pad4096" in result and "batch1" not in result
     assert len(result["bucket16_pad4096"]["audio_seconds_per_second_per_epoch"]) == 2

@@ -73,6 +73,7 @@ def test_lightning_messages_are_logged_once_and_into_the_run_log(tiny_run):
     console = proc.stdout + proc.stderr
     assert console.count("`Trainer.fit` stopped") == 1
     assert "`Trainer.fit` stopped" in (run_dir / "train.log").read_text()
+    assert "glibc keeps freed buffers for reuse" in (run_dir / "train.log").read_text()  # keep_freed_memory: true
 
 
 def test_random_loss_network_is_announced(tiny_run):
