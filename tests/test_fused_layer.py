@@ -43,12 +43,12 @@ def conv_path(request, monkeypatch):
     if request.param == "direct":
         monkeypatch.setattr(winograd, "kernels_for", lambda *tensors: None)
     else:
-        for name in ("conv3", "weight_grad"):
+        for name in ("conv3", "conv_backward"):
             original = getattr(winograd, name)
             monkeypatch.setattr(winograd, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     yield request.param
     if request.param == "winograd":
-        assert {"conv3", "weight_grad"} <= set(calls)
+        assert {"conv3", "conv_backward"} <= set(calls)
 
 
 CONFIGS = [

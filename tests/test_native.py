@@ -61,20 +61,31 @@ def test_kernels_compute_a_dilated_conv_layer(kernels, d, slope):
 
 
 @pytest.mark.parametrize("d", [1, 3, 16])
-def test_kernels_compute_the_weight_gradient(kernels, d):
+def test_kernels_compute_the_conv_norm_act_backward(kernels, d):
+    """dz = a·dy + b·z + e (dy: the leaky ReLU's input gradient), then the conv's dx and weight gradient."""
     from dfl.models.winograd import taps_grad
 
-    x, weight, margin, length = _conv_case(d)
-    dy = torch.full((x.shape[0], weight.shape[0]), float("nan"))  # only the conv's rows may be read
-    dy[margin : margin + length] = torch.randn(length, weight.shape[0])
-    x[margin + length + d :] = float("nan")
-    w64 = weight.double().requires_grad_()
-    y = F.conv1d(F.pad(x[margin : margin + length].double().t()[None], (d, d)), w64, dilation=d)[0].t()
-    (y * dy[margin : margin + length].double()).sum().backward()
+    x, weight, margin, n = _conv_case(d)
+    xb = x[margin - d :].contiguous()  # row d: the first input row; zeros from row d + n on
+    rows = n + 3  # 3 cut rows: in BN's statistics, without gradient
+    c_in, c_out = weight.shape[1], weight.shape[0]
+    z, act, grad = torch.randn(rows, c_out), torch.randn(n, c_out), torch.randn(n, c_out)
+    a, b, e = torch.randn(c_out), torch.randn(c_out), torch.randn(c_out)
+    xb[rows + 2 * d :] = float("nan")  # past the conv's padding: must not be read
+    dx = torch.full((xb.shape[0], c_in), float("nan"))
+    wgrad = torch.ones(6, c_in, c_out)  # the kernel adds to what is there
+    flipped = kernels.winograd_weights(weight.flip(-1).transpose(0, 1))
+    kernels.winograd_conv_backward(grad, act, z, rows, (a, b, e), 0.2, xb, flipped, dx, wgrad, d)
 
-    grad = torch.ones(6, *weight.shape[1::-1])  # the kernel adds to what is there
-    kernels.winograd_weight_grad(x, margin, dy, margin, length, d, grad)
-    taps = taps_grad(grad - 1).permute(2, 1, 0)  # [3, Cin, Cout] → the conv's [Cout, Cin, 3]
+    dy = torch.cat([torch.where(act > 0, grad, 0.2 * grad), torch.zeros(rows - n, c_out)]).double()
+    dz = a.double() * dy + b.double() * z.double() + e.double()
+    xs = xb[d : d + rows].double().requires_grad_()
+    w64 = weight.double().requires_grad_()
+    y = F.conv1d(F.pad(xs.t()[None], (d, d)), w64, dilation=d)[0].t()
+    (y * dz).sum().backward()
+    torch.testing.assert_close(dx[d : d + n].double(), xs.grad[:n], atol=1e-4 * xs.grad.abs().max().item(), rtol=0)
+    assert dx[:d].isnan().all() and dx[d + n :].isnan().all()  # nothing written outside the input rows
+    taps = taps_grad(wgrad - 1).permute(2, 1, 0)  # [3, Cin, Cout] → the conv's [Cout, Cin, 3]
     torch.testing.assert_close(taps.double(), w64.grad, atol=1e-3 * w64.grad.abs().max().item(), rtol=0)
 
 
@@ -104,13 +115,6 @@ def test_batch_norm_kernels(kernels):
     expected = F.leaky_relu(z * scale + offset, 0.2)
     assert kernels.affine_leaky_relu(z, scale, offset, 0.2) is z
     torch.testing.assert_close(z, expected, rtol=1e-6, atol=1e-5)
-    # the backward of act = leaky_relu(norm(z)): out = a·dy + b·z + e (no grad: dy = 0)
-    a, b, e = torch.randn(16), torch.randn(16), torch.randn(16)
-    out = torch.empty_like(z)
-    kernels.norm_act_backward(grad, act, z, 0.2, a, b, e, out)
-    torch.testing.assert_close(out, (a * dy + b * z + e).float(), rtol=1e-5, atol=1e-4)
-    kernels.norm_act_backward(None, None, z, 0.2, a, b, e, out)
-    torch.testing.assert_close(out, b * z + e, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match=r"sums must .* shape \(2, 16\)"):
         kernels.channel_moments(z, torch.zeros(2, 8, dtype=torch.float64), shift)
     with pytest.raises(ValueError, match="grad and act go together"):
@@ -132,12 +136,19 @@ def test_kernels_refuse_rows_outside_the_buffer(kernels):
         kernels.winograd_conv(x, 94, weights, y, 10, 5, 2, bias, 0.2)  # needs rows up to 101
     with pytest.raises(ValueError, match=r"y: rows .* outside its 100 rows"):
         kernels.winograd_conv(x, 10, weights, y, 96, 5, 2, bias, 0.2)
-    with pytest.raises(ValueError, match=r"dy: rows .* outside its 100 rows"):
-        kernels.winograd_weight_grad(x, 10, y, 96, 5, 2, grad)
+    act, z, coefficients = torch.zeros(5, 8), torch.zeros(5, 8), (bias, bias, bias)
+    with pytest.raises(ValueError, match=r"dx: rows \[2, 7\) fall outside its 6 rows"):  # writes dx rows d … d + 5
+        kernels.winograd_conv_backward(act, act, z, 5, coefficients, 0.2, x, weights, y[:6], grad, 2)
+    with pytest.raises(ValueError, match=r"z: rows \[0, 7\) fall outside its 5 rows"):
+        kernels.winograd_conv_backward(act, act, z, 7, coefficients, 0.2, x, weights, y, grad, 2)
+    with pytest.raises(ValueError, match="cannot be fewer"):
+        kernels.winograd_conv_backward(act, act, z[:4], 4, coefficients, 0.2, x, weights, y, grad, 2)
+    with pytest.raises(ValueError, match=r"x: rows \[0, 9\) fall outside its 8 rows"):
+        kernels.winograd_conv_backward(act, act, z, 5, coefficients, 0.2, x[:8], weights, y, grad, 2)
     with pytest.raises(ValueError, match=r"weights must have shape \(6, 8, 8\)"):
         kernels.winograd_conv(x, 10, torch.zeros(6, 8, 16), y, 10, 5, 2, bias, 0.2)
-    with pytest.raises(ValueError, match=r"grad must have shape \(6, 8, 8\)"):
-        kernels.winograd_weight_grad(x, 10, y, 10, 5, 2, torch.zeros(3, 8, 8))
+    with pytest.raises(ValueError, match=r"weights_grad must have shape \(6, 8, 8\)"):
+        kernels.winograd_conv_backward(act, act, z, 5, coefficients, 0.2, x, weights, y, grad[:3], 2)
     with pytest.raises(ValueError, match="float32"):
         kernels.winograd_conv(x.double(), 10, weights, y, 10, 5, 2, bias, 0.2)
     with pytest.raises(ValueError, match="multiple of 8"):

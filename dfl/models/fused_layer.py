@@ -88,14 +88,14 @@ def _norm_act_native(kernels, z, act, alpha, beta, gamma, bn_bias, running_mean,
     return mean, var, invstd
 
 
-def _norm_act_backward_native(kernels, grad_out, act, z, mean, invstd, alpha, beta, gamma, dz, cfg):
-    """``dz`` of :func:`_norm_act_native` in two passes; returns BN backward's sums ``(Σdy·x̂, Σdy)``.
+def _norm_act_backward_coefficients(kernels, grad_act, act, z, mean, invstd, alpha, beta, gamma, cfg):
+    """The conv's output gradient as ``dz = a·dy + b·z + e`` per channel (``dy``: the leaky ReLU's input
+    gradient) for :func:`_norm_act_native`; returns ``(a, b, e)`` and BN backward's sums ``(Σdy·x̂, Σdy)``.
 
-    ``dz = a·dy + b·z + e`` per channel: ``a = α + βγ/σ`` and, with batch statistics (their
-    gradient), ``b = −βγ·Σdy·x̂ /(Nσ²)``, ``e = −βγ·Σdy/(Nσ) − b·μ``.
+    ``a = α + βγ/σ`` and, with batch statistics (their gradient), ``b = −βγ·Σdy·x̂ /(Nσ²)``,
+    ``e = −βγ·Σdy/(Nσ) − b·μ``.
     """
-    _, n, rows, (front, _), _, _, slope, batch_stats, _ = cfg
-    grad_act = grad_out.contiguous()[:, front : front + n]  # each [b] a contiguous block, no copy
+    _, n, rows, _, _, _, slope, batch_stats, _ = cfg
     sums = torch.zeros(2, z.shape[-1], dtype=torch.float64)
     for gb, ab, zb in zip(grad_act, act, z):  # about the mean: Σdy·(z−μ) directly
         kernels.channel_moments(zb[:n], sums, mean.contiguous(), grad=gb, act=ab, negative_slope=slope)
@@ -111,11 +111,60 @@ def _norm_act_backward_native(kernels, grad_out, act, z, mean, invstd, alpha, be
         b, e = b64.float().contiguous(), e64.float().contiguous()
     else:  # running statistics are constants
         b = e = torch.zeros_like(a)
-    for gb, ab, zb, db in zip(grad_act, act, z, dz):
-        kernels.norm_act_backward(gb, ab, zb[:n], slope, a, b, e, out=db[:n])
-        if rows > n:
-            kernels.norm_act_backward(None, None, zb[n:], slope, a, b, e, out=db[n:])
-    return sum_dy_xhat.float(), sum_dy.float()
+    return (a, b, e), sum_dy_xhat.float(), sum_dy.float()
+
+
+def _backward_native(kernels, grad_out, act, x, weight, z, mean, invstd, alpha, beta, gamma, cfg):
+    """``(dx, ∂L/∂taps [3, Cin, Cout], Σdy·x̂, Σdy)`` by the compiled kernels: the moments, then one pass."""
+    d, n, rows, (front, _), _, _, slope, _, _ = cfg
+    grad_act = grad_out.contiguous()[:, front : front + n]  # each [b] a contiguous block, no copy
+    coefficients, sum_dy_xhat, sum_dy = _norm_act_backward_coefficients(kernels, grad_act, act, z, mean, invstd,
+                                                                        alpha, beta, gamma, cfg)  # fmt: skip
+    dx = x.new_empty(x.shape)  # the rows x holds; its margins get no gradient
+    dx[:, :d].zero_()
+    dx[:, d + n :].zero_()
+    wino_grad = x.new_zeros(6, x.shape[-1], z.shape[-1])
+    flipped = kernels.winograd_weights(weight.flip(-1).transpose(0, 1))  # the input gradient's conv
+    for b in range(x.shape[0]):
+        winograd.conv_backward(kernels, grad_act[b], act[b], z[b], rows, coefficients, slope, x[b], flipped, dx[b],
+                               wino_grad, d)  # fmt: skip
+    return dx, winograd.taps_grad(wino_grad), sum_dy_xhat, sum_dy
+
+
+def _backward_torch(grad_out, act, x, taps, z, mean, invstd, run_mean, run_var, alpha, beta, gamma, cfg):
+    """:func:`_backward_native` by PyTorch ops: BN's backward kernel, then direct GEMMs."""
+    d, n, rows, (front, _), eps, _, slope, batch_stats, _ = cfg
+    bsz, _, cout = z.shape
+    dy = torch.ops.aten.leaky_relu_backward(grad_out[:, front : front + n], act, slope, True)
+    if rows > n:  # the cut rows get no gradient, but BN's statistics saw them
+        dy = torch.cat([dy, dy.new_zeros(bsz, rows - n, cout)], dim=1)
+    dy = dy.contiguous()
+    # BN backward with weight β·γ gives β·∂BN/∂z; its sums Σ dy·x̂ and Σ dy give every parameter grad.
+    gi, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+        _as_nchw_channels_last(dy),
+        _as_nchw_channels_last(z),
+        (beta * gamma).expand(cout).contiguous(),
+        run_mean,
+        run_var,
+        mean,
+        invstd,
+        batch_stats,
+        eps,
+        [True, True, True],
+    )
+    # dz = β·∂BN/∂z + α·dy, in a buffer with d zero rows on each side: the input gradient's padding
+    dz_padded = z.new_zeros(bsz, d + rows + d, cout)
+    dz = dz_padded[:, d : d + rows]
+    torch.add(gi.squeeze(-1).permute(0, 2, 1), dy, alpha=float(alpha), out=dz)
+    dx = x.new_zeros(x.shape)
+    dtaps = torch.zeros_like(taps)
+    for b in range(bsz):  # the conv with the taps flipped and transposed, over the rows x holds
+        torch.mm(dz_padded[b, 2 * d : 2 * d + n], taps[0].t(), out=dx[b, d : d + n])
+        dx[b, d : d + n].addmm_(dz_padded[b, d : d + n], taps[1].t())
+        dx[b, d : d + n].addmm_(dz_padded[b, :n], taps[2].t())
+        for k in range(3):
+            dtaps[k].addmm_(x[b, k * d : k * d + rows].t(), dz[b])
+    return dx, dtaps, sum_dy_xhat, sum_dy
 
 
 class _ConvNormAct(torch.autograd.Function):
@@ -163,64 +212,20 @@ class _ConvNormAct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, taps, z, out, mean, invstd, run_mean, run_var, alpha, beta, gamma, bn_bias = ctx.saved_tensors
-        d, n, rows, (front, _), eps, _, slope, batch_stats, _ = ctx.cfg
-        bsz, _, cout = z.shape
+        _, n, _, (front, _), _, _, _, _, _ = ctx.cfg
         act = out[:, front : front + n]
-        # dz = β·∂BN/∂z + α·dy, in a buffer with d zero rows on each side: the input gradient's padding
-        dz_padded = z.new_empty(bsz, d + rows + d, cout)
-        dz_padded[:, :d].zero_()
-        dz_padded[:, d + rows :].zero_()
-        dz = dz_padded[:, d : d + rows]
         kernels = winograd.kernels_for(x, z)
         if kernels is not None:
-            sum_dy_xhat, sum_dy = _norm_act_backward_native(kernels, grad_out, act, z, mean, invstd, alpha, beta,
-                                                            gamma, dz, ctx.cfg)  # fmt: skip
+            dx, dtaps, sum_dy_xhat, sum_dy = _backward_native(kernels, grad_out, act, x, weight, z, mean, invstd,
+                                                              alpha, beta, gamma, ctx.cfg)  # fmt: skip
         else:
-            dy = torch.ops.aten.leaky_relu_backward(grad_out[:, front : front + n], act, slope, True)
-            if rows > n:  # the cut rows get no gradient, but BN's statistics saw them
-                dy = torch.cat([dy, dy.new_zeros(bsz, rows - n, cout)], dim=1)
-            dy = dy.contiguous()
-            # BN backward with weight β·γ gives β·∂BN/∂z; its sums Σ dy·x̂ and Σ dy give every parameter grad.
-            gi, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-                _as_nchw_channels_last(dy),
-                _as_nchw_channels_last(z),
-                (beta * gamma).expand(cout).contiguous(),
-                run_mean,
-                run_var,
-                mean,
-                invstd,
-                batch_stats,
-                eps,
-                [True, True, True],
-            )
-            torch.add(gi.squeeze(-1).permute(0, 2, 1), dy, alpha=float(alpha), out=dz)
-        grads = [None] * 9
+            dx, dtaps, sum_dy_xhat, sum_dy = _backward_torch(grad_out, act, x, taps, z, mean, invstd, run_mean,
+                                                             run_var, alpha, beta, gamma, ctx.cfg)  # fmt: skip
         need = ctx.needs_input_grad
-        if need[0]:  # the conv with the taps flipped and transposed, over the rows x holds (margins: none)
-            dx = x.new_empty(x.shape)
-            dx[:, :d].zero_()
-            dx[:, d + n :].zero_()
-            if kernels is not None:
-                flipped = kernels.winograd_weights(weight.flip(-1).transpose(0, 1))
-                for b in range(bsz):
-                    winograd.conv3(kernels, dz_padded[b], d, flipped, dx[b], d, n, d)
-            else:
-                for b in range(bsz):
-                    torch.mm(dz_padded[b, 2 * d : 2 * d + n], taps[0].t(), out=dx[b, d : d + n])
-                    dx[b, d : d + n].addmm_(dz_padded[b, d : d + n], taps[1].t())
-                    dx[b, d : d + n].addmm_(dz_padded[b, :n], taps[2].t())
+        grads = [None] * 9
+        if need[0]:
             grads[0] = dx
         if need[1]:
-            if kernels is not None:
-                wino_grad = x.new_zeros(6, *taps.shape[1:])
-                for b in range(bsz):
-                    winograd.weight_grad(kernels, x[b], d, dz_padded[b], d, rows, d, wino_grad)
-                dtaps = winograd.taps_grad(wino_grad)
-            else:
-                dtaps = torch.zeros_like(taps)
-                for b in range(bsz):
-                    for k in range(3):
-                        dtaps[k].addmm_(x[b, k * d : k * d + rows].t(), dz[b])
             grads[1] = dtaps.permute(2, 1, 0)
         if need[2]:  # Σ dy·z = Σ dy·(x̂σ + μ)
             grads[2] = (sum_dy_xhat / invstd + mean * sum_dy).sum().reshape(alpha.shape)

@@ -48,14 +48,28 @@ def conv3(
     kernels.winograd_conv(x, x_row, weights, y, y_row, rows, d, bias, negative_slope)
 
 
-def weight_grad(
-    kernels: CpuKernels, x: torch.Tensor, x_row: int, dy: torch.Tensor, dy_row: int, rows: int, d: int, grad: torch.Tensor
+def conv_backward(
+    kernels: CpuKernels,
+    grad: torch.Tensor,
+    act: torch.Tensor,
+    z: torch.Tensor,
+    rows: int,
+    coefficients: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    negative_slope: float,
+    x: torch.Tensor,
+    flipped_weights: torch.Tensor,
+    dx: torch.Tensor,
+    weights_grad: torch.Tensor,
+    d: int,
 ) -> None:
-    """Adds ``∂L/∂(winograd weights)`` of :func:`conv3`'s ``rows`` outputs ``dy`` to ``grad [6, Cin, Cout]``.
+    """Backward of a :func:`conv3` (output ``z``, ``rows`` rows) followed by a norm + leaky ReLU, in one pass.
 
-    :func:`taps_grad` maps the 6 back to the 3 taps.
+    Writes the input gradient into ``dx`` rows ``d … d + n`` and adds ``∂L/∂(winograd weights)`` to
+    ``weights_grad [6, Cin, Cout]`` (:func:`taps_grad` maps it to the taps); see
+    :meth:`CpuKernels.winograd_conv_backward`.
     """
-    kernels.winograd_weight_grad(x, x_row, dy, dy_row, rows, d, grad)
+    kernels.winograd_conv_backward(grad, act, z, rows, coefficients, negative_slope, x, flipped_weights, dx,
+                                   weights_grad, d)  # fmt: skip
 
 
 def taps_grad(grad: torch.Tensor) -> torch.Tensor:

@@ -150,18 +150,16 @@ class CpuKernels:
         self._conv = lib.dfl_wino43_conv
         self._conv.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, ctypes.c_int, ptr]
         self._conv.restype = ctypes.c_int
-        self._weight_grad = lib.dfl_wino43_weight_grad
-        self._weight_grad.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr]
-        self._weight_grad.restype = ctypes.c_int
+        self._conv_backward = lib.dfl_wino43_conv_backward
+        self._conv_backward.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ctypes.c_float, ptr, ptr, i64, i64, i64,
+                                        ptr, ptr]  # fmt: skip
+        self._conv_backward.restype = ctypes.c_int
         self._moments = lib.dfl_channel_moments
         self._moments.argtypes = [ptr, ptr, ptr, ptr, ctypes.c_float, i64, i64, ptr]
         self._moments.restype = ctypes.c_int
         self._affine = lib.dfl_affine_leaky_relu
         self._affine.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ctypes.c_float]
         self._affine.restype = None
-        self._norm_act_backward = lib.dfl_norm_act_backward
-        self._norm_act_backward.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, ptr, ptr, ptr, ptr]
-        self._norm_act_backward.restype = None
 
     @classmethod
     def winograd_weights(cls, weight: torch.Tensor) -> torch.Tensor:
@@ -215,19 +213,50 @@ class CpuKernels:
         if status != 0:
             raise MemoryError("dfl_wino43_conv: out of memory")
 
-    def winograd_weight_grad(
-        self, x: torch.Tensor, x_row: int, dy: torch.Tensor, dy_row: int, rows: int, dilation: int, grad: torch.Tensor
+    def winograd_conv_backward(
+        self,
+        grad: torch.Tensor,
+        act: torch.Tensor,
+        z: torch.Tensor,
+        rows: int,
+        coefficients: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        negative_slope: float,
+        x: torch.Tensor,
+        flipped_weights: torch.Tensor,
+        dx: torch.Tensor,
+        weights_grad: torch.Tensor,
+        dilation: int,
     ) -> None:
-        """Adds ``∂L/∂(winograd weights)`` of :meth:`winograd_conv`'s outputs ``dy`` to ``grad [6, Cin, Cout]``.
+        """Backward of ``act = leaky_relu(norm(z))``, ``z`` = the conv of ``x``, in one pass; see :meth:`winograd_conv`.
 
-        With operands ``U = Bᵀx`` and ``V = A·dy`` per group of 4 outputs, ``∂L/∂Wᵢ = Σ Uᵢᵀ Vᵢ``.
+        ``z [rows, Cout]``: the conv's output; ``act``, ``grad [n, Cout]``: the activation and its
+        gradient (rows ≥ n were cut: no gradient); ``coefficients = (a, b, e)`` give the conv's output
+        gradient ``dz = a·dy + b·z + e`` per channel (``dy`` the leaky ReLU's input gradient). Writes
+        ``dx`` rows ``d … d + n`` (the conv of ``dz`` with ``flipped_weights``, the Winograd weights of the
+        flipped, transposed taps ``[6, Cout, Cin]``) and adds the Winograd weights' gradient to
+        ``weights_grad [6, Cin, Cout]``. ``x``: the conv's input buffer, ``rows + 2d`` rows from row 0.
         """
-        self._check_conv_rows(x, x_row, "dy", dy, dy_row, rows, dilation)
-        self._check_winograd("grad", grad, x.shape[1], dy.shape[1])
-        status = self._weight_grad(_row_pointer(x, x_row - dilation), _row_pointer(dy, dy_row), rows, x.shape[1],
-                                   dy.shape[1], dilation, grad.data_ptr())  # fmt: skip
+        for name, t in (("grad", grad), ("act", act), ("z", z), ("x", x)):
+            _check_rows(name, t, 0, t.shape[0] if t.dim() == 2 else 0)
+        n, c_out, c_in, d = act.shape[0], z.shape[1], x.shape[1], dilation
+        if grad.shape != act.shape or act.shape[1] != c_out or c_out % 8:
+            raise ValueError(f"grad {tuple(grad.shape)}, act {tuple(act.shape)} and z {tuple(z.shape)} need the same "
+                             "channels, a multiple of 8")  # fmt: skip
+        if rows < n:
+            raise ValueError(f"the conv's {rows} rows cannot be fewer than the activation's {n}")
+        _check_rows("z", z, 0, rows)
+        self._check_conv_rows(x, d, "dx", dx, d, n, d)
+        _check_rows("x", x, 0, rows + 2 * d)
+        self._check_winograd("flipped_weights", flipped_weights, c_out, c_in)
+        self._check_winograd("weights_grad", weights_grad, c_in, c_out)
+        for name, t in zip("abe", coefficients):
+            _check_channels(name, t, c_out)
+        a, b, e = (t.data_ptr() for t in coefficients)
+        status = self._conv_backward(grad.data_ptr(), act.data_ptr(), z.data_ptr(), n, rows, a, b, e,
+                                     float(negative_slope), x.data_ptr(), flipped_weights.data_ptr(), c_in, c_out, d,
+                                     _row_pointer(dx, d), weights_grad.data_ptr())  # fmt: skip
         if status != 0:
-            raise MemoryError("dfl_wino43_weight_grad: out of memory")
+            raise MemoryError("dfl_wino43_conv_backward: out of memory")
 
     @staticmethod
     def _check_like(z: torch.Tensor, **others: torch.Tensor | None) -> int:
@@ -284,28 +313,6 @@ class CpuKernels:
         _check_channels("offset", offset, channels)
         self._affine(z.data_ptr(), out.data_ptr(), z.shape[0], channels, scale.data_ptr(), offset.data_ptr(),
                      float(negative_slope))  # fmt: skip
-        return out
-
-    def norm_act_backward(
-        self,
-        grad: torch.Tensor | None,
-        act: torch.Tensor | None,
-        z: torch.Tensor,
-        negative_slope: float,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        e: torch.Tensor,
-        out: torch.Tensor,
-    ) -> torch.Tensor:
-        """``out = a·dy + b·z + e`` per channel, ``dy`` the leaky ReLU's input gradient (0 without ``grad``)."""
-        if (grad is None) != (act is None):
-            raise ValueError("grad and act go together")
-        channels = self._check_like(z, grad=grad, act=act, out=out)
-        for name, t in (("a", a), ("b", b), ("e", e)):
-            _check_channels(name, t, channels)
-        g, ac = (None, None) if grad is None else (grad.data_ptr(), act.data_ptr())
-        self._norm_act_backward(g, ac, z.data_ptr(), z.shape[0], channels, float(negative_slope), a.data_ptr(),
-                                b.data_ptr(), e.data_ptr(), out.data_ptr())  # fmt: skip
         return out
 
 

@@ -48,27 +48,52 @@ static inline int64_t tile_items(int64_t rows, int64_t d) {
 /* First output row of item k. */
 static inline int64_t item_row(int64_t k, int64_t d) { return k / d * 4 * d + k % d; }
 
-/* Operands U = Bᵀx of items k0 … k0+n−1 into U[6][GROUP][ldu]; x holds rows [0, x_rows) (row r is the
- * input of output r − d), rows past it read as zero. Rows ≥ n of U stay as they are. */
-static void input_transform(const float *x, int64_t x_rows, const float *zeros, int64_t k0, int64_t n, int64_t C,
-                            int64_t d, float *U, int64_t ldu) {
-    const int64_t plane = GROUP * ldu;
-    for (int64_t r = 0; r < n; r++) {
-        const int64_t t = item_row(k0 + r, d);
-        const float *s[6];
-        for (int j = 0; j < 6; j++) s[j] = t + j * d < x_rows ? x + (t + j * d) * C : zeros;
-        float *u = U + r * ldu;
-        for (int64_t c = 0; c < C; c += 8) {
-            v8 x0 = LOAD(s[0] + c), x1 = LOAD(s[1] + c), x2 = LOAD(s[2] + c);
-            v8 x3 = LOAD(s[3] + c), x4 = LOAD(s[4] + c), x5 = LOAD(s[5] + c);
-            STORE(u + c, 4.f * x0 - 5.f * x2 + x4);
-            STORE(u + plane + c, x3 + x4 - 4.f * (x1 + x2));
-            STORE(u + 2 * plane + c, 4.f * (x1 - x2) + x4 - x3);
-            STORE(u + 3 * plane + c, 2.f * (x3 - x1) + x4 - x2);
-            STORE(u + 4 * plane + c, 2.f * (x1 - x3) + x4 - x2);
-            STORE(u + 5 * plane + c, 4.f * x1 - 5.f * x3 + x5);
-        }
+/* u[i·plane + c] = (Bᵀ s)[i]: the 6 GEMM operands from an item's 6 input rows. */
+static inline void input_transform(const float *const s[6], float *u, int64_t plane, int64_t C) {
+    for (int64_t c = 0; c < C; c += 8) {
+        v8 x0 = LOAD(s[0] + c), x1 = LOAD(s[1] + c), x2 = LOAD(s[2] + c);
+        v8 x3 = LOAD(s[3] + c), x4 = LOAD(s[4] + c), x5 = LOAD(s[5] + c);
+        STORE(u + c, 4.f * x0 - 5.f * x2 + x4);
+        STORE(u + plane + c, x3 + x4 - 4.f * (x1 + x2));
+        STORE(u + 2 * plane + c, 4.f * (x1 - x2) + x4 - x3);
+        STORE(u + 3 * plane + c, 2.f * (x3 - x1) + x4 - x2);
+        STORE(u + 4 * plane + c, 2.f * (x1 - x3) + x4 - x2);
+        STORE(u + 5 * plane + c, 4.f * x1 - 5.f * x3 + x5);
     }
+}
+
+/* The 4 output rows t + j·d (those < rows) of an item from its 6 GEMM products m[i·plane], + bias, leaky ReLU. */
+static inline void output_transform(const float *m, int64_t plane, const float *bias, float slope, int activate,
+                                    float *y, int64_t t, int64_t d, int64_t rows, int64_t C) {
+    for (int64_t c = 0; c < C; c += 8) {
+        v8 m0 = LOAD(m + c), m1 = LOAD(m + plane + c), m2 = LOAD(m + 2 * plane + c);
+        v8 m3 = LOAD(m + 3 * plane + c), m4 = LOAD(m + 4 * plane + c), m5 = LOAD(m + 5 * plane + c);
+        v8 b = bias ? LOAD(bias + c) : (v8){0}, sum12 = m1 + m2, diff12 = m1 - m2, sum34 = m3 + m4, diff34 = m3 - m4;
+        v8 out[4] = {m0 + sum12 + sum34 + b, diff12 + 2.f * diff34 + b, sum12 + 4.f * sum34 + b,
+                     diff12 + 8.f * diff34 + m5 + b};
+        for (int j = 0; j < 4 && t + j * d < rows; j++)
+            STORE(y + (t + j * d) * C + c, activate ? leaky_relu(out[j], slope) : out[j]);
+    }
+}
+
+/* v[i·plane + c] = (A g)[i]: the weight gradient's operands from an item's 4 output-gradient rows. */
+static inline void output_grad_transform(const float *const g[4], float *v, int64_t plane, int64_t C) {
+    for (int64_t c = 0; c < C; c += 8) {
+        v8 g0 = LOAD(g[0] + c), g1 = LOAD(g[1] + c), g2 = LOAD(g[2] + c), g3 = LOAD(g[3] + c);
+        v8 even = g0 + g2, odd = g1 + g3, even4 = g0 + 4.f * g2, odd2 = 2.f * g1 + 8.f * g3;
+        STORE(v + c, g0);
+        STORE(v + plane + c, even + odd);
+        STORE(v + 2 * plane + c, even - odd);
+        STORE(v + 3 * plane + c, even4 + odd2);
+        STORE(v + 4 * plane + c, even4 - odd2);
+        STORE(v + 5 * plane + c, g3);
+    }
+}
+
+/* An item's 6 input rows t + j·d of x (rows [0, x_rows)), the zero row past it. */
+static inline void input_rows(const float *x, int64_t x_rows, const float *zeros, int64_t t, int64_t d, int64_t C,
+                              const float *s[6]) {
+    for (int j = 0; j < 6; j++) s[j] = t + j * d < x_rows ? x + (t + j * d) * C : zeros;
 }
 
 /* M[MR][ldm] = A[MR][lda] (first K columns) @ B[K][NR] */
@@ -89,60 +114,27 @@ static inline void gemm_tile(const float *A, int64_t lda, const float *B, int64_
     STORE(M + 4 * ldm, c40), STORE(M + 4 * ldm + 8, c41), STORE(M + 5 * ldm, c50), STORE(M + 5 * ldm + 8, c51);
 }
 
-/* y[t] = act(Σ_k x[t + k·d] @ W_k + bias) for t < rows (x: rows + 2d rows, the conv's zero padding
- * included), by Winograd with W [6][Cin][Cout] the transformed weights. Returns −1 when out of memory. */
-int dfl_wino43_conv(const float *x, int64_t rows, int64_t Cin, int64_t Cout, int64_t d, const float *W,
-                    const float *bias, float slope, int activate, float *y) {
-    const int64_t items = tile_items(rows, d), groups = (items + GROUP - 1) / GROUP;
-    const int64_t panels = (Cout + NR - 1) / NR, ldm = panels * NR;
-    /* weights packed per 16-column panel, zero beyond Cout: B[i][panel][Cin][16] */
+/* Winograd weights W [6][Cin][Cout] packed per 16-column panel, zero beyond Cout: B[i][panel][Cin][16]. */
+static float *pack_weights(const float *W, int64_t Cin, int64_t Cout) {
+    const int64_t panels = (Cout + NR - 1) / NR;
     float *B = alloc_floats(6 * panels * Cin * NR);
-    if (!B) return -1;
+    if (!B) return NULL;
     for (int64_t i = 0; i < 6; i++)
         for (int64_t j = 0; j < panels; j++)
             for (int64_t k = 0; k < Cin; k++)
                 for (int64_t c = 0; c < NR; c++)
                     B[((i * panels + j) * Cin + k) * NR + c] = j * NR + c < Cout ? W[(i * Cin + k) * Cout + j * NR + c] : 0.f;
-    int failed = 0;
-#pragma omp parallel
-    {
-        float *U = alloc_floats(6 * GROUP * Cin + Cin), *M = alloc_floats(6 * GROUP * ldm);
-        float *zeros = U + 6 * GROUP * Cin;
-        if (!U || !M) {
-#pragma omp atomic write
-            failed = 1;
-        } else {
-            memset(U, 0, sizeof(float) * (6 * GROUP * Cin + Cin));
-        }
-#pragma omp for schedule(static)
-        for (int64_t g = 0; g < groups; g++) {
-            if (!U || !M) continue;
-            const int64_t k0 = g * GROUP, n = items - k0 < GROUP ? items - k0 : GROUP;
-            input_transform(x, rows + 2 * d, zeros, k0, n, Cin, d, U, Cin);
-            for (int64_t i = 0; i < 6; i++)
-                for (int64_t j = 0; j < panels; j++)
-                    for (int64_t r0 = 0; r0 < n; r0 += MR)
-                        gemm_tile(U + (i * GROUP + r0) * Cin, Cin, B + (i * panels + j) * Cin * NR, Cin,
-                                  M + (i * GROUP + r0) * ldm + j * NR, ldm);
-            const int64_t plane = GROUP * ldm;
-            for (int64_t r = 0; r < n; r++) {
-                const int64_t t = item_row(k0 + r, d);
-                const float *m = M + r * ldm;
-                for (int64_t c = 0; c < Cout; c += 8) {
-                    v8 m0 = LOAD(m + c), m1 = LOAD(m + plane + c), m2 = LOAD(m + 2 * plane + c);
-                    v8 m3 = LOAD(m + 3 * plane + c), m4 = LOAD(m + 4 * plane + c), m5 = LOAD(m + 5 * plane + c);
-                    v8 b = LOAD(bias + c), sum12 = m1 + m2, diff12 = m1 - m2, sum34 = m3 + m4, diff34 = m3 - m4;
-                    v8 out[4] = {m0 + sum12 + sum34 + b, diff12 + 2.f * diff34 + b, sum12 + 4.f * sum34 + b,
-                                 diff12 + 8.f * diff34 + m5 + b};
-                    for (int j = 0; j < 4 && t + j * d < rows; j++)
-                        STORE(y + (t + j * d) * Cout + c, activate ? leaky_relu(out[j], slope) : out[j]);
-                }
-            }
-        }
-        free(U), free(M);
-    }
-    free(B);
-    return failed ? -1 : 0;
+    return B;
+}
+
+/* M[i] = U[i] @ W[i] for the first n rows (rounded up to MR) of a group; U [6][GROUP][Cin], M [6][GROUP][ldm]. */
+static void group_products(const float *U, const float *B, int64_t n, int64_t Cin, int64_t panels, float *M,
+                           int64_t ldm) {
+    for (int64_t i = 0; i < 6; i++)
+        for (int64_t j = 0; j < panels; j++)
+            for (int64_t r0 = 0; r0 < n; r0 += MR)
+                gemm_tile(U + (i * GROUP + r0) * Cin, Cin, B + (i * panels + j) * Cin * NR, Cin,
+                          M + (i * GROUP + r0) * ldm + j * NR, ldm);
 }
 
 /* C[MR][ldc] += A[K][lda]ᵀ-slice (MR columns starting at A) · V[K][ldv] (16 columns) */
@@ -166,20 +158,78 @@ static inline void grad_tile(const float *A, int64_t lda, const float *V, int64_
     STORE(C + 4 * ldc, c40), STORE(C + 4 * ldc + 8, c41), STORE(C + 5 * ldc, c50), STORE(C + 5 * ldc + 8, c51);
 }
 
-/* grad[6][Cin][Cout] += Σ_items Uᵢᵀ Vᵢ, U = Bᵀx and V = A·dy, for dy [rows][Cout] the gradient of
- * dfl_wino43_conv's output. Threads sum into their own buffers, added in thread order. */
-int dfl_wino43_weight_grad(const float *x, const float *dy, int64_t rows, int64_t Cin, int64_t Cout, int64_t d,
-                           float *grad) {
+/* C[i] += U[i]ᵀ V[i] over a group's n items; U [6][GROUP][ldu] (columns ≥ Cin zero), V [6][GROUP][ldv],
+ * C [6][mrows][ldv]. */
+static void group_grad(const float *U, int64_t ldu, const float *V, int64_t ldv, int64_t n, int64_t mrows, float *C) {
+    for (int64_t i = 0; i < 6; i++)
+        for (int64_t m0 = 0; m0 < mrows; m0 += MR)
+            for (int64_t j = 0; j < ldv; j += NR)
+                grad_tile(U + i * GROUP * ldu + m0, ldu, V + i * GROUP * ldv + j, ldv, n, C + (i * mrows + m0) * ldv + j,
+                          ldv);
+}
+
+/* y[t] = act(Σ_k x[t + k·d] @ W_k + bias) for t < rows (x: rows + 2d rows, the conv's zero padding
+ * included), by Winograd with W [6][Cin][Cout] the transformed weights. Returns −1 when out of memory. */
+int dfl_wino43_conv(const float *x, int64_t rows, int64_t Cin, int64_t Cout, int64_t d, const float *W,
+                    const float *bias, float slope, int activate, float *y) {
     const int64_t items = tile_items(rows, d), groups = (items + GROUP - 1) / GROUP;
+    const int64_t panels = (Cout + NR - 1) / NR, ldm = panels * NR;
+    float *B = pack_weights(W, Cin, Cout);
+    if (!B) return -1;
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *U = alloc_floats(6 * GROUP * Cin + Cin), *M = alloc_floats(6 * GROUP * ldm);
+        float *zeros = U + 6 * GROUP * Cin;
+        if (!U || !M) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            memset(U, 0, sizeof(float) * (6 * GROUP * Cin + Cin));
+        }
+#pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; g++) {
+            if (!U || !M) continue;
+            const int64_t k0 = g * GROUP, n = items - k0 < GROUP ? items - k0 : GROUP;
+            for (int64_t r = 0; r < n; r++) {
+                const float *s[6];
+                input_rows(x, rows + 2 * d, zeros, item_row(k0 + r, d), d, Cin, s);
+                input_transform(s, U + r * Cin, GROUP * Cin, Cin);
+            }
+            group_products(U, B, n, Cin, panels, M, ldm);
+            for (int64_t r = 0; r < n; r++)
+                output_transform(M + r * ldm, GROUP * ldm, bias, slope, activate, y, item_row(k0 + r, d), d, rows, Cout);
+        }
+        free(U), free(M);
+    }
+    free(B);
+    return failed ? -1 : 0;
+}
+
+/* The backward of dfl_wino43_conv (no bias, no activation) followed by norm + leaky ReLU, in one pass.
+ * The conv's output gradient is formed on the fly, dz = a·dy + b·z + e per channel for conv rows
+ * r < rows (dy: the leaky ReLU's input gradient from g and act for r < n, 0 beyond), and feeds both
+ * dx[t] = Σ_k dz[t − (k−1)·d] @ W_kᵀ for t < n (Wf: the Winograd weights of the flipped, transposed
+ * taps, [6][Cout][Cin]) and grad[6][Cin][Cout] += Σ Uᵢᵀ Vᵢ (U = Bᵀx, V = A·dz). x: rows + 2d rows as for
+ * the conv. Threads sum the weight gradient into their own buffers, added in thread order. */
+int dfl_wino43_conv_backward(const float *g, const float *act, const float *z, int64_t n, int64_t rows,
+                             const float *a, const float *b, const float *e, float slope, const float *x,
+                             const float *Wf, int64_t Cin, int64_t Cout, int64_t d, float *dx, float *grad) {
+    const int64_t items = tile_items(rows, d), groups = (items + GROUP - 1) / GROUP;
+    const int64_t panels = (Cin + NR - 1) / NR, ldm = panels * NR; /* the dx conv: Cout → Cin */
     const int64_t ldu = round_up(Cin, MR) + 8, mrows = round_up(Cin, MR), ldv = round_up(Cout, NR);
     int threads = 1;
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
     const size_t acc_size = 6 * mrows * ldv;
-    float *acc = alloc_floats(threads * acc_size);
-    if (!acc) return -1;
+    float *B = pack_weights(Wf, Cout, Cin), *acc = alloc_floats(threads * acc_size);
+    if (!B || !acc) {
+        free(B), free(acc);
+        return -1;
+    }
     memset(acc, 0, sizeof(float) * threads * acc_size);
+    const int64_t widest = Cin > Cout ? Cin : Cout;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
@@ -188,52 +238,62 @@ int dfl_wino43_weight_grad(const float *x, const float *dy, int64_t rows, int64_
         th = omp_get_thread_num();
 #endif
         float *C = acc + th * acc_size;
-        const int64_t widest = Cin > Cout ? Cin : Cout; /* the zero row stands in for x and dy rows */
-        float *U = alloc_floats(6 * GROUP * ldu + widest), *V = alloc_floats(6 * GROUP * ldv);
-        float *zeros = U + 6 * GROUP * ldu;
-        if (!U || !V) {
+        float *Ud = alloc_floats(6 * GROUP * Cout), *M = alloc_floats(6 * GROUP * ldm);
+        float *Ux = alloc_floats(6 * GROUP * ldu), *V = alloc_floats(6 * GROUP * ldv);
+        float *zeros = alloc_floats(widest);
+        if (!Ud || !M || !Ux || !V || !zeros) {
 #pragma omp atomic write
             failed = 1;
         } else {
-            memset(U, 0, sizeof(float) * (6 * GROUP * ldu + widest)), memset(V, 0, sizeof(float) * 6 * GROUP * ldv);
+            memset(Ud, 0, sizeof(float) * 6 * GROUP * Cout), memset(Ux, 0, sizeof(float) * 6 * GROUP * ldu);
+            memset(V, 0, sizeof(float) * 6 * GROUP * ldv), memset(zeros, 0, sizeof(float) * widest);
         }
+        const v8 zero = {0};
 #pragma omp for schedule(static)
-        for (int64_t g = 0; g < groups; g++) {
-            if (!U || !V) continue;
-            const int64_t k0 = g * GROUP, n = items - k0 < GROUP ? items - k0 : GROUP;
-            input_transform(x, rows + 2 * d, zeros, k0, n, Cin, d, U, ldu);
-            const int64_t plane = GROUP * ldv;
-            for (int64_t r = 0; r < n; r++) {
-                const int64_t t = item_row(k0 + r, d);
-                const float *gr[4];
-                for (int j = 0; j < 4; j++) gr[j] = t + j * d < rows ? dy + (t + j * d) * Cout : zeros;
-                float *v = V + r * ldv;
-                for (int64_t c = 0; c < Cout; c += 8) {
-                    v8 g0 = LOAD(gr[0] + c), g1 = LOAD(gr[1] + c), g2 = LOAD(gr[2] + c), g3 = LOAD(gr[3] + c);
-                    v8 even = g0 + g2, odd = g1 + g3, even4 = g0 + 4.f * g2, odd2 = 2.f * g1 + 8.f * g3;
-                    STORE(v + c, g0);
-                    STORE(v + plane + c, even + odd);
-                    STORE(v + 2 * plane + c, even - odd);
-                    STORE(v + 3 * plane + c, even4 + odd2);
-                    STORE(v + 4 * plane + c, even4 - odd2);
-                    STORE(v + 5 * plane + c, g3);
+        for (int64_t gr = 0; gr < groups; gr++) {
+            if (!Ud || !M || !Ux || !V || !zeros) continue;
+            const int64_t k0 = gr * GROUP, n_items = items - k0 < GROUP ? items - k0 : GROUP;
+            /* the items' dz rows t − d … t + 4d, into Ud's 6 planes, row by row of the buffers (runs of
+             * consecutive rows, which the hardware prefetches well) */
+            for (int j = 0; j < 6; j++)
+                for (int64_t r = 0; r < n_items; r++) {
+                    const int64_t row = item_row(k0 + r, d) + (j - 1) * d;
+                    float *out = Ud + j * GROUP * Cout + r * Cout;
+                    for (int64_t c = 0; c < Cout; c += 8) {
+                        v8 v = zero;
+                        if (row >= 0 && row < rows) {
+                            v = LOAD(b + c) * LOAD(z + row * Cout + c) + LOAD(e + c);
+                            if (row < n) {
+                                v8 gg = LOAD(g + row * Cout + c);
+                                v8i negative = LOAD(act + row * Cout + c) <= zero;
+                                v += LOAD(a + c) * (v8)(((v8i)gg & ~negative) | ((v8i)(gg * slope) & negative));
+                            }
+                        }
+                        STORE(out + c, v);
+                    }
                 }
+            for (int64_t r = 0; r < n_items; r++) {
+                const float *s[6];
+                for (int j = 0; j < 6; j++) s[j] = Ud + j * GROUP * Cout + r * Cout;
+                output_grad_transform(s + 1, V + r * ldv, GROUP * ldv, Cout);
+                input_transform(s, Ud + r * Cout, GROUP * Cout, Cout); /* in place: reads all 6 rows first */
+                input_rows(x, rows + 2 * d, zeros, item_row(k0 + r, d), d, Cin, s);
+                input_transform(s, Ux + r * ldu, GROUP * ldu, Cin);
             }
-            for (int64_t i = 0; i < 6; i++)
-                for (int64_t m0 = 0; m0 < mrows; m0 += MR)
-                    for (int64_t j = 0; j < ldv; j += NR)
-                        grad_tile(U + i * GROUP * ldu + m0, ldu, V + i * GROUP * ldv + j, ldv, n,
-                                  C + (i * mrows + m0) * ldv + j, ldv);
+            group_products(Ud, B, n_items, Cout, panels, M, ldm);
+            for (int64_t r = 0; r < n_items; r++)
+                output_transform(M + r * ldm, GROUP * ldm, NULL, 0.f, 0, dx, item_row(k0 + r, d), d, n, Cin);
+            group_grad(Ux, ldu, V, ldv, n_items, mrows, C);
         }
-        free(U), free(V);
+        free(Ud), free(M), free(Ux), free(V), free(zeros);
     }
     if (!failed)
-        for (int th = 0; th < threads; th++)
+        for (int t = 0; t < threads; t++)
             for (int64_t i = 0; i < 6; i++)
                 for (int64_t m = 0; m < Cin; m++)
                     for (int64_t c = 0; c < Cout; c++)
-                        grad[(i * Cin + m) * Cout + c] += acc[th * acc_size + (i * mrows + m) * ldv + c];
-    free(acc);
+                        grad[(i * Cin + m) * Cout + c] += acc[t * acc_size + (i * mrows + m) * ldv + c];
+    free(B), free(acc);
     return failed ? -1 : 0;
 }
 
@@ -297,23 +357,4 @@ void dfl_affine_leaky_relu(const float *z, float *out, int64_t rows, int64_t C, 
     for (int64_t r = 0; r < rows; r++)
         for (int64_t c = 0; c < C; c += 8)
             STORE(out + r * C + c, leaky_relu(LOAD(z + r * C + c) * LOAD(scale + c) + LOAD(offset + c), slope));
-}
-
-/* Backward of act = leaky_relu(norm(z)) for a norm that is per channel a·z + (batch-statistics terms):
- * out = a·dy + b·z + e, with dy as in dfl_channel_moments (grad == NULL: dy = 0). */
-void dfl_norm_act_backward(const float *grad, const float *act, const float *z, int64_t rows, int64_t C,
-                           float slope, const float *a, const float *b, const float *e, float *out) {
-    const v8 zero = {0};
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t c = 0; c < C; c += 8) {
-            v8 v = LOAD(b + c) * LOAD(z + r * C + c) + LOAD(e + c);
-            if (grad) {
-                v8 g = LOAD(grad + r * C + c);
-                v8i negative = LOAD(act + r * C + c) <= zero;
-                v8 dy = (v8)(((v8i)g & ~negative) | ((v8i)(g * slope) & negative));
-                v += LOAD(a + c) * dy;
-            }
-            STORE(out + r * C + c, v);
-        }
 }
