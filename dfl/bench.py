@@ -41,6 +41,7 @@ from dfl.memory import keep_freed_memory
 from dfl.models import ContextAggregationNet, LossNetwork
 from dfl.models.conv import set_cuda_conv
 from dfl.native import cpu_kernels
+from dfl.systems.denoising import adam
 
 MODELS = {
     "can_paper": {},
@@ -276,7 +277,7 @@ def bench_training(device: torch.device, args) -> dict:
         try:
             model = build(fused)
             loss, grads = _loss_and_grads(model, loss_fn, noisy, clean)
-            optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+            optimizer = adam(list(model.parameters()), lr=1e-4)  # as dfl-train's
             times = run_times(functools.partial(_train_step, model, optimizer, loss_fn, noisy, clean), repeats, sync)
         finally:
             set_cuda_conv("cudnn")

@@ -76,3 +76,34 @@ def test_per_layer_terms_reach_the_logger_on_its_steps_with_their_values(tmp_pat
     assert [int(r["step"]) for r in rows] == [3, 7, 11]  # 12 steps, written every 4th
     for r in rows:  # each written step has every term, with that step's own values
         assert [float(r[n]) for n in names] == pytest.approx(record.rows[int(r["step"])][1], rel=1e-6)
+
+
+def test_adam_is_fused_on_the_cpu_with_the_same_updates():
+    import torch
+
+    from dfl.systems.denoising import adam
+
+    system = make_system()
+    optimizer = system.configure_optimizers()
+    assert optimizer.defaults["fused"] is True
+    params = [p for p in system.denoiser.parameters() if p.requires_grad]
+    assert [p for group in optimizer.param_groups for p in group["params"]] == params
+    # three steps of the fused update against PyTorch's per-tensor loop, from the same start and gradients
+    torch.manual_seed(0)
+    start = [torch.randn(5, 3), torch.randn(7)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(3)]
+    results = []
+    for fused in (True, False):
+        ps = [p.clone().requires_grad_() for p in start]
+        opt = adam(ps, lr=1e-2, weight_decay=1e-3) if fused else torch.optim.Adam(ps, lr=1e-2, weight_decay=1e-3)
+        assert bool(opt.defaults["fused"]) is fused
+        for step in grads:
+            for p, g in zip(ps, step):
+                p.grad = g.clone()
+            opt.step()
+        results.append(ps)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(results[0][0], start[0])  # it moved
+    meta = torch.zeros(2, device="meta", requires_grad=True)
+    assert not adam([meta], lr=1e-3).defaults["fused"]  # where PyTorch has no fused kernel: the loop
