@@ -151,9 +151,14 @@ class ContextAggregationNet(nn.Module):
         d, n = self.dilations, x.shape[-1]
         # rows each layer computes: the authors' padding extends dilated layers to a multiple of d
         rows = [n + ((-n) % di if self.padding == "tf_authors" and di > 1 else 0) for di in d]
-        buf = F.pad(x, (d[0], d[0] + rows[0] - n)).transpose(1, 2).contiguous()
+        # input channels padded with zeros to a multiple of 8 (zero weights too), so the compiled kernels
+        # take the 1-channel first layer as well: the same result, without PyTorch's slower path
+        extra = (-x.shape[1]) % 8 if self.config["channels"] % 8 == 0 else 0
+        buf = F.pad(x, (d[0], d[0] + rows[0] - n)).transpose(1, 2)
+        buf = F.pad(buf, (0, extra)).contiguous()
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            weight = F.pad(conv.weight, (0, 0, 0, extra)) if i == 0 and extra else conv.weight
             # zero margins: the next layer's padding
             margins = (d[i + 1], d[i + 1] + rows[i + 1] - n) if i + 1 < len(d) else (0, 0)
-            buf = conv_norm_act(buf, conv.weight, norm, d[i], n, margins, self.negative_slope, rows=rows[i])
+            buf = conv_norm_act(buf, weight, norm, d[i], n, margins, self.negative_slope, rows=rows[i])
         return buf @ self.output.weight[0, :, 0] + self.output.bias
