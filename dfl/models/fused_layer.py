@@ -27,6 +27,10 @@ import torch.nn.functional as F
 from dfl.models import winograd
 from dfl.native import channel_mean_var
 
+# Below this many input channels the forward conv runs direct: Winograd's transforms round more than a
+# 3-term sum, which shows on the waveform layer (1 channel, padded to 8), where the GEMM is cheap anyway.
+WINOGRAD_MIN_CHANNELS = 16
+
 
 def _conv3(x: torch.Tensor, taps: torch.Tensor, d: int, out: torch.Tensor, weight: torch.Tensor) -> None:
     """``out[b, t] = Σ_k x[b, t + k·d] @ taps[k]`` for a buffer ``x`` padded by ``d`` on both sides.
@@ -34,14 +38,18 @@ def _conv3(x: torch.Tensor, taps: torch.Tensor, d: int, out: torch.Tensor, weigh
     Winograd F(4,3) (:mod:`dfl.models.winograd`) where the compiled kernels apply, else direct GEMMs;
     ``weight`` is the ``[Cout, Cin, 3]`` conv weight that ``taps`` were made from.
     """
-    n = out.shape[1]
-    kernels = winograd.kernels_for(x, out)
+    n, c_in = out.shape[1], x.shape[-1]
+    kernels = winograd.kernels_for(x, out) if c_in >= WINOGRAD_MIN_CHANNELS else None
     if kernels is not None:
         wino_weights = kernels.winograd_weights(weight)
         for b in range(x.shape[0]):
             winograd.conv3(kernels, x[b], d, wino_weights, out[b], 0, n, d)
         return
     for b in range(x.shape[0]):
+        if c_in <= 8:  # the 3 taps side by side, one GEMM: the output is written once
+            cols = x[b].as_strided((n, 3, c_in), (c_in, d * c_in, 1)).reshape(n, 3 * c_in)
+            torch.mm(cols, taps.reshape(3 * c_in, -1), out=out[b])
+            continue
         torch.mm(x[b, :n], taps[0], out=out[b])
         out[b].addmm_(x[b, d : d + n], taps[1])
         out[b].addmm_(x[b, 2 * d : 2 * d + n], taps[2])

@@ -137,12 +137,13 @@ static void group_products(const float *U, const float *B, int64_t n, int64_t Ci
                           M + (i * GROUP + r0) * ldm + j * NR, ldm);
 }
 
-/* C[MR][ldc] += A[K][lda]ᵀ-slice (MR columns starting at A) · V[K][ldv] (16 columns) */
+/* C[MR][ldc] += A[K][lda]ᵀ-slice (MR columns starting at A) · V[K][ldv] (16 columns). The K products
+ * are summed from zero before they are added to C: two-level sums round far less than one long
+ * running sum over all of a thread's items. */
 static inline void grad_tile(const float *A, int64_t lda, const float *V, int64_t ldv, int64_t K, float *C,
                              int64_t ldc) {
-    v8 c00 = LOAD(C), c01 = LOAD(C + 8), c10 = LOAD(C + ldc), c11 = LOAD(C + ldc + 8);
-    v8 c20 = LOAD(C + 2 * ldc), c21 = LOAD(C + 2 * ldc + 8), c30 = LOAD(C + 3 * ldc), c31 = LOAD(C + 3 * ldc + 8);
-    v8 c40 = LOAD(C + 4 * ldc), c41 = LOAD(C + 4 * ldc + 8), c50 = LOAD(C + 5 * ldc), c51 = LOAD(C + 5 * ldc + 8);
+    v8 c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0}, c20 = {0}, c21 = {0};
+    v8 c30 = {0}, c31 = {0}, c40 = {0}, c41 = {0}, c50 = {0}, c51 = {0};
     for (int64_t k = 0; k < K; k++) {
         const float *a = A + k * lda;
         v8 b0 = LOAD(V + k * ldv), b1 = LOAD(V + k * ldv + 8), s;
@@ -153,9 +154,12 @@ static inline void grad_tile(const float *A, int64_t lda, const float *V, int64_
         s = bcast(a[4]), c40 += s * b0, c41 += s * b1;
         s = bcast(a[5]), c50 += s * b0, c51 += s * b1;
     }
-    STORE(C, c00), STORE(C + 8, c01), STORE(C + ldc, c10), STORE(C + ldc + 8, c11);
-    STORE(C + 2 * ldc, c20), STORE(C + 2 * ldc + 8, c21), STORE(C + 3 * ldc, c30), STORE(C + 3 * ldc + 8, c31);
-    STORE(C + 4 * ldc, c40), STORE(C + 4 * ldc + 8, c41), STORE(C + 5 * ldc, c50), STORE(C + 5 * ldc + 8, c51);
+    STORE(C, LOAD(C) + c00), STORE(C + 8, LOAD(C + 8) + c01);
+    STORE(C + ldc, LOAD(C + ldc) + c10), STORE(C + ldc + 8, LOAD(C + ldc + 8) + c11);
+    STORE(C + 2 * ldc, LOAD(C + 2 * ldc) + c20), STORE(C + 2 * ldc + 8, LOAD(C + 2 * ldc + 8) + c21);
+    STORE(C + 3 * ldc, LOAD(C + 3 * ldc) + c30), STORE(C + 3 * ldc + 8, LOAD(C + 3 * ldc + 8) + c31);
+    STORE(C + 4 * ldc, LOAD(C + 4 * ldc) + c40), STORE(C + 4 * ldc + 8, LOAD(C + 4 * ldc + 8) + c41);
+    STORE(C + 5 * ldc, LOAD(C + 5 * ldc) + c50), STORE(C + 5 * ldc + 8, LOAD(C + 5 * ldc + 8) + c51);
 }
 
 /* C[i] += U[i]ᵀ V[i] over a group's n items; U [6][GROUP][ldu] (columns ≥ Cin zero), V [6][GROUP][ldv],
