@@ -72,7 +72,9 @@ def channels_last_batch_stats(z: torch.Tensor, eps: float) -> tuple[torch.Tensor
 
 
 def _norm_act_native(kernels, z, act, alpha, beta, gamma, bn_bias, running_mean, running_var, cfg):
-    """``act = leaky_relu(α·z + β·BN(z))`` by the compiled kernels; returns (μ, σ² or None, 1/√(σ²+ε)).
+    """``act = leaky_relu(α·z + β·BN(z))`` by the compiled kernels, the norm as ``scale·z + offset``.
+
+    Returns ``(μ, σ² or None, 1/√(σ²+ε), scale, offset)``.
 
     Batch statistics come from float64 sums, and the running ones move as in ``F.batch_norm``
     (unbiased variance).
@@ -93,10 +95,10 @@ def _norm_act_native(kernels, z, act, alpha, beta, gamma, bn_bias, running_mean,
     offset = (beta * (bn_bias - g * mean)).contiguous()
     for zb, ab in zip(z, act):
         kernels.affine_leaky_relu(zb[:n], scale, offset, slope, out=ab)
-    return mean, var, invstd
+    return mean, var, invstd, scale, offset
 
 
-def _norm_act_backward_coefficients(kernels, grad_act, act, z, mean, invstd, alpha, beta, gamma, cfg):
+def _norm_act_backward_coefficients(kernels, grad_act, norm, z, mean, invstd, alpha, beta, gamma, cfg):
     """The conv's output gradient as ``dz = a·dy + b·z + e`` per channel (``dy``: the leaky ReLU's input
     gradient) for :func:`_norm_act_native`; returns ``(a, b, e)`` and BN backward's sums ``(Σdy·x̂, Σdy)``.
 
@@ -105,8 +107,8 @@ def _norm_act_backward_coefficients(kernels, grad_act, act, z, mean, invstd, alp
     """
     _, n, rows, _, _, _, slope, batch_stats, _ = cfg
     sums = torch.zeros(2, z.shape[-1], dtype=torch.float64)
-    for gb, ab, zb in zip(grad_act, act, z):  # about the mean: Σdy·(z−μ) directly
-        kernels.channel_moments(zb[:n], sums, mean.contiguous(), grad=gb, act=ab, negative_slope=slope)
+    for gb, zb in zip(grad_act, z):  # about the mean: Σdy·(z−μ) directly
+        kernels.channel_moments(zb[:n], sums, mean.contiguous(), grad=gb, norm=norm, negative_slope=slope)
     mean64, invstd64 = mean.double(), invstd.double()
     sum_dy = sums[0]
     sum_dy_xhat = invstd64 * sums[1]
@@ -122,11 +124,15 @@ def _norm_act_backward_coefficients(kernels, grad_act, act, z, mean, invstd, alp
     return (a, b, e), sum_dy_xhat.float(), sum_dy.float()
 
 
-def _backward_native(kernels, grad_out, act, x, weight, z, mean, invstd, alpha, beta, gamma, cfg):
-    """``(dx, ∂L/∂taps [3, Cin, Cout], Σdy·x̂, Σdy)`` by the compiled kernels: the moments, then one pass."""
+def _backward_native(kernels, grad_out, norm, x, weight, z, mean, invstd, alpha, beta, gamma, cfg):
+    """``(dx, ∂L/∂taps [3, Cin, Cout], Σdy·x̂, Σdy)`` by the compiled kernels: the moments, then one pass.
+
+    ``norm = (scale, offset)`` of the forward pass: the leaky ReLU's mask comes from ``scale·z + offset``
+    (the activation is not read back).
+    """
     d, n, rows, (front, _), _, _, slope, _, _ = cfg
     grad_act = grad_out.contiguous()[:, front : front + n]  # each [b] a contiguous block, no copy
-    coefficients, sum_dy_xhat, sum_dy = _norm_act_backward_coefficients(kernels, grad_act, act, z, mean, invstd,
+    coefficients, sum_dy_xhat, sum_dy = _norm_act_backward_coefficients(kernels, grad_act, norm, z, mean, invstd,
                                                                         alpha, beta, gamma, cfg)  # fmt: skip
     dx = x.new_empty(x.shape)  # the rows x holds; its margins get no gradient
     dx[:, :d].zero_()
@@ -134,7 +140,7 @@ def _backward_native(kernels, grad_out, act, x, weight, z, mean, invstd, alpha, 
     wino_grad = x.new_zeros(6, x.shape[-1], z.shape[-1])
     flipped = kernels.winograd_weights(weight.flip(-1).transpose(0, 1))  # the input gradient's conv
     for b in range(x.shape[0]):
-        winograd.conv_backward(kernels, grad_act[b], act[b], z[b], rows, coefficients, slope, x[b], flipped, dx[b],
+        winograd.conv_backward(kernels, grad_act[b], norm, z[b], rows, coefficients, slope, x[b], flipped, dx[b],
                                wino_grad, d)  # fmt: skip
     return dx, winograd.taps_grad(wino_grad), sum_dy_xhat, sum_dy
 
@@ -188,9 +194,10 @@ class _ConvNormAct(torch.autograd.Function):
         out[:, front + n :].zero_()
         act = out[:, front : front + n]  # rows beyond n (tf_authors padding) are cut after the activation
         kernels = winograd.kernels_for(x, z)
+        norm = (None, None)
         if kernels is not None:  # the compiled kernels: statistics in one read, norm + activation in one pass
-            mean, var, invstd = _norm_act_native(kernels, z, act, alpha, beta, gamma, bn_bias, running_mean,
-                                                 running_var, cfg)  # fmt: skip
+            mean, var, invstd, *norm = _norm_act_native(kernels, z, act, alpha, beta, gamma, bn_bias, running_mean,
+                                                        running_var, cfg)  # fmt: skip
         elif batch_stats:
             # PyTorch's channels-last BN kernel: batch statistics (and F.batch_norm's running update),
             # with weight β·γ and bias β·b its output is β·BN(z); α·z is added on the way out.
@@ -214,18 +221,20 @@ class _ConvNormAct(torch.autograd.Function):
             F.leaky_relu_(act, slope)
         ctx.cfg = cfg
         running = (mean, var) if not batch_stats else (None, None)
-        ctx.save_for_backward(x, weight, taps, z, out, mean, invstd, *running, alpha, beta, gamma, bn_bias)
+        ctx.save_for_backward(x, weight, taps, z, out, mean, invstd, *running, *norm, alpha, beta, gamma, bn_bias)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, taps, z, out, mean, invstd, run_mean, run_var, alpha, beta, gamma, bn_bias = ctx.saved_tensors
+        x, weight, taps, z, out, mean, invstd, run_mean, run_var, scale, offset, alpha, beta, gamma, bn_bias = (
+            ctx.saved_tensors
+        )
         _, n, _, (front, _), _, _, _, _, _ = ctx.cfg
         act = out[:, front : front + n]
         kernels = winograd.kernels_for(x, z)
         if kernels is not None:
-            dx, dtaps, sum_dy_xhat, sum_dy = _backward_native(kernels, grad_out, act, x, weight, z, mean, invstd,
-                                                              alpha, beta, gamma, ctx.cfg)  # fmt: skip
+            dx, dtaps, sum_dy_xhat, sum_dy = _backward_native(kernels, grad_out, (scale, offset), x, weight, z, mean,
+                                                              invstd, alpha, beta, gamma, ctx.cfg)  # fmt: skip
         else:
             dx, dtaps, sum_dy_xhat, sum_dy = _backward_torch(grad_out, act, x, taps, z, mean, invstd, run_mean,
                                                              run_var, alpha, beta, gamma, ctx.cfg)  # fmt: skip

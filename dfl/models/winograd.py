@@ -51,7 +51,7 @@ def conv3(
 def conv_backward(
     kernels: CpuKernels,
     grad: torch.Tensor,
-    act: torch.Tensor,
+    norm: tuple[torch.Tensor, torch.Tensor],
     z: torch.Tensor,
     rows: int,
     coefficients: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -62,13 +62,15 @@ def conv_backward(
     weights_grad: torch.Tensor,
     d: int,
 ) -> None:
-    """Backward of a :func:`conv3` (output ``z``, ``rows`` rows) followed by a norm + leaky ReLU, in one pass.
+    """Backward of a :func:`conv3` (output ``z``, ``rows`` rows) followed by ``leaky_relu(scale·z + offset)``.
+
+    ``norm = (scale, offset)``; ``grad``: the activation's gradient.
 
     Writes the input gradient into ``dx`` rows ``d … d + n`` and adds ``∂L/∂(winograd weights)`` to
     ``weights_grad [6, Cin, Cout]`` (:func:`taps_grad` maps it to the taps); see
     :meth:`CpuKernels.winograd_conv_backward`.
     """
-    kernels.winograd_conv_backward(grad, act, z, rows, coefficients, negative_slope, x, flipped_weights, dx,
+    kernels.winograd_conv_backward(grad, norm, z, rows, coefficients, negative_slope, x, flipped_weights, dx,
                                    weights_grad, d)  # fmt: skip
 
 

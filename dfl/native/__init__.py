@@ -151,11 +151,11 @@ class CpuKernels:
         self._conv.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, ctypes.c_int, ptr]
         self._conv.restype = ctypes.c_int
         self._conv_backward = lib.dfl_wino43_conv_backward
-        self._conv_backward.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ctypes.c_float, ptr, ptr, i64, i64, i64,
-                                        ptr, ptr]  # fmt: skip
+        self._conv_backward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ctypes.c_float, ptr, ptr, i64, i64,
+                                        i64, ptr, ptr]  # fmt: skip
         self._conv_backward.restype = ctypes.c_int
         self._moments = lib.dfl_channel_moments
-        self._moments.argtypes = [ptr, ptr, ptr, ptr, ctypes.c_float, i64, i64, ptr]
+        self._moments.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_float, i64, i64, ptr]
         self._moments.restype = ctypes.c_int
         self._affine = lib.dfl_affine_leaky_relu
         self._affine.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ctypes.c_float]
@@ -216,7 +216,7 @@ class CpuKernels:
     def winograd_conv_backward(
         self,
         grad: torch.Tensor,
-        act: torch.Tensor,
+        norm: tuple[torch.Tensor, torch.Tensor],
         z: torch.Tensor,
         rows: int,
         coefficients: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -227,21 +227,20 @@ class CpuKernels:
         weights_grad: torch.Tensor,
         dilation: int,
     ) -> None:
-        """Backward of ``act = leaky_relu(norm(z))``, ``z`` = the conv of ``x``, in one pass; see :meth:`winograd_conv`.
+        """Backward of ``leaky_relu(scale·z + offset)``, ``z`` = the conv of ``x``, in one pass; see :meth:`winograd_conv`.
 
-        ``z [rows, Cout]``: the conv's output; ``act``, ``grad [n, Cout]``: the activation and its
-        gradient (rows ≥ n were cut: no gradient); ``coefficients = (a, b, e)`` give the conv's output
+        ``z [rows, Cout]``: the conv's output; ``grad [n, Cout]``: the activation's gradient (rows ≥ n
+        were cut: no gradient); ``norm = (scale, offset)``; ``coefficients = (a, b, e)`` give the conv's output
         gradient ``dz = a·dy + b·z + e`` per channel (``dy`` the leaky ReLU's input gradient). Writes
         ``dx`` rows ``d … d + n`` (the conv of ``dz`` with ``flipped_weights``, the Winograd weights of the
         flipped, transposed taps ``[6, Cout, Cin]``) and adds the Winograd weights' gradient to
         ``weights_grad [6, Cin, Cout]``. ``x``: the conv's input buffer, ``rows + 2d`` rows from row 0.
         """
-        for name, t in (("grad", grad), ("act", act), ("z", z), ("x", x)):
+        for name, t in (("grad", grad), ("z", z), ("x", x)):
             _check_rows(name, t, 0, t.shape[0] if t.dim() == 2 else 0)
-        n, c_out, c_in, d = act.shape[0], z.shape[1], x.shape[1], dilation
-        if grad.shape != act.shape or act.shape[1] != c_out or c_out % 8:
-            raise ValueError(f"grad {tuple(grad.shape)}, act {tuple(act.shape)} and z {tuple(z.shape)} need the same "
-                             "channels, a multiple of 8")  # fmt: skip
+        n, c_out, c_in, d = grad.shape[0], z.shape[1], x.shape[1], dilation
+        if grad.shape[1] != c_out or c_out % 8:
+            raise ValueError(f"grad {tuple(grad.shape)} and z {tuple(z.shape)} need the same channels, a multiple of 8")
         if rows < n:
             raise ValueError(f"the conv's {rows} rows cannot be fewer than the activation's {n}")
         _check_rows("z", z, 0, rows)
@@ -249,10 +248,10 @@ class CpuKernels:
         _check_rows("x", x, 0, rows + 2 * d)
         self._check_winograd("flipped_weights", flipped_weights, c_out, c_in)
         self._check_winograd("weights_grad", weights_grad, c_in, c_out)
-        for name, t in zip("abe", coefficients):
+        for name, t in (*zip("abe", coefficients), *zip(("scale", "offset"), norm)):
             _check_channels(name, t, c_out)
         a, b, e = (t.data_ptr() for t in coefficients)
-        status = self._conv_backward(grad.data_ptr(), act.data_ptr(), z.data_ptr(), n, rows, a, b, e,
+        status = self._conv_backward(grad.data_ptr(), norm[0].data_ptr(), norm[1].data_ptr(), z.data_ptr(), n, rows, a, b, e,
                                      float(negative_slope), x.data_ptr(), flipped_weights.data_ptr(), c_in, c_out, d,
                                      _row_pointer(dx, d), weights_grad.data_ptr())  # fmt: skip
         if status != 0:
@@ -277,24 +276,29 @@ class CpuKernels:
         sums: torch.Tensor,
         shift: torch.Tensor,
         grad: torch.Tensor | None = None,
-        act: torch.Tensor | None = None,
+        norm: tuple[torch.Tensor, torch.Tensor] | None = None,
         negative_slope: float = 0.0,
     ) -> None:
         """Adds per-channel moments of ``z [rows, C]`` about ``shift`` to ``sums (2, C)`` (float64).
 
-        Without ``grad``: ``Σ(z−k)`` and ``Σ(z−k)²``. With ``grad`` and ``act = leaky_relu(·)``: ``Σdy``
-        and ``Σdy·(z−k)`` for the leaky ReLU's input gradient ``dy`` (the batch-norm backward's sums).
-        A shift ``k`` near the channel means avoids cancellation in the variance.
+        Without ``grad``: ``Σ(z−k)`` and ``Σ(z−k)²``. With ``grad`` of ``leaky_relu(scale·z + offset)``
+        and ``norm = (scale, offset)``: ``Σdy`` and ``Σdy·(z−k)`` for the leaky ReLU's input gradient
+        ``dy`` (the batch-norm backward's sums). A shift ``k`` near the channel means avoids cancellation
+        in the variance.
         """
-        if (grad is None) != (act is None):
-            raise ValueError("grad and act go together")
-        channels = self._check_like(z, grad=grad, act=act)
+        if (grad is None) != (norm is None):
+            raise ValueError("grad and norm go together")
+        channels = self._check_like(z, grad=grad)
         _check_channels("shift", shift, channels)
         if sums.dtype != torch.float64 or not sums.is_contiguous() or tuple(sums.shape) != (2, channels):
             raise ValueError(f"sums must be a contiguous float64 tensor of shape (2, {channels})")
-        g, a = (None, None) if grad is None else (grad.data_ptr(), act.data_ptr())
-        status = self._moments(z.data_ptr(), shift.data_ptr(), g, a, float(negative_slope), z.shape[0], channels,
-                               sums.data_ptr())  # fmt: skip
+        g = scale = offset = None
+        if grad is not None:
+            for name, t in zip(("scale", "offset"), norm):
+                _check_channels(name, t, channels)
+            g, scale, offset = grad.data_ptr(), norm[0].data_ptr(), norm[1].data_ptr()
+        status = self._moments(z.data_ptr(), shift.data_ptr(), g, scale, offset, float(negative_slope), z.shape[0],
+                               channels, sums.data_ptr())  # fmt: skip
         if status != 0:
             raise MemoryError("dfl_channel_moments: out of memory")
 

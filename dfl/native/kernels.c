@@ -30,6 +30,18 @@ static inline v8 leaky_relu(v8 y, float slope) {
 
 static inline v8 bcast(float f) { return (v8){f, f, f, f, f, f, f, f}; }
 
+/* The norm as the activation sees it, s·z + c per channel. The backward kernels recompute it from z
+ * for the leaky ReLU's mask: the same expression gives the same bits as the forward pass, so the
+ * activation itself need not be read back. */
+static inline v8 affine(const float *z, const float *s, const float *c) { return LOAD(z) * LOAD(s) + LOAD(c); }
+
+/* dy: the leaky ReLU's input gradient, g where s·z + c > 0, slope·g elsewhere. */
+static inline v8 leaky_grad(v8 g, v8 pre, float slope) {
+    const v8 zero = {0};
+    v8i negative = pre <= zero;
+    return (v8)(((v8i)g & ~negative) | ((v8i)(g * slope) & negative));
+}
+
 #define GROUP 48 /* tile items per GEMM pass, a multiple of MR: their operands stay in L2 */
 #define MR 6  /* GEMM micro-tile: MR rows × 16 columns (12 accumulators) */
 #define NR 16
@@ -212,11 +224,12 @@ int dfl_wino43_conv(const float *x, int64_t rows, int64_t Cin, int64_t Cout, int
 
 /* The backward of dfl_wino43_conv (no bias, no activation) followed by norm + leaky ReLU, in one pass.
  * The conv's output gradient is formed on the fly, dz = a·dy + b·z + e per channel for conv rows
- * r < rows (dy: the leaky ReLU's input gradient from g and act for r < n, 0 beyond), and feeds both
+ * r < rows (dy: the leaky ReLU's input gradient from g and s·z + c for r < n, 0 beyond), and feeds both
  * dx[t] = Σ_k dz[t − (k−1)·d] @ W_kᵀ for t < n (Wf: the Winograd weights of the flipped, transposed
  * taps, [6][Cout][Cin]) and grad[6][Cin][Cout] += Σ Uᵢᵀ Vᵢ (U = Bᵀx, V = A·dz). x: rows + 2d rows as for
  * the conv. Threads sum the weight gradient into their own buffers, added in thread order. */
-int dfl_wino43_conv_backward(const float *g, const float *act, const float *z, int64_t n, int64_t rows,
+int dfl_wino43_conv_backward(const float *g, const float *scale, const float *offset, const float *z, int64_t n,
+                             int64_t rows,
                              const float *a, const float *b, const float *e, float slope, const float *x,
                              const float *Wf, int64_t Cin, int64_t Cout, int64_t d, float *dx, float *grad) {
     const int64_t items = tile_items(rows, d), groups = (items + GROUP - 1) / GROUP;
@@ -267,11 +280,9 @@ int dfl_wino43_conv_backward(const float *g, const float *act, const float *z, i
                         v8 v = zero;
                         if (row >= 0 && row < rows) {
                             v = LOAD(b + c) * LOAD(z + row * Cout + c) + LOAD(e + c);
-                            if (row < n) {
-                                v8 gg = LOAD(g + row * Cout + c);
-                                v8i negative = LOAD(act + row * Cout + c) <= zero;
-                                v += LOAD(a + c) * (v8)(((v8i)gg & ~negative) | ((v8i)(gg * slope) & negative));
-                            }
+                            if (row < n)
+                                v += LOAD(a + c) * leaky_grad(LOAD(g + row * Cout + c),
+                                                              affine(z + row * Cout + c, scale + c, offset + c), slope);
                         }
                         STORE(out + c, v);
                     }
@@ -302,13 +313,14 @@ int dfl_wino43_conv_backward(const float *g, const float *act, const float *z, i
 }
 
 /* Per-channel moments of `rows` rows about `shift` (k), added in float64 to sums[0:C] and sums[C:2C]:
- * grad == NULL: Σ (z−k) and Σ (z−k)²; else, with dy = grad where act > 0 and slope·grad elsewhere
+ * grad == NULL: Σ (z−k) and Σ (z−k)²; else, with dy = grad where scale·z + offset > 0 and slope·grad elsewhere
  * (the leaky ReLU's gradient), Σ dy and Σ dy·(z−k). A shift near the mean keeps the variance free of
  * cancellation. Blocks of 64 rows are summed in float32 vectors, then
  * added in float64 per thread; the threads' sums are added in thread order, so results do not
  * depend on scheduling. Returns -1 when out of memory. */
 #define MOMENT_BLOCK 64
-int dfl_channel_moments(const float *z, const float *shift, const float *grad, const float *act, float slope,
+int dfl_channel_moments(const float *z, const float *shift, const float *grad, const float *scale,
+                        const float *offset, float slope,
                         int64_t rows, int64_t C, double *sums) {
     int threads = 1;
 #ifdef _OPENMP
@@ -337,11 +349,8 @@ int dfl_channel_moments(const float *z, const float *shift, const float *grad, c
             for (int64_t r = blk * MOMENT_BLOCK; r < r1; r++)
                 for (int64_t c = 0; c < C; c += 8) {
                     v8 v = LOAD(z + r * C + c) - LOAD(shift + c), w = v;
-                    if (grad) {
-                        v8 g = LOAD(grad + r * C + c);
-                        v8i negative = LOAD(act + r * C + c) <= zero;
-                        w = (v8)(((v8i)g & ~negative) | ((v8i)(g * slope) & negative)); /* dy */
-                    }
+                    if (grad) /* dy */
+                        w = leaky_grad(LOAD(grad + r * C + c), affine(z + r * C + c, scale + c, offset + c), slope);
                     STORE(bs + c, LOAD(bs + c) + w);
                     STORE(bq + c, LOAD(bq + c) + w * v);
                 }
@@ -360,5 +369,5 @@ void dfl_affine_leaky_relu(const float *z, float *out, int64_t rows, int64_t C, 
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; r++)
         for (int64_t c = 0; c < C; c += 8)
-            STORE(out + r * C + c, leaky_relu(LOAD(z + r * C + c) * LOAD(scale + c) + LOAD(offset + c), slope));
+            STORE(out + r * C + c, leaky_relu(affine(z + r * C + c, scale + c, offset + c), slope));
 }
