@@ -6,15 +6,17 @@ backward, plus a padding copy and oneDNN's slow dilated-conv weight gradient. He
 live as ``[batch, time, channels]`` buffers whose zero margins are the next layer's dilation:
 
 * the 3-tap dilated conv is Winograd F(4,3) along time (:mod:`dfl.models.winograd`: half the GEMM
-  FLOPs) where the compiled kernels are available, else three accumulating GEMMs over row-shifted
-  views (no padding copy, no im2col), and so are its input and weight gradients;
+  FLOPs) where the compiled kernels are available, one kernel call per conv; else (and for fewer
+  than 16 input channels) direct GEMMs over row-shifted views (no padding copy);
 * BN + adaptive mix is one per-channel affine map ``s·z + c`` (batch or running statistics), applied
   together with the leaky ReLU;
 * with the compiled kernels of :mod:`dfl.native`, the statistics are one read of ``z`` and norm +
   activation one pass; without them, PyTorch's channels-last BN kernel does the norm;
-* backward is hand-written: the leaky ReLU mask comes from the output, the BN backward is two passes
-  of the compiled kernels (or PyTorch's channels-last kernel), and the adaptive scalars' gradients
-  come out of its per-channel sums.
+* backward is hand-written. With the compiled kernels: one pass for BN backward's per-channel sums,
+  then one kernel that forms the conv's output gradient on the fly (the leaky ReLU's mask from
+  ``s·z + c``, not from the stored activation) and computes both the input gradient and the weight
+  gradient from it. Without them: PyTorch's channels-last BN backward and direct GEMMs. The adaptive
+  scalars' gradients come out of the per-channel sums.
 
 Same parameters, running statistics and results as the plain layer, to float rounding.
 """
@@ -140,8 +142,8 @@ def _backward_native(kernels, grad_out, norm, x, weight, z, mean, invstd, alpha,
     wino_grad = x.new_zeros(6, x.shape[-1], z.shape[-1])
     flipped = kernels.winograd_weights(weight.flip(-1).transpose(0, 1))  # the input gradient's conv
     for b in range(x.shape[0]):
-        winograd.conv_backward(kernels, grad_act[b], norm, z[b], rows, coefficients, slope, x[b], flipped, dx[b],
-                               wino_grad, d)  # fmt: skip
+        kernels.winograd_conv_backward(grad_act[b], norm, z[b], rows, coefficients, slope, x[b], flipped, dx[b],
+                                       wino_grad, d)  # fmt: skip
     return dx, winograd.taps_grad(wino_grad), sum_dy_xhat, sum_dy
 
 

@@ -48,32 +48,6 @@ def conv3(
     kernels.winograd_conv(x, x_row, weights, y, y_row, rows, d, bias, negative_slope)
 
 
-def conv_backward(
-    kernels: CpuKernels,
-    grad: torch.Tensor,
-    norm: tuple[torch.Tensor, torch.Tensor],
-    z: torch.Tensor,
-    rows: int,
-    coefficients: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    negative_slope: float,
-    x: torch.Tensor,
-    flipped_weights: torch.Tensor,
-    dx: torch.Tensor,
-    weights_grad: torch.Tensor,
-    d: int,
-) -> None:
-    """Backward of a :func:`conv3` (output ``z``, ``rows`` rows) followed by ``leaky_relu(scale·z + offset)``.
-
-    ``norm = (scale, offset)``; ``grad``: the activation's gradient.
-
-    Writes the input gradient into ``dx`` rows ``d … d + n`` and adds ``∂L/∂(winograd weights)`` to
-    ``weights_grad [6, Cin, Cout]`` (:func:`taps_grad` maps it to the taps); see
-    :meth:`CpuKernels.winograd_conv_backward`.
-    """
-    kernels.winograd_conv_backward(grad, norm, z, rows, coefficients, negative_slope, x, flipped_weights, dx,
-                                   weights_grad, d)  # fmt: skip
-
-
 def taps_grad(grad: torch.Tensor) -> torch.Tensor:
     """``∂L/∂(winograd weights) [6, Cin, Cout]`` → ``∂L/∂taps [3, Cin, Cout]`` (the chain rule through G)."""
     six, c_in, c_out = grad.shape  # float64: the 6 terms cancel to much smaller taps gradients
