@@ -459,15 +459,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    kept = not args.return_freed_memory and keep_freed_memory()  # as dfl-train does by default
 
     cpu = torch.device("cpu")
     gemm = max(gemm_gflops(cpu) for _ in range(3))  # a fresh process's first GEMMs can run well below peak
     print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
           f"2048³ fp32 GEMM {gemm:.1f} GFLOP/s")  # fmt: skip
     native = cpu_kernels() is not None
-    print("compiled CPU kernels (dfl.native): " + ("yes" if native else "NO, the fast paths run on PyTorch alone")
-          + f"; freed memory kept for reuse: {'yes' if kept else 'no'}")  # fmt: skip
+    print("compiled CPU kernels (dfl.native): " + ("yes" if native else "NO, the fast paths run on PyTorch alone"))
     results: dict = {
         "machine": {
             "platform": platform.platform(),
@@ -477,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "load_average": os.getloadavg(),
             "native_kernels": native,
-            "keep_freed_memory": kept,
+            "keep_freed_memory": False,  # set for the training rows only: process-wide, it would skew peak RSS
         },
         "gemm_gflops": {"cpu_fp32": gemm},
         "inference": {},
@@ -496,7 +494,10 @@ def main(argv: list[str] | None = None) -> int:
         results["inference"][name] = bench_inference(name, MODELS[name], args, gemm, cuda_gemm or None)
     devices = ([] if args.skip_cpu else [cpu]) + ([torch.device("cuda")] if use_cuda else [])
     if not args.skip_training:
-        print("training (can_paper + 14-layer loss network, 6 layers in the loss, batch 1, 3 s):")
+        # as dfl-train does by default; only now, as the inference rows' peak RSS would keep earlier rows' memory
+        kept = results["machine"]["keep_freed_memory"] = not args.return_freed_memory and keep_freed_memory()
+        print("training (can_paper + 14-layer loss network, 6 layers in the loss, batch 1, 3 s; freed memory "
+              f"kept for reuse: {'yes' if kept else 'no'}):")  # fmt: skip
         results["training"] = {d.type: bench_training(d, args) for d in devices}
     if args.epoch_utterances > 0:
         print(f"training epochs through dfl-train ({args.epoch_utterances} VoiceBank-like utterances, 2nd epoch):")

@@ -236,9 +236,9 @@ class CpuKernels:
         flipped, transposed taps ``[6, Cout, Cin]``) and adds the Winograd weights' gradient to
         ``weights_grad [6, Cin, Cout]``. ``x``: the conv's input buffer, ``rows + 2d`` rows from row 0.
         """
-        for name, t in (("grad", grad), ("z", z), ("x", x)):
+        for name, t in (("grad", grad), ("z", z)):
             _check_rows(name, t, 0, t.shape[0] if t.dim() == 2 else 0)
-        n, c_out, c_in, d = grad.shape[0], z.shape[1], x.shape[1], dilation
+        n, c_out, d = grad.shape[0], z.shape[1], dilation
         if grad.shape[1] != c_out or c_out % 8:
             raise ValueError(f"grad {tuple(grad.shape)} and z {tuple(z.shape)} need the same channels, a multiple of 8")
         if rows < n:
@@ -246,6 +246,7 @@ class CpuKernels:
         _check_rows("z", z, 0, rows)
         self._check_conv_rows(x, d, "dx", dx, d, n, d)
         _check_rows("x", x, 0, rows + 2 * d)
+        c_in = x.shape[1]
         self._check_winograd("flipped_weights", flipped_weights, c_out, c_in)
         self._check_winograd("weights_grad", weights_grad, c_in, c_out)
         for name, t in (*zip("abe", coefficients), *zip(("scale", "offset"), norm)):

@@ -4,8 +4,8 @@
  *
  * Winograd F(4,3) along time: a 3-tap conv with dilation d gives 4 outputs t, t+d, t+2d, t+3d from the 6
  * inputs t-d … t+4d through 6 channel-mixing products (GEMMs) instead of 12. A tile item is one such group
- * of 4 outputs: item k is phase k % d of block k / d, a block being 4d rows. The conv and its weight
- * gradient run GROUP items at a time through transform → GEMM → transform, all in per-thread buffers that
+ * of 4 outputs: item k is phase k % d of block k / d, a block being 4d rows. The conv and its backward
+ * run GROUP items at a time through transform → GEMM → transform, all in per-thread buffers that
  * stay in cache, with a register-blocked GEMM (MR × 16 accumulators), so activations are read and written
  * once.
  */
@@ -196,7 +196,7 @@ int dfl_wino43_conv(const float *x, int64_t rows, int64_t Cin, int64_t Cout, int
 #pragma omp parallel
     {
         float *U = alloc_floats(6 * GROUP * Cin + Cin), *M = alloc_floats(6 * GROUP * ldm);
-        float *zeros = U + 6 * GROUP * Cin;
+        float *zeros = U ? U + 6 * GROUP * Cin : NULL;
         if (!U || !M) {
 #pragma omp atomic write
             failed = 1;
@@ -229,9 +229,9 @@ int dfl_wino43_conv(const float *x, int64_t rows, int64_t Cin, int64_t Cout, int
  * taps, [6][Cout][Cin]) and grad[6][Cin][Cout] += Σ Uᵢᵀ Vᵢ (U = Bᵀx, V = A·dz). x: rows + 2d rows as for
  * the conv. Threads sum the weight gradient into their own buffers, added in thread order. */
 int dfl_wino43_conv_backward(const float *g, const float *scale, const float *offset, const float *z, int64_t n,
-                             int64_t rows,
-                             const float *a, const float *b, const float *e, float slope, const float *x,
-                             const float *Wf, int64_t Cin, int64_t Cout, int64_t d, float *dx, float *grad) {
+                             int64_t rows, const float *a, const float *b, const float *e, float slope,
+                             const float *x, const float *Wf, int64_t Cin, int64_t Cout, int64_t d, float *dx,
+                             float *grad) {
     const int64_t items = tile_items(rows, d), groups = (items + GROUP - 1) / GROUP;
     const int64_t panels = (Cin + NR - 1) / NR, ldm = panels * NR; /* the dx conv: Cout → Cin */
     const int64_t ldu = round_up(Cin, MR) + 8, mrows = round_up(Cin, MR), ldv = round_up(Cout, NR);
