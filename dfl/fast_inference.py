@@ -28,7 +28,7 @@ from torch import nn
 
 from dfl.models import AdaptiveBatchNorm, BatchNorm, ContextAggregationNet, winograd
 from dfl.models.fused_layer import channels_last_batch_stats
-from dfl.native import channel_mean_var, cpu_kernels
+from dfl.native import channel_mean_var, cpu_kernels, mean_var
 
 
 def _norm_coefficients(norm: nn.Module, channels: int):
@@ -161,10 +161,13 @@ class FastContextAggregationNet(nn.Module):
         conv_kernels = kernels if kernels is not None and winograd.kernels_for(x, out) is not None else None
         weights = conv_kernels.winograd_weights(layer.weight) if conv_kernels is not None else None
         slope = None if layer.batch_stats else self.negative_slope  # batch statistics: activate after the norm
+        parts = []  # the Winograd conv's moments per batch item, for batch statistics
         for b in range(x.shape[0]):
             xb, ob = x[b], out[b]
             if conv_kernels is not None:
-                winograd.conv3(conv_kernels, xb, margin, weights, ob, margin, n_rows, d, layer.bias, slope)
+                moments = torch.empty(2, out.shape[2], dtype=torch.float64) if layer.batch_stats else None
+                winograd.conv3(conv_kernels, xb, margin, weights, ob, margin, n_rows, d, layer.bias, slope, moments)
+                parts.append((n_rows, moments))
                 continue
             for s in range(0, n_rows, tile):
                 n = min(tile, n_rows - s)
@@ -176,7 +179,7 @@ class FastContextAggregationNet(nn.Module):
                 if not layer.batch_stats:
                     F.leaky_relu_(o, self.negative_slope)
         if layer.batch_stats and kernels is not None and out.shape[2] % 8 == 0:
-            self._batch_norm_act_native(layer, out[:, margin : margin + n_rows], kernels)
+            self._batch_norm_act_native(layer, out[:, margin : margin + n_rows], kernels, parts)
         elif layer.batch_stats:
             scale, offset = layer.batch_affine(*channels_last_batch_stats(out[:, margin : margin + n_rows], layer.eps))
             for b in range(out.shape[0]):
@@ -185,9 +188,10 @@ class FastContextAggregationNet(nn.Module):
                     F.leaky_relu_(o.mul_(scale).add_(offset), self.negative_slope)
         out[:, margin + length : margin + n_rows] = 0  # the cut tail must read as zero padding
 
-    def _batch_norm_act_native(self, layer: _Layer, z: torch.Tensor, kernels) -> None:
-        """Norm with the statistics of ``z [batch, rows, C]`` + leaky ReLU, in place, in two passes."""
-        mean, var = channel_mean_var(kernels, z)
+    def _batch_norm_act_native(self, layer: _Layer, z: torch.Tensor, kernels, parts: list) -> None:
+        """Norm with the statistics of ``z [batch, rows, C]`` + leaky ReLU, in place: from the conv's
+        moments ``parts`` (see :func:`dfl.native.mean_var`) when it has them, else in one more pass."""
+        mean, var = mean_var(parts) if parts else channel_mean_var(kernels, z)
         scale, offset = layer.batch_affine(mean.float(), torch.rsqrt(var + layer.eps).float())
         for zb in z:
             kernels.affine_leaky_relu(zb, scale.contiguous(), offset.contiguous(), self.negative_slope)

@@ -61,10 +61,32 @@ def test_kernels_compute_a_dilated_conv_layer(kernels, d, slope):
 
 
 @pytest.mark.parametrize("d", [1, 3, 16])
+def test_conv_moments_are_those_of_its_outputs(kernels, d):
+    """The conv's batch-norm moments: mean and squared deviations of the rows it wrote, in float64, without
+    cancellation for a mean far from zero; batch items merge pairwise (``mean_var``)."""
+    x, weight, margin, length = _conv_case(d)
+    bias = 1e4 + torch.randn(weight.shape[0])  # the mean ~10⁴ standard deviations from zero
+    weights = kernels.winograd_weights(weight * 1e-3)
+    ys, parts = [], []
+    for rows in (length, length - d - 1):  # two "batch items" of different lengths
+        y = torch.zeros(x.shape[0], weight.shape[0])
+        moments = torch.full((2, weight.shape[0]), float("nan"), dtype=torch.float64)
+        kernels.winograd_conv(x, margin, weights, y, margin, rows, d, bias, None, moments)
+        ys.append(y[margin : margin + rows].double())
+        parts.append((rows, moments))
+        torch.testing.assert_close(moments[0], ys[-1].mean(0), rtol=1e-9, atol=0)
+        torch.testing.assert_close(moments[1], (ys[-1] - ys[-1].mean(0)).square().sum(0), rtol=1e-3, atol=0)
+    mean, var = native.mean_var(parts)
+    both = torch.cat(ys)
+    torch.testing.assert_close(mean, both.mean(0), rtol=1e-9, atol=0)
+    torch.testing.assert_close(var, both.var(0, unbiased=False), rtol=1e-3, atol=0)
+    with pytest.raises(ValueError, match=r"moments must .* shape \(2, 24\)"):
+        kernels.winograd_conv(x, margin, weights, y, margin, 5, d, bias, None, torch.zeros(2, 16, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("d", [1, 3, 16])
 def test_kernels_compute_the_conv_norm_act_backward(kernels, d):
     """dz = a·dy + b·z + e (dy: the leaky ReLU's input gradient), then the conv's dx and weight gradient."""
-    from dfl.models.winograd import taps_grad
-
     x, weight, margin, n = _conv_case(d)
     xb = x[margin - d :].contiguous()  # row d: the first input row; zeros from row d + n on
     rows = n + 3  # 3 cut rows: in BN's statistics, without gradient
@@ -75,7 +97,8 @@ def test_kernels_compute_the_conv_norm_act_backward(kernels, d):
     xb[rows + 2 * d :] = float("nan")  # past the conv's padding: must not be read
     dx = torch.full((xb.shape[0], c_in), float("nan"))
     wgrad = torch.ones(6, c_in, c_out)  # the kernel adds to what is there
-    flipped = kernels.winograd_weights(weight.flip(-1).transpose(0, 1))
+    flipped = kernels.winograd_weights(weight, flipped=True)
+    assert torch.equal(flipped, kernels.winograd_weights(weight.flip(-1).transpose(0, 1).contiguous()))
     kernels.winograd_conv_backward(grad, (scale, offset), z, rows, (a, b, e), 0.2, xb, flipped, dx, wgrad, d)
 
     pre = z[:n] * scale + offset
@@ -87,8 +110,8 @@ def test_kernels_compute_the_conv_norm_act_backward(kernels, d):
     (y * dz).sum().backward()
     torch.testing.assert_close(dx[d : d + n].double(), xs.grad[:n], atol=1e-4 * xs.grad.abs().max().item(), rtol=0)
     assert dx[:d].isnan().all() and dx[d + n :].isnan().all()  # nothing written outside the input rows
-    taps = taps_grad(wgrad - 1).permute(2, 1, 0)  # [3, Cin, Cout] → the conv's [Cout, Cin, 3]
-    torch.testing.assert_close(taps.double(), w64.grad, atol=1e-3 * w64.grad.abs().max().item(), rtol=0)
+    weight_grad = kernels.winograd_taps_grad(wgrad - 1)  # the conv's [Cout, Cin, 3]
+    torch.testing.assert_close(weight_grad.double(), w64.grad, atol=1e-3 * w64.grad.abs().max().item(), rtol=0)
 
 
 def test_batch_norm_kernels(kernels):

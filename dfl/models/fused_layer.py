@@ -27,26 +27,30 @@ import torch
 import torch.nn.functional as F
 
 from dfl.models import winograd
-from dfl.native import channel_mean_var
+from dfl.native import channel_mean_var, mean_var
 
 # Below this many input channels the forward conv runs direct: Winograd's transforms round more than a
 # 3-term sum, which shows on the waveform layer (1 channel, padded to 8), where the GEMM is cheap anyway.
 WINOGRAD_MIN_CHANNELS = 16
 
 
-def _conv3(x: torch.Tensor, taps: torch.Tensor, d: int, out: torch.Tensor, weight: torch.Tensor) -> None:
+def _conv3(x: torch.Tensor, taps: torch.Tensor, d: int, out: torch.Tensor, weight: torch.Tensor) -> list | None:
     """``out[b, t] = Σ_k x[b, t + k·d] @ taps[k]`` for a buffer ``x`` padded by ``d`` on both sides.
 
     Winograd F(4,3) (:mod:`dfl.models.winograd`) where the compiled kernels apply, else direct GEMMs;
-    ``weight`` is the ``[Cout, Cin, 3]`` conv weight that ``taps`` were made from.
+    ``weight`` is the ``[Cout, Cin, 3]`` conv weight that ``taps`` were made from. Winograd also
+    returns each batch item's ``(rows, moments)`` for :func:`dfl.native.mean_var`; direct GEMMs None.
     """
     n, c_in = out.shape[1], x.shape[-1]
     kernels = winograd.kernels_for(x, out) if c_in >= WINOGRAD_MIN_CHANNELS else None
     if kernels is not None:
         wino_weights = kernels.winograd_weights(weight)
+        parts = []
         for b in range(x.shape[0]):
-            winograd.conv3(kernels, x[b], d, wino_weights, out[b], 0, n, d)
-        return
+            moments = torch.empty(2, out.shape[-1], dtype=torch.float64)
+            winograd.conv3(kernels, x[b], d, wino_weights, out[b], 0, n, d, moments=moments)
+            parts.append((n, moments))
+        return parts
     for b in range(x.shape[0]):
         if c_in <= 8:  # the 3 taps side by side, one GEMM: the output is written once
             cols = x[b].as_strided((n, 3, c_in), (c_in, d * c_in, 1)).reshape(n, 3 * c_in)
@@ -55,6 +59,7 @@ def _conv3(x: torch.Tensor, taps: torch.Tensor, d: int, out: torch.Tensor, weigh
         torch.mm(x[b, :n], taps[0], out=out[b])
         out[b].addmm_(x[b, d : d + n], taps[1])
         out[b].addmm_(x[b, 2 * d : 2 * d + n], taps[2])
+    return None
 
 
 def _as_nchw_channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -73,17 +78,17 @@ def channels_last_batch_stats(z: torch.Tensor, eps: float) -> tuple[torch.Tensor
     return mean, invstd
 
 
-def _norm_act_native(kernels, z, act, alpha, beta, gamma, bn_bias, running_mean, running_var, cfg):
+def _norm_act_native(kernels, z, moments, act, alpha, beta, gamma, bn_bias, running_mean, running_var, cfg):
     """``act = leaky_relu(α·z + β·BN(z))`` by the compiled kernels, the norm as ``scale·z + offset``.
 
     Returns ``(μ, σ² or None, 1/√(σ²+ε), scale, offset)``.
 
-    Batch statistics come from float64 sums, and the running ones move as in ``F.batch_norm``
-    (unbiased variance).
+    Batch statistics come from the conv's ``moments`` (see :func:`_conv3`), or from float64 sums over
+    ``z`` when it has none, and the running ones move as in ``F.batch_norm`` (unbiased variance).
     """
     _, n, rows, _, eps, momentum, slope, batch_stats, update_running = cfg
     if batch_stats:
-        mean64, var64 = channel_mean_var(kernels, z)
+        mean64, var64 = mean_var(moments) if moments else channel_mean_var(kernels, z)
         count = z.shape[0] * rows
         if update_running:
             running_mean.mul_(1 - momentum).add_(mean64.to(running_mean.dtype), alpha=momentum)
@@ -127,7 +132,7 @@ def _norm_act_backward_coefficients(kernels, grad_act, norm, z, mean, invstd, al
 
 
 def _backward_native(kernels, grad_out, norm, x, weight, z, mean, invstd, alpha, beta, gamma, cfg):
-    """``(dx, ∂L/∂taps [3, Cin, Cout], Σdy·x̂, Σdy)`` by the compiled kernels: the moments, then one pass.
+    """``(dx, ∂L/∂weight [Cout, Cin, 3], Σdy·x̂, Σdy)`` by the compiled kernels: the moments, then one pass.
 
     ``norm = (scale, offset)`` of the forward pass: the leaky ReLU's mask comes from ``scale·z + offset``
     (the activation is not read back).
@@ -140,11 +145,11 @@ def _backward_native(kernels, grad_out, norm, x, weight, z, mean, invstd, alpha,
     dx[:, :d].zero_()
     dx[:, d + n :].zero_()
     wino_grad = x.new_zeros(6, x.shape[-1], z.shape[-1])
-    flipped = kernels.winograd_weights(weight.flip(-1).transpose(0, 1))  # the input gradient's conv
+    flipped = kernels.winograd_weights(weight, flipped=True)  # the input gradient's conv
     for b in range(x.shape[0]):
         kernels.winograd_conv_backward(grad_act[b], norm, z[b], rows, coefficients, slope, x[b], flipped, dx[b],
                                        wino_grad, d)  # fmt: skip
-    return dx, winograd.taps_grad(wino_grad), sum_dy_xhat, sum_dy
+    return dx, kernels.winograd_taps_grad(wino_grad), sum_dy_xhat, sum_dy
 
 
 def _backward_torch(grad_out, act, x, taps, z, mean, invstd, run_mean, run_var, alpha, beta, gamma, cfg):
@@ -180,7 +185,7 @@ def _backward_torch(grad_out, act, x, taps, z, mean, invstd, run_mean, run_var, 
         dx[b, d : d + n].addmm_(dz_padded[b, :n], taps[2].t())
         for k in range(3):
             dtaps[k].addmm_(x[b, k * d : k * d + rows].t(), dz[b])
-    return dx, dtaps, sum_dy_xhat, sum_dy
+    return dx, dtaps.permute(2, 1, 0), sum_dy_xhat, sum_dy
 
 
 class _ConvNormAct(torch.autograd.Function):
@@ -190,7 +195,7 @@ class _ConvNormAct(torch.autograd.Function):
         bsz = x.shape[0]
         taps = weight.permute(2, 1, 0).contiguous()  # [3, Cin, Cout]
         z = x.new_empty(bsz, rows, weight.shape[0])
-        _conv3(x, taps, d, z, weight)
+        moments = _conv3(x, taps, d, z, weight)
         out = x.new_empty(bsz, front + n + back, weight.shape[0])
         out[:, :front].zero_()
         out[:, front + n :].zero_()
@@ -198,8 +203,8 @@ class _ConvNormAct(torch.autograd.Function):
         kernels = winograd.kernels_for(x, z)
         norm = (None, None)
         if kernels is not None:  # the compiled kernels: statistics in one read, norm + activation in one pass
-            mean, var, invstd, *norm = _norm_act_native(kernels, z, act, alpha, beta, gamma, bn_bias, running_mean,
-                                                        running_var, cfg)  # fmt: skip
+            mean, var, invstd, *norm = _norm_act_native(kernels, z, moments, act, alpha, beta, gamma, bn_bias,
+                                                        running_mean, running_var, cfg)  # fmt: skip
         elif batch_stats:
             # PyTorch's channels-last BN kernel: batch statistics (and F.batch_norm's running update),
             # with weight β·γ and bias β·b its output is β·BN(z); α·z is added on the way out.
@@ -235,17 +240,17 @@ class _ConvNormAct(torch.autograd.Function):
         act = out[:, front : front + n]
         kernels = winograd.kernels_for(x, z)
         if kernels is not None:
-            dx, dtaps, sum_dy_xhat, sum_dy = _backward_native(kernels, grad_out, (scale, offset), x, weight, z, mean,
+            dx, dweight, sum_dy_xhat, sum_dy = _backward_native(kernels, grad_out, (scale, offset), x, weight, z, mean,
                                                               invstd, alpha, beta, gamma, ctx.cfg)  # fmt: skip
         else:
-            dx, dtaps, sum_dy_xhat, sum_dy = _backward_torch(grad_out, act, x, taps, z, mean, invstd, run_mean,
+            dx, dweight, sum_dy_xhat, sum_dy = _backward_torch(grad_out, act, x, taps, z, mean, invstd, run_mean,
                                                              run_var, alpha, beta, gamma, ctx.cfg)  # fmt: skip
         need = ctx.needs_input_grad
         grads = [None] * 9
         if need[0]:
             grads[0] = dx
         if need[1]:
-            grads[1] = dtaps.permute(2, 1, 0)
+            grads[1] = dweight
         if need[2]:  # Σ dy·z = Σ dy·(x̂σ + μ)
             grads[2] = (sum_dy_xhat / invstd + mean * sum_dy).sum().reshape(alpha.shape)
         if need[3]:  # Σ dy·BN(z) = Σ dy·(γx̂ + b)

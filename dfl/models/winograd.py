@@ -37,18 +37,14 @@ def conv3(
     d: int,
     bias: torch.Tensor | None = None,
     negative_slope: float | None = None,
+    moments: torch.Tensor | None = None,
 ) -> None:
     """``y[y_row + t] = act(Σ_k x[x_row + t + (k−1)·d] @ W_k + bias)`` for ``t < rows``.
 
     ``x``, ``y``: 2-D ``[rows, channels]`` buffers (``x`` zero where the conv pads, ``d`` rows each
     side); ``weights``: :meth:`CpuKernels.winograd_weights` of the ``[Cout, Cin, 3]`` conv weight;
-    ``act`` is a leaky ReLU unless ``negative_slope`` is None.
+    ``act`` is a leaky ReLU unless ``negative_slope`` is None; ``moments``: see
+    :meth:`CpuKernels.winograd_conv`.
     """
     bias = y.new_zeros(y.shape[1]) if bias is None else bias
-    kernels.winograd_conv(x, x_row, weights, y, y_row, rows, d, bias, negative_slope)
-
-
-def taps_grad(grad: torch.Tensor) -> torch.Tensor:
-    """``∂L/∂(winograd weights) [6, Cin, Cout]`` → ``∂L/∂taps [3, Cin, Cout]`` (the chain rule through G)."""
-    six, c_in, c_out = grad.shape  # float64: the 6 terms cancel to much smaller taps gradients
-    return (CpuKernels.G.t() @ grad.reshape(six, c_in * c_out).double()).view(3, c_in, c_out).to(grad.dtype)
+    kernels.winograd_conv(x, x_row, weights, y, y_row, rows, d, bias, negative_slope, moments)

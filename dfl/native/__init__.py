@@ -131,24 +131,11 @@ def _check_channels(name: str, t: torch.Tensor, channels: int) -> None:
 class CpuKernels:
     """The kernels of ``kernels.c``: Winograd F(4,3) convs along time, BN moments, affine + leaky ReLU."""
 
-    # filter transform: the 6 GEMM weights are G @ (the 3 taps)
-    G = torch.tensor(
-        [
-            [1 / 4, 0, 0],
-            [-1 / 6, -1 / 6, -1 / 6],
-            [-1 / 6, 1 / 6, -1 / 6],
-            [1 / 24, 1 / 12, 1 / 6],
-            [1 / 24, -1 / 12, 1 / 6],
-            [0, 0, 1],
-        ],
-        dtype=torch.float64,
-    )
-
     def __init__(self, library: Path) -> None:
         lib = ctypes.CDLL(str(library))
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         self._conv = lib.dfl_wino43_conv
-        self._conv.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, ctypes.c_int, ptr]
+        self._conv.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, ctypes.c_int, ptr, ptr]
         self._conv.restype = ctypes.c_int
         self._conv_backward = lib.dfl_wino43_conv_backward
         self._conv_backward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ctypes.c_float, ptr, ptr, i64, i64,
@@ -160,13 +147,36 @@ class CpuKernels:
         self._affine = lib.dfl_affine_leaky_relu
         self._affine.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ctypes.c_float]
         self._affine.restype = None
+        self._weights = lib.dfl_winograd_weights
+        self._weights.argtypes = [ptr, i64, i64, ctypes.c_int, ptr]
+        self._weights.restype = None
+        self._taps_grad = lib.dfl_winograd_taps_grad
+        self._taps_grad.argtypes = [ptr, i64, i64, ptr]
+        self._taps_grad.restype = None
 
-    @classmethod
-    def winograd_weights(cls, weight: torch.Tensor) -> torch.Tensor:
-        """``[Cout, Cin, 3]`` conv weight → the 6 GEMM operands ``[6, Cin, Cout]``, ``Σ_k G[i,k]·W_kᵀ``."""
+    def winograd_weights(self, weight: torch.Tensor, flipped: bool = False) -> torch.Tensor:
+        """``[Cout, Cin, 3]`` conv weight → the 6 GEMM operands ``[6, Cin, Cout]``, ``Σ_k G[i,k]·W_kᵀ``.
+
+        ``flipped``: those of the input gradient's conv (the taps flipped and transposed), ``[6, Cout, Cin]``.
+        """
+        if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 3 or weight.shape[2] != 3:
+            raise ValueError(f"weight must be a float32 CPU tensor [Cout, Cin, 3], got {weight.dtype} {tuple(weight.shape)}")
         c_out, c_in, _ = weight.shape
-        taps = weight.detach().permute(2, 1, 0).reshape(3, c_in * c_out).double()  # [3, Cin·Cout]
-        return (cls.G @ taps).view(6, c_in, c_out).to(weight.dtype)
+        w = weight.detach().contiguous()
+        out = w.new_empty((6, c_out, c_in) if flipped else (6, c_in, c_out))
+        self._weights(w.data_ptr(), c_out, c_in, int(flipped), out.data_ptr())
+        return out
+
+    def winograd_taps_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """``∂L/∂(winograd weights) [6, Cin, Cout]`` → ``∂L/∂(conv weight) [Cout, Cin, 3]`` (the chain rule
+        through G, in float64)."""
+        if grad.dim() != 3 or grad.shape[0] != 6:
+            raise ValueError(f"grad must have shape (6, Cin, Cout), got {tuple(grad.shape)}")
+        _, c_in, c_out = grad.shape
+        self._check_winograd("grad", grad, c_in, c_out)
+        out = grad.new_empty(c_out, c_in, 3)
+        self._taps_grad(grad.data_ptr(), c_in, c_out, out.data_ptr())
+        return out
 
     @staticmethod
     def _check_winograd(name: str, w: torch.Tensor, c_in: int, c_out: int) -> None:
@@ -197,19 +207,28 @@ class CpuKernels:
         dilation: int,
         bias: torch.Tensor,
         negative_slope: float | None,
+        moments: torch.Tensor | None = None,
     ) -> None:
         """``y[y_row + t] = act(Σ_k x[x_row + t + (k−1)·d] @ W_k + bias)`` for ``t < rows``.
 
         ``x`` holds the conv's zero padding (``d`` rows each side); ``weights``: :meth:`winograd_weights`
-        ``[6, Cin, Cout]``; ``act`` is a leaky ReLU unless ``negative_slope`` is None.
+        ``[6, Cin, Cout]``; ``act`` is a leaky ReLU unless ``negative_slope`` is None. ``moments``
+        (float64 ``(2, Cout)``) receives the written rows' per-channel mean and sum of squared
+        deviations (see :func:`mean_var`).
         """
         self._check_conv_rows(x, x_row, "y", y, y_row, rows, dilation)
         self._check_winograd("weights", weights, x.shape[1], y.shape[1])
         _check_channels("bias", bias, y.shape[1])
+        if moments is not None and (
+            moments.dtype != torch.float64 or not moments.is_contiguous() or tuple(moments.shape) != (2, y.shape[1])
+        ):
+            raise ValueError(f"moments must be a contiguous float64 tensor of shape (2, {y.shape[1]})")
+        if moments is not None and rows == 0:
+            raise ValueError("moments of 0 rows are undefined")
         slope = 0.0 if negative_slope is None else float(negative_slope)
         status = self._conv(_row_pointer(x, x_row - dilation), rows, x.shape[1], y.shape[1], dilation,
                             weights.data_ptr(), bias.data_ptr(), slope, int(negative_slope is not None),
-                            _row_pointer(y, y_row))  # fmt: skip
+                            _row_pointer(y, y_row), None if moments is None else moments.data_ptr())  # fmt: skip
         if status != 0:
             raise MemoryError("dfl_wino43_conv: out of memory")
 
@@ -319,6 +338,21 @@ class CpuKernels:
         self._affine(z.data_ptr(), out.data_ptr(), z.shape[0], channels, scale.data_ptr(), offset.data_ptr(),
                      float(negative_slope))  # fmt: skip
         return out
+
+
+def mean_var(parts: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (biased) variance of the union of parts ``(rows, moments)``, ``moments`` the
+    float64 ``(2, C)`` mean and sum of squared deviations of :meth:`CpuKernels.winograd_conv`.
+
+    Parts are merged pairwise (Chan et al.), which does not cancel however far the mean is from zero.
+    """
+    count, (mean, m2) = parts[0][0], parts[0][1].clone()
+    for rows, (mean_b, m2_b) in parts[1:]:
+        delta = mean_b - mean
+        mean += delta * (rows / (count + rows))
+        m2 += m2_b + delta.square() * (count * rows / (count + rows))
+        count += rows
+    return mean, (m2 / count).clamp_min(0)
 
 
 def channel_mean_var(kernels: CpuKernels, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -126,6 +126,36 @@ static inline void gemm_tile(const float *A, int64_t lda, const float *B, int64_
     STORE(M + 4 * ldm, c40), STORE(M + 4 * ldm + 8, c41), STORE(M + 5 * ldm, c50), STORE(M + 5 * ldm + 8, c51);
 }
 
+/* The filter transform: the 6 GEMM weights of an item are G · (the 3 taps). */
+static const double G[6][3] = {{1. / 4, 0, 0},           {-1. / 6, -1. / 6, -1. / 6}, {-1. / 6, 1. / 6, -1. / 6},
+                               {1. / 24, 1. / 12, 1. / 6}, {1. / 24, -1. / 12, 1. / 6}, {0, 0, 1}};
+
+/* Conv weight w [Cout][Cin][3] → its Winograd weights W [6][Cin][Cout], W[i] = Σ_k G[i][k]·w[:, :, k]ᵀ;
+ * flipped: those of the input gradient's conv (taps flipped, channels swapped), [6][Cout][Cin]. */
+void dfl_winograd_weights(const float *w, int64_t Cout, int64_t Cin, int flipped, float *W) {
+    for (int64_t o = 0; o < Cout; o++)
+        for (int64_t m = 0; m < Cin; m++) {
+            const float *taps = w + (o * Cin + m) * 3;
+            for (int i = 0; i < 6; i++) {
+                double v = 0;
+                for (int k = 0; k < 3; k++) v += G[i][k] * taps[flipped ? 2 - k : k];
+                W[flipped ? (i * Cout + o) * Cin + m : (i * Cin + m) * Cout + o] = (float)v;
+            }
+        }
+}
+
+/* The chain rule through G: the Winograd weights' gradient [6][Cin][Cout] → the conv weight's gradient
+ * [Cout][Cin][3], summed in float64 (the 6 terms cancel to much smaller tap gradients). */
+void dfl_winograd_taps_grad(const float *grad, int64_t Cin, int64_t Cout, float *taps_grad) {
+    for (int64_t o = 0; o < Cout; o++)
+        for (int64_t m = 0; m < Cin; m++)
+            for (int k = 0; k < 3; k++) {
+                double v = 0;
+                for (int i = 0; i < 6; i++) v += G[i][k] * grad[(i * Cin + m) * Cout + o];
+                taps_grad[(o * Cin + m) * 3 + k] = (float)v;
+            }
+}
+
 /* Winograd weights W [6][Cin][Cout] packed per 16-column panel, zero beyond Cout: B[i][panel][Cin][16]. */
 static float *pack_weights(const float *W, int64_t Cin, int64_t Cout) {
     const int64_t panels = (Cout + NR - 1) / NR;
@@ -184,19 +214,81 @@ static void group_grad(const float *U, int64_t ldu, const float *V, int64_t ldv,
                           ldv);
 }
 
+/* Moments of a set of rows per channel: their count, mean and sum of squared deviations (float64). */
+typedef struct {
+    double count, *mean, *m2;
+} moments_t;
+
+/* Adds a part (nb rows, mean mb[c], squared deviations m2b[c]) to m (Chan et al.'s pairwise update: no
+ * cancellation however far the mean is from zero). */
+static void moments_add(moments_t *m, double nb, const double *mb, const double *m2b, int64_t C) {
+    if (nb <= 0) return;
+    const double na = m->count, n = na + nb;
+    for (int64_t c = 0; c < C; c++) {
+        const double delta = mb[c] - m->mean[c];
+        m->mean[c] += delta * nb / n;
+        m->m2[c] += m2b[c] + delta * delta * na * nb / n;
+    }
+    m->count = n;
+}
+
+/* Adds a group's output rows (those of items k0 … k0 + n − 1 below `rows`) to m: float32 sums about the
+ * group's first row (a sample, so near the mean), then the pairwise update. The rows are still in cache.
+ * part: 2·C doubles of scratch. */
+static void group_moments(const float *y, int64_t k0, int64_t n, int64_t d, int64_t rows, int64_t C, float *sums,
+                          double *part, moments_t *m) {
+    const float *shift = y + item_row(k0, d) * C;
+    const v8 zero = {0};
+    for (int64_t c = 0; c < 2 * C; c += 8) STORE(sums + c, zero);
+    int64_t count = 0;
+    for (int64_t r = 0; r < n; r++) {
+        const int64_t t = item_row(k0 + r, d);
+        for (int64_t j = 0; j < 4 && t + j * d < rows; j++, count++) {
+            const float *row = y + (t + j * d) * C;
+            for (int64_t c = 0; c < C; c += 8) {
+                v8 v = LOAD(row + c) - LOAD(shift + c);
+                STORE(sums + c, LOAD(sums + c) + v), STORE(sums + C + c, LOAD(sums + C + c) + v * v);
+            }
+        }
+    }
+    for (int64_t c = 0; c < C; c++) {
+        const double s = sums[c];
+        part[c] = shift[c] + s / count;
+        part[C + c] = (double)sums[C + c] - s * s / count;
+    }
+    moments_add(m, (double)count, part, part + C, C);
+}
+
 /* y[t] = act(Σ_k x[t + k·d] @ W_k + bias) for t < rows (x: rows + 2d rows, the conv's zero padding
- * included), by Winograd with W [6][Cin][Cout] the transformed weights. Returns −1 when out of memory. */
+ * included), by Winograd with W [6][Cin][Cout] the transformed weights. With `moments` (2·Cout doubles),
+ * also writes the outputs' per-channel mean and sum of squared deviations there (what batch norm needs,
+ * from rows still in cache); threads' parts are added in thread order, so results do not depend on
+ * scheduling. Returns −1 when out of memory. */
 int dfl_wino43_conv(const float *x, int64_t rows, int64_t Cin, int64_t Cout, int64_t d, const float *W,
-                    const float *bias, float slope, int activate, float *y) {
+                    const float *bias, float slope, int activate, float *y, double *moments) {
     const int64_t items = tile_items(rows, d), groups = (items + GROUP - 1) / GROUP;
     const int64_t panels = (Cout + NR - 1) / NR, ldm = panels * NR;
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
     float *B = pack_weights(W, Cin, Cout);
-    if (!B) return -1;
+    double *stats = moments ? calloc((size_t)threads * 4 * Cout, sizeof(double)) : NULL; /* mean, m2, scratch */
+    double *counts = moments ? calloc((size_t)threads, sizeof(double)) : NULL;
+    if (!B || (moments && (!stats || !counts))) {
+        free(B), free(stats), free(counts);
+        return -1;
+    }
     int failed = 0;
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
-        float *U = alloc_floats(6 * GROUP * Cin + Cin), *M = alloc_floats(6 * GROUP * ldm);
-        float *zeros = U ? U + 6 * GROUP * Cin : NULL;
+        int th = 0;
+#ifdef _OPENMP
+        th = omp_get_thread_num();
+#endif
+        moments_t part = {0, stats ? stats + (size_t)th * 4 * Cout : NULL, stats ? stats + (size_t)th * 4 * Cout + Cout : NULL};
+        float *U = alloc_floats(6 * GROUP * Cin + Cin), *M = alloc_floats(6 * GROUP * ldm + 2 * Cout);
+        float *zeros = U ? U + 6 * GROUP * Cin : NULL, *sums = M ? M + 6 * GROUP * ldm : NULL;
         if (!U || !M) {
 #pragma omp atomic write
             failed = 1;
@@ -215,10 +307,18 @@ int dfl_wino43_conv(const float *x, int64_t rows, int64_t Cin, int64_t Cout, int
             group_products(U, B, n, Cin, panels, M, ldm);
             for (int64_t r = 0; r < n; r++)
                 output_transform(M + r * ldm, GROUP * ldm, bias, slope, activate, y, item_row(k0 + r, d), d, rows, Cout);
+            if (moments) group_moments(y, k0, n, d, rows, Cout, sums, part.m2 + Cout, &part);
         }
+        if (counts) counts[th] = part.count;
         free(U), free(M);
     }
-    free(B);
+    if (moments && !failed) {
+        moments_t total = {0, moments, moments + Cout};
+        memset(moments, 0, sizeof(double) * 2 * Cout);
+        for (int t = 0; t < threads; t++) /* threads that ran no group added nothing */
+            moments_add(&total, counts[t], stats + (size_t)t * 4 * Cout, stats + (size_t)t * 4 * Cout + Cout, Cout);
+    }
+    free(B), free(stats), free(counts);
     return failed ? -1 : 0;
 }
 
