@@ -34,12 +34,12 @@ from dfl.native import channel_mean_var, mean_var
 WINOGRAD_MIN_CHANNELS = 16
 
 
-def _conv3(x: torch.Tensor, taps: torch.Tensor, d: int, out: torch.Tensor, weight: torch.Tensor) -> list | None:
-    """``out[b, t] = Σ_k x[b, t + k·d] @ taps[k]`` for a buffer ``x`` padded by ``d`` on both sides.
+def _conv3(x: torch.Tensor, weight: torch.Tensor, d: int, out: torch.Tensor) -> list | None:
+    """``out[b, t] = Σ_k x[b, t + k·d] @ weight[:, :, k]ᵀ`` for a buffer ``x`` padded by ``d`` on both sides.
 
-    Winograd F(4,3) (:mod:`dfl.models.winograd`) where the compiled kernels apply, else direct GEMMs;
-    ``weight`` is the ``[Cout, Cin, 3]`` conv weight that ``taps`` were made from. Winograd also
-    returns each batch item's ``(rows, moments)`` for :func:`dfl.native.mean_var`; direct GEMMs None.
+    Winograd F(4,3) (:mod:`dfl.models.winograd`) where the compiled kernels apply, else direct GEMMs.
+    Winograd also returns each batch item's ``(rows, moments)`` for :func:`dfl.native.mean_var`;
+    direct GEMMs None.
     """
     n, c_in = out.shape[1], x.shape[-1]
     kernels = winograd.kernels_for(x, out) if c_in >= WINOGRAD_MIN_CHANNELS else None
@@ -51,6 +51,7 @@ def _conv3(x: torch.Tensor, taps: torch.Tensor, d: int, out: torch.Tensor, weigh
             winograd.conv3(kernels, x[b], d, wino_weights, out[b], 0, n, d, moments=moments)
             parts.append((n, moments))
         return parts
+    taps = weight.permute(2, 1, 0).contiguous()  # [3, Cin, Cout]
     for b in range(x.shape[0]):
         if c_in <= 8:  # the 3 taps side by side, one GEMM: the output is written once
             cols = x[b].as_strided((n, 3, c_in), (c_in, d * c_in, 1)).reshape(n, 3 * c_in)
@@ -152,9 +153,10 @@ def _backward_native(kernels, grad_out, norm, x, weight, z, mean, invstd, alpha,
     return dx, kernels.winograd_taps_grad(wino_grad), sum_dy_xhat, sum_dy
 
 
-def _backward_torch(grad_out, act, x, taps, z, mean, invstd, run_mean, run_var, alpha, beta, gamma, cfg):
+def _backward_torch(grad_out, act, x, weight, z, mean, invstd, run_mean, run_var, alpha, beta, gamma, cfg):
     """:func:`_backward_native` by PyTorch ops: BN's backward kernel, then direct GEMMs."""
     d, n, rows, (front, _), eps, _, slope, batch_stats, _ = cfg
+    taps = weight.permute(2, 1, 0)  # [3, Cin, Cout]
     bsz, _, cout = z.shape
     dy = torch.ops.aten.leaky_relu_backward(grad_out[:, front : front + n], act, slope, True)
     if rows > n:  # the cut rows get no gradient, but BN's statistics saw them
@@ -178,7 +180,7 @@ def _backward_torch(grad_out, act, x, taps, z, mean, invstd, run_mean, run_var, 
     dz = dz_padded[:, d : d + rows]
     torch.add(gi.squeeze(-1).permute(0, 2, 1), dy, alpha=float(alpha), out=dz)
     dx = x.new_zeros(x.shape)
-    dtaps = torch.zeros_like(taps)
+    dtaps = x.new_zeros(taps.shape)
     for b in range(bsz):  # the conv with the taps flipped and transposed, over the rows x holds
         torch.mm(dz_padded[b, 2 * d : 2 * d + n], taps[0].t(), out=dx[b, d : d + n])
         dx[b, d : d + n].addmm_(dz_padded[b, d : d + n], taps[1].t())
@@ -193,9 +195,8 @@ class _ConvNormAct(torch.autograd.Function):
     def forward(ctx, x, weight, alpha, beta, gamma, bn_bias, running_mean, running_var, cfg):
         d, n, rows, (front, back), eps, momentum, slope, batch_stats, update_running = cfg
         bsz = x.shape[0]
-        taps = weight.permute(2, 1, 0).contiguous()  # [3, Cin, Cout]
         z = x.new_empty(bsz, rows, weight.shape[0])
-        moments = _conv3(x, taps, d, z, weight)
+        moments = _conv3(x, weight, d, z)
         out = x.new_empty(bsz, front + n + back, weight.shape[0])
         out[:, :front].zero_()
         out[:, front + n :].zero_()
@@ -228,12 +229,12 @@ class _ConvNormAct(torch.autograd.Function):
             F.leaky_relu_(act, slope)
         ctx.cfg = cfg
         running = (mean, var) if not batch_stats else (None, None)
-        ctx.save_for_backward(x, weight, taps, z, out, mean, invstd, *running, *norm, alpha, beta, gamma, bn_bias)
+        ctx.save_for_backward(x, weight, z, out, mean, invstd, *running, *norm, alpha, beta, gamma, bn_bias)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, taps, z, out, mean, invstd, run_mean, run_var, scale, offset, alpha, beta, gamma, bn_bias = (
+        x, weight, z, out, mean, invstd, run_mean, run_var, scale, offset, alpha, beta, gamma, bn_bias = (
             ctx.saved_tensors
         )
         _, n, _, (front, _), _, _, _, _, _ = ctx.cfg
@@ -243,7 +244,7 @@ class _ConvNormAct(torch.autograd.Function):
             dx, dweight, sum_dy_xhat, sum_dy = _backward_native(kernels, grad_out, (scale, offset), x, weight, z, mean,
                                                               invstd, alpha, beta, gamma, ctx.cfg)  # fmt: skip
         else:
-            dx, dweight, sum_dy_xhat, sum_dy = _backward_torch(grad_out, act, x, taps, z, mean, invstd, run_mean,
+            dx, dweight, sum_dy_xhat, sum_dy = _backward_torch(grad_out, act, x, weight, z, mean, invstd, run_mean,
                                                              run_var, alpha, beta, gamma, ctx.cfg)  # fmt: skip
         need = ctx.needs_input_grad
         grads = [None] * 9

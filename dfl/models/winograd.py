@@ -46,5 +46,4 @@ def conv3(
     ``act`` is a leaky ReLU unless ``negative_slope`` is None; ``moments``: see
     :meth:`CpuKernels.winograd_conv`.
     """
-    bias = y.new_zeros(y.shape[1]) if bias is None else bias
     kernels.winograd_conv(x, x_row, weights, y, y_row, rows, d, bias, negative_slope, moments)

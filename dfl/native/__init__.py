@@ -205,20 +205,21 @@ class CpuKernels:
         y_row: int,
         rows: int,
         dilation: int,
-        bias: torch.Tensor,
+        bias: torch.Tensor | None,
         negative_slope: float | None,
         moments: torch.Tensor | None = None,
     ) -> None:
         """``y[y_row + t] = act(Σ_k x[x_row + t + (k−1)·d] @ W_k + bias)`` for ``t < rows``.
 
         ``x`` holds the conv's zero padding (``d`` rows each side); ``weights``: :meth:`winograd_weights`
-        ``[6, Cin, Cout]``; ``act`` is a leaky ReLU unless ``negative_slope`` is None. ``moments``
+        ``[6, Cin, Cout]``; ``act`` is a leaky ReLU unless ``negative_slope`` is None; no ``bias``: zero. ``moments``
         (float64 ``(2, Cout)``) receives the written rows' per-channel mean and sum of squared
         deviations (see :func:`mean_var`).
         """
         self._check_conv_rows(x, x_row, "y", y, y_row, rows, dilation)
         self._check_winograd("weights", weights, x.shape[1], y.shape[1])
-        _check_channels("bias", bias, y.shape[1])
+        if bias is not None:
+            _check_channels("bias", bias, y.shape[1])
         if moments is not None and (
             moments.dtype != torch.float64 or not moments.is_contiguous() or tuple(moments.shape) != (2, y.shape[1])
         ):
@@ -227,7 +228,7 @@ class CpuKernels:
             raise ValueError("moments of 0 rows are undefined")
         slope = 0.0 if negative_slope is None else float(negative_slope)
         status = self._conv(_row_pointer(x, x_row - dilation), rows, x.shape[1], y.shape[1], dilation,
-                            weights.data_ptr(), bias.data_ptr(), slope, int(negative_slope is not None),
+                            weights.data_ptr(), None if bias is None else bias.data_ptr(), slope, int(negative_slope is not None),
                             _row_pointer(y, y_row), None if moments is None else moments.data_ptr())  # fmt: skip
         if status != 0:
             raise MemoryError("dfl_wino43_conv: out of memory")
