@@ -10,8 +10,9 @@ live as ``[batch, time, channels]`` buffers whose zero margins are the next laye
   than 16 input channels) direct GEMMs over row-shifted views (no padding copy);
 * BN + adaptive mix is one per-channel affine map ``s·z + c`` (batch or running statistics), applied
   together with the leaky ReLU;
-* with the compiled kernels of :mod:`dfl.native`, the statistics are one read of ``z`` and norm +
-  activation one pass; without them, PyTorch's channels-last BN kernel does the norm;
+* with the compiled kernels of :mod:`dfl.native`, the Winograd conv also returns the batch moments
+  (summed from its output rows while they are in cache) and norm + activation is one pass; without
+  them, PyTorch's channels-last BN kernel does the norm;
 * backward is hand-written. With the compiled kernels: one pass for BN backward's per-channel sums,
   then one kernel that forms the conv's output gradient on the fly (the leaky ReLU's mask from
   ``s·z + c``, not from the stored activation) and computes both the input gradient and the weight
