@@ -20,8 +20,10 @@ def test_training_bench_compares_fused_and_plain_layers():
     # the full-size can_paper + 14-layer loss network: same loss and gradients from both implementations
     assert fused["loss_rel_diff_to_plain"] < 1e-5
     assert fused["max_grad_rel_diff_to_plain"] < 2e-3  # float32 rounding of two summation orders; a bug is O(1)
-    # and as close to a float64 run as the plain layers are (float32 rounding, not a different computation)
-    assert fused["max_grad_rel_diff_to_float64"] < 2 * plain["max_grad_rel_diff_to_float64"] < 1e-2
+    # and as close to a float64 run as the plain layers are (float32 rounding, not a different computation).
+    # Changing the weights by one ulp moves either figure within 1.3e-3 … 3.1e-3 (leaky ReLU masks flip),
+    # so the two are compared within 3×; a wrong computation is off by O(1).
+    assert fused["max_grad_rel_diff_to_float64"] < 3 * plain["max_grad_rel_diff_to_float64"] < 1.5e-2
 
 
 def test_inference_bench_reports_every_cpu_path():
