@@ -61,6 +61,27 @@ def test_kernels_compute_a_dilated_conv_layer(kernels, d, slope):
 
 
 @pytest.mark.parametrize("d", [1, 3, 16])
+def test_conv_reads_the_previous_layers_activation_through_its_norm(kernels, d):
+    """``x_norm``: the input rows are the previous layer's conv output ``z`` (no padding in the buffer),
+    read as ``leaky_relu(scale·z + offset)``, zero outside the valid rows: the same as the conv of the
+    materialised activation."""
+    x, weight, margin, length = _conv_case(d)
+    z = torch.randn(length + 5, x.shape[1])  # 5 rows past the valid ones (cut rows): must read as zero
+    scale, offset = torch.randn(x.shape[1]), torch.randn(x.shape[1])
+    act = torch.zeros(length + 2 * d, x.shape[1])
+    kernels.affine_leaky_relu(z[:length], scale, offset, 0.2, out=act[d : d + length])  # the forward's own pass
+    torch.testing.assert_close(act[d : d + length], F.leaky_relu(z[:length] * scale + offset, 0.2))
+    weights, bias = kernels.winograd_weights(weight), torch.randn(weight.shape[0])
+    expected = torch.empty(length, weight.shape[0])
+    kernels.winograd_conv(act, d, weights, expected, 0, length, d, bias, None)
+    y = torch.empty(length, weight.shape[0])
+    kernels.winograd_conv(z, 0, weights, y, 0, length, d, bias, None, x_norm=(scale, offset, 0.2, length))
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+    with pytest.raises(ValueError, match=r"x: rows \[0, 200\) fall outside"):
+        kernels.winograd_conv(z[:150], 0, weights, y, 0, length, d, bias, None, x_norm=(scale, offset, 0.2, 200))
+
+
+@pytest.mark.parametrize("d", [1, 3, 16])
 def test_conv_moments_are_those_of_its_outputs(kernels, d):
     """The conv's batch-norm moments: mean and squared deviations of the rows it wrote, in float64, without
     cancellation for a mean far from zero; batch items merge pairwise (``mean_var``)."""

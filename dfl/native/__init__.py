@@ -135,11 +135,12 @@ class CpuKernels:
         lib = ctypes.CDLL(str(library))
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         self._conv = lib.dfl_wino43_conv
-        self._conv.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, ctypes.c_int, ptr, ptr]
+        source = [ptr, i64, i64, ptr, ptr, ctypes.c_float]  # see _source
+        self._conv.argtypes = [*source, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, ctypes.c_int, ptr, ptr]
         self._conv.restype = ctypes.c_int
         self._conv_backward = lib.dfl_wino43_conv_backward
-        self._conv_backward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ctypes.c_float, ptr, ptr, i64, i64,
-                                        i64, ptr, ptr]  # fmt: skip
+        self._conv_backward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ctypes.c_float, *source, ptr, i64,
+                                        i64, i64, ptr, ptr]  # fmt: skip
         self._conv_backward.restype = ctypes.c_int
         self._moments = lib.dfl_channel_moments
         self._moments.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_float, i64, i64, ptr]
@@ -186,15 +187,33 @@ class CpuKernels:
             raise ValueError(f"{name} must have shape (6, {c_in}, {c_out}), got {tuple(w.shape)}")
 
     @staticmethod
-    def _check_conv_rows(x, x_row, y_name, y, y_row, rows: int, dilation: int) -> None:
+    def _check_conv_rows(x, x_row, y_name, y, y_row, rows: int, dilation: int, check_x: bool = True) -> None:
         """Outputs ``y_row … y_row + rows`` read inputs ``x_row − d … x_row + rows + d`` (the zero padding included)."""
         if rows < 0 or dilation < 1:
             raise ValueError(f"need rows >= 0 and dilation >= 1, got {rows} and {dilation}")
-        _check_rows("x", x, x_row - dilation, x_row + rows + dilation)
+        if check_x:
+            _check_rows("x", x, x_row - dilation, x_row + rows + dilation)
+        else:
+            _check_rows("x", x, x_row, x_row)
         _check_rows(y_name, y, y_row, y_row + rows)
         for name, t in (("x", x), (y_name, y)):
             if t.shape[1] % 8:
                 raise ValueError(f"{name}: channels must be a multiple of 8, got {t.shape[1]}")
+
+    @staticmethod
+    def _source(x: torch.Tensor, x_row: int, rows: int, dilation: int, x_norm) -> tuple:
+        """The C ``source_t`` of a conv's input: ``x`` from ``x_row`` with its zero padding in the buffer
+        (rows ``x_row − d … x_row + rows + d`` read), or, with ``x_norm = (scale, offset, slope, valid)``,
+        the previous layer's conv output: rows ``x_row … x_row + valid`` read through
+        ``leaky_relu(scale·x + offset)``, zero outside them (no padding in the buffer)."""
+        if x_norm is None:
+            _check_rows("x", x, x_row - dilation, x_row + rows + dilation)
+            return (_row_pointer(x, x_row), -dilation, rows + dilation, None, None, 0.0)
+        scale, offset, slope, valid = x_norm
+        _check_rows("x", x, x_row, x_row + valid)
+        _check_channels("x_norm scale", scale, x.shape[1])
+        _check_channels("x_norm offset", offset, x.shape[1])
+        return (_row_pointer(x, x_row), 0, int(valid), scale.data_ptr(), offset.data_ptr(), float(slope))
 
     def winograd_conv(
         self,
@@ -208,15 +227,17 @@ class CpuKernels:
         bias: torch.Tensor | None,
         negative_slope: float | None,
         moments: torch.Tensor | None = None,
+        x_norm: tuple[torch.Tensor, torch.Tensor, float, int] | None = None,
     ) -> None:
         """``y[y_row + t] = act(Σ_k x[x_row + t + (k−1)·d] @ W_k + bias)`` for ``t < rows``.
 
-        ``x`` holds the conv's zero padding (``d`` rows each side); ``weights``: :meth:`winograd_weights`
-        ``[6, Cin, Cout]``; ``act`` is a leaky ReLU unless ``negative_slope`` is None; no ``bias``: zero. ``moments``
-        (float64 ``(2, Cout)``) receives the written rows' per-channel mean and sum of squared
-        deviations (see :func:`mean_var`).
+        ``x`` holds the conv's zero padding (``d`` rows each side), or is read through ``x_norm`` (see
+        :meth:`_source`); ``weights``: :meth:`winograd_weights` ``[6, Cin, Cout]``; ``act`` is a leaky ReLU
+        unless ``negative_slope`` is None; no ``bias``: zero. ``moments`` (float64 ``(2, Cout)``) receives
+        the written rows' per-channel mean and sum of squared deviations (see :func:`mean_var`).
         """
-        self._check_conv_rows(x, x_row, "y", y, y_row, rows, dilation)
+        source = self._source(x, x_row, rows, dilation, x_norm)
+        self._check_conv_rows(x, x_row, "y", y, y_row, rows, dilation, check_x=x_norm is None)
         self._check_winograd("weights", weights, x.shape[1], y.shape[1])
         if bias is not None:
             _check_channels("bias", bias, y.shape[1])
@@ -227,7 +248,7 @@ class CpuKernels:
         if moments is not None and rows == 0:
             raise ValueError("moments of 0 rows are undefined")
         slope = 0.0 if negative_slope is None else float(negative_slope)
-        status = self._conv(_row_pointer(x, x_row - dilation), rows, x.shape[1], y.shape[1], dilation,
+        status = self._conv(*source, rows, x.shape[1], y.shape[1], dilation,
                             weights.data_ptr(), None if bias is None else bias.data_ptr(), slope, int(negative_slope is not None),
                             _row_pointer(y, y_row), None if moments is None else moments.data_ptr())  # fmt: skip
         if status != 0:
@@ -273,7 +294,8 @@ class CpuKernels:
             _check_channels(name, t, c_out)
         a, b, e = (t.data_ptr() for t in coefficients)
         status = self._conv_backward(grad.data_ptr(), norm[0].data_ptr(), norm[1].data_ptr(), z.data_ptr(), n, rows, a, b, e,
-                                     float(negative_slope), x.data_ptr(), flipped_weights.data_ptr(), c_in, c_out, d,
+                                     float(negative_slope), *self._source(x, d, rows, d, None),
+                                     flipped_weights.data_ptr(), c_in, c_out, d,
                                      _row_pointer(dx, d), weights_grad.data_ptr())  # fmt: skip
         if status != 0:
             raise MemoryError("dfl_wino43_conv_backward: out of memory")

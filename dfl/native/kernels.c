@@ -60,18 +60,44 @@ static inline int64_t tile_items(int64_t rows, int64_t d) {
 /* First output row of item k. */
 static inline int64_t item_row(int64_t k, int64_t d) { return k / d * 4 * d + k % d; }
 
-/* u[i·plane + c] = (Bᵀ s)[i]: the 6 GEMM operands from an item's 6 input rows. */
-static inline void input_transform(const float *const s[6], float *u, int64_t plane, int64_t C) {
-    for (int64_t c = 0; c < C; c += 8) {
-        v8 x0 = LOAD(s[0] + c), x1 = LOAD(s[1] + c), x2 = LOAD(s[2] + c);
-        v8 x3 = LOAD(s[3] + c), x4 = LOAD(s[4] + c), x5 = LOAD(s[5] + c);
-        STORE(u + c, 4.f * x0 - 5.f * x2 + x4);
-        STORE(u + plane + c, x3 + x4 - 4.f * (x1 + x2));
-        STORE(u + 2 * plane + c, 4.f * (x1 - x2) + x4 - x3);
-        STORE(u + 3 * plane + c, 2.f * (x3 - x1) + x4 - x2);
-        STORE(u + 4 * plane + c, 2.f * (x1 - x3) + x4 - x2);
-        STORE(u + 5 * plane + c, 4.f * x1 - 5.f * x3 + x5);
-    }
+/* A conv's input: row r (output row t reads r = t − d, t, t + d) is x[r] for lo <= r < hi and zero elsewhere.
+ * With a norm (scale != NULL) it is leaky_relu(scale·x[r] + offset): the previous layer's activation,
+ * computed as it is read instead of stored. */
+typedef struct {
+    const float *x;
+    int64_t lo, hi;
+    const float *scale, *offset;
+    float slope;
+} source_t;
+
+static inline v8 normed(const float *row, const float *zeros, const source_t *src, int64_t c) {
+    if (row == zeros) return (v8){0};
+    return leaky_relu(affine(row + c, src->scale + c, src->offset + c), src->slope);
+}
+
+/* u[i·plane + c] = (Bᵀ x)[i] for one channel block of an item's 6 input values. */
+static inline void transform_block(v8 x0, v8 x1, v8 x2, v8 x3, v8 x4, v8 x5, float *u, int64_t plane) {
+    STORE(u, 4.f * x0 - 5.f * x2 + x4);
+    STORE(u + plane, x3 + x4 - 4.f * (x1 + x2));
+    STORE(u + 2 * plane, 4.f * (x1 - x2) + x4 - x3);
+    STORE(u + 3 * plane, 2.f * (x3 - x1) + x4 - x2);
+    STORE(u + 4 * plane, 2.f * (x1 - x3) + x4 - x2);
+    STORE(u + 5 * plane, 4.f * x1 - 5.f * x3 + x5);
+}
+
+/* u[i·plane + c] = (Bᵀ s)[i]: the 6 GEMM operands from an item's 6 input rows (through src's norm, if any;
+ * rows == zeros stay zero). */
+static inline void input_transform(const float *const s[6], float *u, int64_t plane, int64_t C, const source_t *src,
+                                   const float *zeros) {
+    if (src && src->scale)
+        for (int64_t c = 0; c < C; c += 8)
+            transform_block(normed(s[0], zeros, src, c), normed(s[1], zeros, src, c), normed(s[2], zeros, src, c),
+                            normed(s[3], zeros, src, c), normed(s[4], zeros, src, c), normed(s[5], zeros, src, c),
+                            u + c, plane);
+    else
+        for (int64_t c = 0; c < C; c += 8)
+            transform_block(LOAD(s[0] + c), LOAD(s[1] + c), LOAD(s[2] + c), LOAD(s[3] + c), LOAD(s[4] + c),
+                            LOAD(s[5] + c), u + c, plane);
 }
 
 /* The 4 output rows t + j·d (those < rows) of an item from its 6 GEMM products m[i·plane], + bias, leaky ReLU. */
@@ -102,10 +128,13 @@ static inline void output_grad_transform(const float *const g[4], float *v, int6
     }
 }
 
-/* An item's 6 input rows t + j·d of x (rows [0, x_rows)), the zero row past it. */
-static inline void input_rows(const float *x, int64_t x_rows, const float *zeros, int64_t t, int64_t d, int64_t C,
+/* An item's 6 input rows t + (j − 1)·d of src, the zero row outside [lo, hi). */
+static inline void input_rows(const source_t *src, const float *zeros, int64_t t, int64_t d, int64_t C,
                               const float *s[6]) {
-    for (int j = 0; j < 6; j++) s[j] = t + j * d < x_rows ? x + (t + j * d) * C : zeros;
+    for (int j = 0; j < 6; j++) {
+        const int64_t r = t + (j - 1) * d;
+        s[j] = r >= src->lo && r < src->hi ? src->x + r * C : zeros;
+    }
 }
 
 /* M[MR][ldm] = A[MR][lda] (first K columns) @ B[K][NR] */
@@ -259,13 +288,14 @@ static void group_moments(const float *y, int64_t k0, int64_t n, int64_t d, int6
     moments_add(m, (double)count, part, part + C, C);
 }
 
-/* y[t] = act(Σ_k x[t + k·d] @ W_k + bias) for t < rows (x: rows + 2d rows, the conv's zero padding
- * included), by Winograd with W [6][Cin][Cout] the transformed weights. With `moments` (2·Cout doubles),
+/* y[t] = act(Σ_k x[t + (k − 1)·d] @ W_k + bias) for t < rows, x the source (see source_t), by Winograd with W [6][Cin][Cout] the transformed weights. With `moments` (2·Cout doubles),
  * also writes the outputs' per-channel mean and sum of squared deviations there (what batch norm needs,
  * from rows still in cache); threads' parts are added in thread order, so results do not depend on
  * scheduling. Returns −1 when out of memory. */
-int dfl_wino43_conv(const float *x, int64_t rows, int64_t Cin, int64_t Cout, int64_t d, const float *W,
+int dfl_wino43_conv(const float *x, int64_t lo, int64_t hi, const float *in_scale, const float *in_offset,
+                    float in_slope, int64_t rows, int64_t Cin, int64_t Cout, int64_t d, const float *W,
                     const float *bias, float slope, int activate, float *y, double *moments) {
+    const source_t src = {x, lo, hi, in_scale, in_offset, in_slope};
     const int64_t items = tile_items(rows, d), groups = (items + GROUP - 1) / GROUP;
     const int64_t panels = (Cout + NR - 1) / NR, ldm = panels * NR;
     int threads = 1;
@@ -301,8 +331,8 @@ int dfl_wino43_conv(const float *x, int64_t rows, int64_t Cin, int64_t Cout, int
             const int64_t k0 = g * GROUP, n = items - k0 < GROUP ? items - k0 : GROUP;
             for (int64_t r = 0; r < n; r++) {
                 const float *s[6];
-                input_rows(x, rows + 2 * d, zeros, item_row(k0 + r, d), d, Cin, s);
-                input_transform(s, U + r * Cin, GROUP * Cin, Cin);
+                input_rows(&src, zeros, item_row(k0 + r, d), d, Cin, s);
+                input_transform(s, U + r * Cin, GROUP * Cin, Cin, &src, zeros);
             }
             group_products(U, B, n, Cin, panels, M, ldm);
             for (int64_t r = 0; r < n; r++)
@@ -326,12 +356,14 @@ int dfl_wino43_conv(const float *x, int64_t rows, int64_t Cin, int64_t Cout, int
  * The conv's output gradient is formed on the fly, dz = a·dy + b·z + e per channel for conv rows
  * r < rows (dy: the leaky ReLU's input gradient from g and s·z + c for r < n, 0 beyond), and feeds both
  * dx[t] = Σ_k dz[t − (k−1)·d] @ W_kᵀ for t < n (Wf: the Winograd weights of the flipped, transposed
- * taps, [6][Cout][Cin]) and grad[6][Cin][Cout] += Σ Uᵢᵀ Vᵢ (U = Bᵀx, V = A·dz). x: rows + 2d rows as for
+ * taps, [6][Cout][Cin]) and grad[6][Cin][Cout] += Σ Uᵢᵀ Vᵢ (U = Bᵀx, V = A·dz). x: the source, as for
  * the conv. Threads sum the weight gradient into their own buffers, added in thread order. */
 int dfl_wino43_conv_backward(const float *g, const float *scale, const float *offset, const float *z, int64_t n,
                              int64_t rows, const float *a, const float *b, const float *e, float slope,
-                             const float *x, const float *Wf, int64_t Cin, int64_t Cout, int64_t d, float *dx,
+                             const float *x, int64_t lo, int64_t hi, const float *in_scale, const float *in_offset,
+                             float in_slope, const float *Wf, int64_t Cin, int64_t Cout, int64_t d, float *dx,
                              float *grad) {
+    const source_t src = {x, lo, hi, in_scale, in_offset, in_slope};
     const int64_t items = tile_items(rows, d), groups = (items + GROUP - 1) / GROUP;
     const int64_t panels = (Cin + NR - 1) / NR, ldm = panels * NR; /* the dx conv: Cout → Cin */
     const int64_t ldu = round_up(Cin, MR) + 8, mrows = round_up(Cin, MR), ldv = round_up(Cout, NR);
@@ -391,9 +423,9 @@ int dfl_wino43_conv_backward(const float *g, const float *scale, const float *of
                 const float *s[6];
                 for (int j = 0; j < 6; j++) s[j] = Ud + j * GROUP * Cout + r * Cout;
                 output_grad_transform(s + 1, V + r * ldv, GROUP * ldv, Cout);
-                input_transform(s, Ud + r * Cout, GROUP * Cout, Cout); /* in place: reads all 6 rows first */
-                input_rows(x, rows + 2 * d, zeros, item_row(k0 + r, d), d, Cin, s);
-                input_transform(s, Ux + r * ldu, GROUP * ldu, Cin);
+                input_transform(s, Ud + r * Cout, GROUP * Cout, Cout, NULL, NULL); /* in place: reads all 6 rows first */
+                input_rows(&src, zeros, item_row(k0 + r, d), d, Cin, s);
+                input_transform(s, Ux + r * ldu, GROUP * ldu, Cin, &src, zeros);
             }
             group_products(Ud, B, n_items, Cout, panels, M, ldm);
             for (int64_t r = 0; r < n_items; r++)
