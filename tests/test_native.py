@@ -135,6 +135,50 @@ def test_kernels_compute_the_conv_norm_act_backward(kernels, d):
     torch.testing.assert_close(weight_grad.double(), w64.grad, atol=1e-3 * w64.grad.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("d", [1, 3, 16])
+def test_backward_through_the_layer_below(kernels, d):
+    """With ``x_norm`` and ``below``, the input is the layer below's z read through its norm + leaky ReLU,
+    and the kernel returns that layer's z-gradient ``scale·dy`` with ``Σdy`` and ``Σdy·(z − shift)``."""
+    _, weight, _, n = _conv_case(d)
+    rows = n + 3  # 3 cut rows of this layer: in BN's statistics, without gradient
+    c_in, c_out = weight.shape[1], weight.shape[0]
+    z_below = torch.randn(n + 4, c_in)  # 4 rows past the valid ones: never read
+    z_below[n:] = float("nan")
+    b_scale, b_offset, b_shift = torch.rand(c_in) + 0.5, torch.randn(c_in), torch.randn(c_in)
+    z, grad = torch.randn(rows, c_out), torch.randn(n, c_out)
+    scale, offset = torch.randn(c_out), torch.randn(c_out)
+    a, b, e = torch.randn(c_out), torch.randn(c_out), torch.randn(c_out)
+    dz_below = torch.full((n + 4, c_in), float("nan"))
+    wgrad, sums = torch.zeros(6, c_in, c_out), torch.ones(2, c_in, dtype=torch.float64)  # sums: added to
+    kernels.winograd_conv_backward(grad, (scale, offset), z, rows, (a, b, e), 0.2, z_below,
+                                   kernels.winograd_weights(weight, flipped=True), dz_below, wgrad, d,
+                                   x_norm=(b_scale, b_offset, 0.3, n), below=(b_shift, sums))  # fmt: skip
+
+    pre = z[:n] * scale + offset
+    dy = torch.cat([torch.where(pre > 0, grad, 0.2 * grad), torch.zeros(rows - n, c_out)]).double()
+    dz = a.double() * dy + b.double() * z.double() + e.double()
+    zs = z_below[:n].double().requires_grad_()
+    b_pre = zs * b_scale.double() + b_offset.double()
+    act = F.pad(F.leaky_relu(b_pre, 0.3), (0, 0, 0, rows - n))  # the cut rows read as zero
+    w64 = weight.double().requires_grad_()
+    act.retain_grad()
+    y = F.conv1d(F.pad(act.t()[None], (d, d)), w64, dilation=d)[0].t()
+    (y * dz).sum().backward()
+    dy_below = torch.where(b_pre > 0, act.grad[:n], 0.3 * act.grad[:n]).detach()
+    tol = 1e-4 * zs.grad.abs().max().item()
+    torch.testing.assert_close(dz_below[:n].double(), zs.grad, atol=tol, rtol=0)
+    assert dz_below[n:].isnan().all()  # nothing written past the valid rows
+    torch.testing.assert_close(sums[0] - 1, dy_below.sum(0), atol=1e-4 * dy_below.abs().sum().item() / c_in, rtol=0)
+    torch.testing.assert_close(sums[1] - 1, (dy_below * (zs.detach() - b_shift.double())).sum(0),
+                               atol=1e-4 * (dy_below * zs.detach()).abs().sum().item() / c_in, rtol=0)  # fmt: skip
+    weight_grad = kernels.winograd_taps_grad(wgrad)
+    torch.testing.assert_close(weight_grad.double(), w64.grad, atol=1e-3 * w64.grad.abs().max().item(), rtol=0)
+    with pytest.raises(ValueError, match="below needs x_norm"):
+        kernels.winograd_conv_backward(grad, (scale, offset), z, rows, (a, b, e), 0.2, z_below,
+                                       kernels.winograd_weights(weight, flipped=True), dz_below, wgrad, d,
+                                       below=(b_shift, sums))  # fmt: skip
+
+
 def test_batch_norm_kernels(kernels):
     z = 3 * torch.randn(1000, 16) + 5
     sums = torch.zeros(2, 16, dtype=torch.float64)

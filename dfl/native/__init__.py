@@ -140,7 +140,7 @@ class CpuKernels:
         self._conv.restype = ctypes.c_int
         self._conv_backward = lib.dfl_wino43_conv_backward
         self._conv_backward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ctypes.c_float, *source, ptr, i64,
-                                        i64, i64, ptr, ptr]  # fmt: skip
+                                        i64, i64, ptr, ptr, ptr, ptr]  # fmt: skip
         self._conv_backward.restype = ctypes.c_int
         self._moments = lib.dfl_channel_moments
         self._moments.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_float, i64, i64, ptr]
@@ -267,6 +267,8 @@ class CpuKernels:
         dx: torch.Tensor,
         weights_grad: torch.Tensor,
         dilation: int,
+        x_norm: tuple[torch.Tensor, torch.Tensor, float, int] | None = None,
+        below: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         """Backward of ``leaky_relu(scale·z + offset)``, ``z`` = the conv of ``x``, in one pass; see :meth:`winograd_conv`.
 
@@ -276,6 +278,12 @@ class CpuKernels:
         ``dx`` rows ``d … d + n`` (the conv of ``dz`` with ``flipped_weights``, the Winograd weights of the
         flipped, transposed taps ``[6, Cout, Cin]``) and adds the Winograd weights' gradient to
         ``weights_grad [6, Cin, Cout]``. ``x``: the conv's input buffer, ``rows + 2d`` rows from row 0.
+
+        With ``x_norm = (scale, offset, slope, n)``, ``x`` is the layer below's conv output, read through
+        its norm + leaky ReLU as in :meth:`winograd_conv`, and ``dx [n, Cin]`` gets rows ``0 … n``. With
+        ``below = (shift, sums)`` as well, ``dx`` receives that layer's z-gradient ``scale·dy`` instead
+        (``dy``: its leaky ReLU's input gradient) and ``sums`` (float64 ``(2, Cin)``) gets ``Σdy`` and
+        ``Σdy·(x − shift)`` added, per channel.
         """
         for name, t in (("grad", grad), ("z", z)):
             _check_rows(name, t, 0, t.shape[0] if t.dim() == 2 else 0)
@@ -285,18 +293,32 @@ class CpuKernels:
         if rows < n:
             raise ValueError(f"the conv's {rows} rows cannot be fewer than the activation's {n}")
         _check_rows("z", z, 0, rows)
-        self._check_conv_rows(x, d, "dx", dx, d, n, d)
-        _check_rows("x", x, 0, rows + 2 * d)
+        if x_norm is None:
+            if below is not None:
+                raise ValueError("below needs x_norm: the layer below's z is x")
+            self._check_conv_rows(x, d, "dx", dx, d, n, d)
+            _check_rows("x", x, 0, rows + 2 * d)
+            source, dx_row = self._source(x, d, rows, d, None), d
+        else:
+            source, dx_row = self._source(x, 0, rows, d, x_norm), 0
+            self._check_conv_rows(x, 0, "dx", dx, 0, n, d, check_x=False)
+            if dx.shape[1] != x.shape[1]:
+                raise ValueError(f"dx has {dx.shape[1]} channels, x {x.shape[1]}")
         c_in = x.shape[1]
+        shift = sums = None
+        if below is not None:
+            _check_channels("shift", below[0], c_in)
+            if below[1].dtype != torch.float64 or not below[1].is_contiguous() or tuple(below[1].shape) != (2, c_in):
+                raise ValueError(f"sums must be a contiguous float64 tensor of shape (2, {c_in})")
+            shift, sums = below[0].data_ptr(), below[1].data_ptr()
         self._check_winograd("flipped_weights", flipped_weights, c_out, c_in)
         self._check_winograd("weights_grad", weights_grad, c_in, c_out)
         for name, t in (*zip("abe", coefficients), *zip(("scale", "offset"), norm)):
             _check_channels(name, t, c_out)
         a, b, e = (t.data_ptr() for t in coefficients)
         status = self._conv_backward(grad.data_ptr(), norm[0].data_ptr(), norm[1].data_ptr(), z.data_ptr(), n, rows, a, b, e,
-                                     float(negative_slope), *self._source(x, d, rows, d, None),
-                                     flipped_weights.data_ptr(), c_in, c_out, d,
-                                     _row_pointer(dx, d), weights_grad.data_ptr())  # fmt: skip
+                                     float(negative_slope), *source, flipped_weights.data_ptr(), c_in, c_out, d,
+                                     _row_pointer(dx, dx_row), weights_grad.data_ptr(), shift, sums)  # fmt: skip
         if status != 0:
             raise MemoryError("dfl_wino43_conv_backward: out of memory")
 

@@ -100,17 +100,49 @@ static inline void input_transform(const float *const s[6], float *u, int64_t pl
                             LOAD(s[5] + c), u + c, plane);
 }
 
+/* The 4 outputs (A m)[j] of one channel block of an item, from its 6 GEMM products m[i·plane]. */
+static inline void output_block(const float *m, int64_t plane, v8 out[4]) {
+    v8 m0 = LOAD(m), m1 = LOAD(m + plane), m2 = LOAD(m + 2 * plane);
+    v8 m3 = LOAD(m + 3 * plane), m4 = LOAD(m + 4 * plane), m5 = LOAD(m + 5 * plane);
+    v8 sum12 = m1 + m2, diff12 = m1 - m2, sum34 = m3 + m4, diff34 = m3 - m4;
+    out[0] = m0 + sum12 + sum34, out[1] = diff12 + 2.f * diff34, out[2] = sum12 + 4.f * sum34;
+    out[3] = diff12 + 8.f * diff34 + m5;
+}
+
 /* The 4 output rows t + j·d (those < rows) of an item from its 6 GEMM products m[i·plane], + bias, leaky ReLU. */
 static inline void output_transform(const float *m, int64_t plane, const float *bias, float slope, int activate,
                                     float *y, int64_t t, int64_t d, int64_t rows, int64_t C) {
     for (int64_t c = 0; c < C; c += 8) {
-        v8 m0 = LOAD(m + c), m1 = LOAD(m + plane + c), m2 = LOAD(m + 2 * plane + c);
-        v8 m3 = LOAD(m + 3 * plane + c), m4 = LOAD(m + 4 * plane + c), m5 = LOAD(m + 5 * plane + c);
-        v8 b = bias ? LOAD(bias + c) : (v8){0}, sum12 = m1 + m2, diff12 = m1 - m2, sum34 = m3 + m4, diff34 = m3 - m4;
-        v8 out[4] = {m0 + sum12 + sum34 + b, diff12 + 2.f * diff34 + b, sum12 + 4.f * sum34 + b,
-                     diff12 + 8.f * diff34 + m5 + b};
+        v8 out[4], b = bias ? LOAD(bias + c) : (v8){0};
+        output_block(m + c, plane, out);
         for (int j = 0; j < 4 && t + j * d < rows; j++)
-            STORE(y + (t + j * d) * C + c, activate ? leaky_relu(out[j], slope) : out[j]);
+            STORE(y + (t + j * d) * C + c, activate ? leaky_relu(out[j] + b, slope) : out[j] + b);
+    }
+}
+
+/* Where an input gradient goes when the input was read through a norm (a source_t with scale): the layer
+ * below's z-gradient scale·dy, dy the leaky ReLU's input gradient (from the input gradient and
+ * scale·z + offset of that layer's z), with Σdy and Σdy·(z − shift) per channel (that layer's ∂L/∂offset
+ * and, with the shift, ∂L/∂scale) added to sums [2][C]. */
+typedef struct {
+    const float *z, *scale, *offset, *shift;
+    float slope;
+    double *sums;
+} sink_t;
+
+/* output_transform without bias or activation, through a sink; gs [2][C]: the group's float32 sums. */
+static inline void output_grad_transform_sink(const float *m, int64_t plane, float *y, int64_t t, int64_t d,
+                                              int64_t rows, int64_t C, const sink_t *sink, float *gs) {
+    for (int64_t c = 0; c < C; c += 8) {
+        v8 out[4], s = LOAD(sink->scale + c), shift = LOAD(sink->shift + c), s1 = LOAD(gs + c), s2 = LOAD(gs + C + c);
+        output_block(m + c, plane, out);
+        for (int j = 0; j < 4 && t + j * d < rows; j++) {
+            const float *z = sink->z + (t + j * d) * C + c;
+            v8 dy = leaky_grad(out[j], affine(z, sink->scale + c, sink->offset + c), sink->slope);
+            STORE(y + (t + j * d) * C + c, s * dy);
+            s1 += dy, s2 += dy * (LOAD(z) - shift);
+        }
+        STORE(gs + c, s1), STORE(gs + C + c, s2);
     }
 }
 
@@ -353,6 +385,8 @@ int dfl_wino43_conv(const float *x, int64_t lo, int64_t hi, const float *in_scal
 }
 
 /* The backward of dfl_wino43_conv (no bias, no activation) followed by norm + leaky ReLU, in one pass.
+ * When x is read through a norm (in_scale) and below_sums is given, dx receives the layer below's
+ * z-gradient instead, through a sink_t (shift: below_shift), and below_sums [2][Cin] its sums.
  * The conv's output gradient is formed on the fly, dz = a·dy + b·z + e per channel for conv rows
  * r < rows (dy: the leaky ReLU's input gradient from g and s·z + c for r < n, 0 beyond), and feeds both
  * dx[t] = Σ_k dz[t − (k−1)·d] @ W_kᵀ for t < n (Wf: the Winograd weights of the flipped, transposed
@@ -362,8 +396,10 @@ int dfl_wino43_conv_backward(const float *g, const float *scale, const float *of
                              int64_t rows, const float *a, const float *b, const float *e, float slope,
                              const float *x, int64_t lo, int64_t hi, const float *in_scale, const float *in_offset,
                              float in_slope, const float *Wf, int64_t Cin, int64_t Cout, int64_t d, float *dx,
-                             float *grad) {
+                             float *grad, const float *below_shift, double *below_sums) {
     const source_t src = {x, lo, hi, in_scale, in_offset, in_slope};
+    const sink_t sink = {x, in_scale, in_offset, below_shift, in_slope, below_sums}; /* x: the layer below's z */
+    const int sunk = below_sums && in_scale;
     const int64_t items = tile_items(rows, d), groups = (items + GROUP - 1) / GROUP;
     const int64_t panels = (Cin + NR - 1) / NR, ldm = panels * NR; /* the dx conv: Cout → Cin */
     const int64_t ldu = round_up(Cin, MR) + 8, mrows = round_up(Cin, MR), ldv = round_up(Cout, NR);
@@ -373,8 +409,9 @@ int dfl_wino43_conv_backward(const float *g, const float *scale, const float *of
 #endif
     const size_t acc_size = 6 * mrows * ldv;
     float *B = pack_weights(Wf, Cout, Cin), *acc = alloc_floats(threads * acc_size);
-    if (!B || !acc) {
-        free(B), free(acc);
+    double *sink_acc = sunk ? calloc((size_t)threads * 2 * Cin, sizeof(double)) : NULL;
+    if (!B || !acc || (sunk && !sink_acc)) {
+        free(B), free(acc), free(sink_acc);
         return -1;
     }
     memset(acc, 0, sizeof(float) * threads * acc_size);
@@ -389,8 +426,8 @@ int dfl_wino43_conv_backward(const float *g, const float *scale, const float *of
         float *C = acc + th * acc_size;
         float *Ud = alloc_floats(6 * GROUP * Cout), *M = alloc_floats(6 * GROUP * ldm);
         float *Ux = alloc_floats(6 * GROUP * ldu), *V = alloc_floats(6 * GROUP * ldv);
-        float *zeros = alloc_floats(widest);
-        if (!Ud || !M || !Ux || !V || !zeros) {
+        float *zeros = alloc_floats(widest > 2 * Cin ? widest : 2 * Cin), *gs = alloc_floats(2 * Cin);
+        if (!Ud || !M || !Ux || !V || !zeros || !gs) {
 #pragma omp atomic write
             failed = 1;
         } else {
@@ -400,7 +437,7 @@ int dfl_wino43_conv_backward(const float *g, const float *scale, const float *of
         const v8 zero = {0};
 #pragma omp for schedule(static)
         for (int64_t gr = 0; gr < groups; gr++) {
-            if (!Ud || !M || !Ux || !V || !zeros) continue;
+            if (!Ud || !M || !Ux || !V || !zeros || !gs) continue;
             const int64_t k0 = gr * GROUP, n_items = items - k0 < GROUP ? items - k0 : GROUP;
             /* the items' dz rows t − d … t + 4d, into Ud's 6 planes, row by row of the buffers (runs of
              * consecutive rows, which the hardware prefetches well) */
@@ -428,12 +465,23 @@ int dfl_wino43_conv_backward(const float *g, const float *scale, const float *of
                 input_transform(s, Ux + r * ldu, GROUP * ldu, Cin, &src, zeros);
             }
             group_products(Ud, B, n_items, Cout, panels, M, ldm);
-            for (int64_t r = 0; r < n_items; r++)
-                output_transform(M + r * ldm, GROUP * ldm, NULL, 0.f, 0, dx, item_row(k0 + r, d), d, n, Cin);
+            if (sunk) {
+                memset(gs, 0, sizeof(float) * 2 * Cin);
+                for (int64_t r = 0; r < n_items; r++)
+                    output_grad_transform_sink(M + r * ldm, GROUP * ldm, dx, item_row(k0 + r, d), d, n, Cin, &sink, gs);
+                for (int64_t c = 0; c < 2 * Cin; c++) sink_acc[th * 2 * Cin + c] += gs[c];
+            } else {
+                for (int64_t r = 0; r < n_items; r++)
+                    output_transform(M + r * ldm, GROUP * ldm, NULL, 0.f, 0, dx, item_row(k0 + r, d), d, n, Cin);
+            }
             group_grad(Ux, ldu, V, ldv, n_items, mrows, C);
         }
-        free(Ud), free(M), free(Ux), free(V), free(zeros);
+        free(Ud), free(M), free(Ux), free(V), free(zeros), free(gs);
     }
+    if (sunk && !failed)
+        for (int t = 0; t < threads; t++)
+            for (int64_t c = 0; c < 2 * Cin; c++) below_sums[c] += sink_acc[t * 2 * Cin + c];
+    free(sink_acc);
     if (!failed)
         for (int t = 0; t < threads; t++)
             for (int64_t i = 0; i < 6; i++)
