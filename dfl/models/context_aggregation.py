@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfl.models import winograd
 from dfl.models.adaptive_bn import make_norm
 from dfl.models.conv import Conv1d
-from dfl.models.fused_layer import conv_norm_act
+from dfl.models.fused_layer import conv_norm_act, lazy_conv
 from dfl.models.padding import pad_to_multiple
 
 
@@ -156,8 +157,18 @@ class ContextAggregationNet(nn.Module):
         extra = (-x.shape[1]) % 8 if self.config["channels"] % 8 == 0 else 0
         buf = F.pad(x, (d[0], d[0] + rows[0] - n)).transpose(1, 2)
         buf = F.pad(buf, (0, extra)).contiguous()
+        first_weight = F.pad(self.convs[0].weight, (0, 0, 0, extra)) if extra else self.convs[0].weight
+        if winograd.kernels_for(buf) is not None and self.config["channels"] % 8 == 0:
+            # the layers store only their conv outputs (dfl.models.fused_layer.lazy_conv)
+            below = None
+            for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+                weight = first_weight if i == 0 else conv.weight
+                buf, *below = lazy_conv(buf, below, weight, norm, d[i], n, rows[i], self.negative_slope)
+            scale, offset, _ = below
+            act = F.leaky_relu(buf[:, :n] * scale + offset, self.negative_slope)
+            return act @ self.output.weight[0, :, 0] + self.output.bias
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-            weight = F.pad(conv.weight, (0, 0, 0, extra)) if i == 0 and extra else conv.weight
+            weight = first_weight if i == 0 else conv.weight
             # zero margins: the next layer's padding
             margins = (d[i + 1], d[i + 1] + rows[i + 1] - n) if i + 1 < len(d) else (0, 0)
             buf = conv_norm_act(buf, weight, norm, d[i], n, margins, self.negative_slope, rows=rows[i])

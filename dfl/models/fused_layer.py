@@ -303,3 +303,105 @@ def conv_norm_act(
     cfg = (int(dilation), int(length), rows, (int(margins[0]), int(margins[1])), float(bn.eps),
            float(bn.momentum), float(negative_slope), bool(batch_stats), bool(bn.training))  # fmt: skip
     return _ConvNormAct.apply(x, weight, alpha, beta, gamma, bn.bias, bn.running_mean, bn.running_var, cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Lazy layers (compiled kernels only): each op takes the previous layer's conv output z and that layer's
+# per-channel norm (scale, offset), applies leaky_relu(scale·z + offset) inside the Winograd input transform
+# (the activation is never stored), and returns its own z with the batch mean and variance as
+# differentiable outputs. The norm's small per-channel ops run in autograd between the ops, so BN's
+# statistic gradients arrive as ∂L/∂mean, ∂L/∂var; backward forms dz = g + b·z + e from them on the fly,
+# and hands the layer below its z-gradient scale·dy with Σdy, Σdy·z (its scale's and offset's gradients)
+# from the same kernel. That saves the norm + activation pass forward and the moments pass backward.
+
+
+class _LazyConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, in_scale, in_offset, weight, running_mean, running_var, cfg):
+        """``x``: ``[B, rows_below, Cin]`` z of the layer below (read through ``in_scale``, ``in_offset``), or,
+        with ``in_scale`` None, an activation buffer with ``d`` zero rows of padding each side."""
+        d, n, rows, in_slope, shift, momentum, update_running = cfg
+        kernels = winograd.kernels_for(x)
+        bsz, c_out = x.shape[0], weight.shape[0]
+        z = x.new_empty(bsz, rows, c_out)
+        if in_scale is None:  # an activation buffer (the waveform): _conv3 picks Winograd or direct GEMMs
+            parts = _conv3(x, weight, d, z)
+        else:
+            weights, parts = kernels.winograd_weights(weight), []
+            for b in range(bsz):
+                moments = torch.empty(2, c_out, dtype=torch.float64)
+                kernels.winograd_conv(x[b], 0, weights, z[b], 0, rows, d, None, None, moments,
+                                      x_norm=(in_scale, in_offset, in_slope, n))  # fmt: skip
+                parts.append((rows, moments))
+        mean64, var64 = mean_var(parts) if parts else channel_mean_var(kernels, z)
+        if update_running:
+            count = bsz * rows
+            running_mean.mul_(1 - momentum).add_(mean64.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_((var64 * count / (count - 1)).to(running_var.dtype), alpha=momentum)
+        mean, var = mean64.float(), var64.float()
+        ctx.cfg = cfg
+        ctx.save_for_backward(x, in_scale, in_offset, weight, z, mean)
+        return z, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_mean, grad_var):
+        x, in_scale, in_offset, weight, z, mean = ctx.saved_tensors
+        d, n, rows, in_slope, shift, _, _ = ctx.cfg
+        kernels = winograd.kernels_for(x)
+        bsz, c_in, c_out = x.shape[0], x.shape[-1], z.shape[-1]
+        count = bsz * rows
+        # dz = g + ∂mean/∂z·grad_mean + ∂var/∂z·grad_var = g + b·z + e, with g read for rows < n
+        b = 2 * grad_var / count if grad_var is not None else z.new_zeros(c_out)
+        e = (grad_mean / count if grad_mean is not None else z.new_zeros(c_out)) - b * mean
+        ones, zeros = z.new_ones(c_out), z.new_zeros(c_out)
+        g = grad_z.contiguous() if grad_z is not None else z.new_zeros(bsz, n, c_out)
+        wino_grad = x.new_zeros(6, c_in, c_out)
+        flipped = kernels.winograd_weights(weight, flipped=True)
+        sums = torch.zeros(2, c_in, dtype=torch.float64) if in_scale is not None else None
+        dx = x.new_empty(x.shape)
+        for bi in range(bsz):  # slope 1: dy = g, the mask does not matter
+            if in_scale is None:
+                dx[bi, :d].zero_()
+                dx[bi, d + n :].zero_()
+                kernels.winograd_conv_backward(g[bi, :n], (ones, zeros), z[bi], rows, (ones, b.contiguous(),
+                                               e.contiguous()), 1.0, x[bi], flipped, dx[bi], wino_grad, d)  # fmt: skip
+            else:
+                dx[bi, n:].zero_()
+                kernels.winograd_conv_backward(g[bi, :n], (ones, zeros), z[bi], rows, (ones, b.contiguous(),
+                                               e.contiguous()), 1.0, x[bi], flipped, dx[bi], wino_grad, d,
+                                               x_norm=(in_scale, in_offset, in_slope, n), below=(shift, sums))  # fmt: skip
+        grad_scale = grad_offset = None
+        if sums is not None:  # Σdy·z = Σdy·(z − shift) + shift·Σdy
+            grad_offset = sums[0].float()
+            grad_scale = (sums[1] + shift.double() * sums[0]).float()
+        return dx, grad_scale, grad_offset, kernels.winograd_taps_grad(wino_grad), None, None, None
+
+
+def norm_affine(norm: torch.nn.Module, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``α·z + β·BN(z) = scale·z + offset`` per channel, differentiable in the statistics and parameters."""
+    from dfl.models.adaptive_bn import AdaptiveBatchNorm
+
+    bn = norm.bn if isinstance(norm, AdaptiveBatchNorm) else norm
+    alpha, beta = (norm.alpha, norm.beta) if isinstance(norm, AdaptiveBatchNorm) else (0.0, 1.0)
+    g = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        g = bn.weight * g
+    return alpha + beta * g, beta * (bn.bias - g * mean)
+
+
+def lazy_conv(x, below: tuple | None, weight, norm, dilation: int, length: int, rows: int, negative_slope: float):
+    """One lazy layer: ``(z, scale, offset)`` of the conv of ``x`` (see :class:`_LazyConv`); ``below`` is the
+    layer below's ``(scale, offset, mean)``, or None when ``x`` is an activation buffer with zero margins."""
+    from dfl.models.adaptive_bn import AdaptiveBatchNorm
+
+    bn = norm.bn if isinstance(norm, AdaptiveBatchNorm) else norm
+    batch_stats = bn.training or bn.batch_stats_at_eval
+    in_scale, in_offset, shift = (None, None, None) if below is None else (below[0].contiguous(), below[1].contiguous(),
+                                                                          below[2].detach().contiguous())  # fmt: skip
+    cfg = (int(dilation), int(length), int(rows), float(negative_slope), shift, float(bn.momentum),
+           bool(bn.training))  # fmt: skip
+    z, mean, var = _LazyConv.apply(x, in_scale, in_offset, weight, bn.running_mean, bn.running_var, cfg)
+    if not batch_stats:
+        mean, var = bn.running_mean, bn.running_var
+    scale, offset = norm_affine(norm, mean, var)
+    return z, scale.expand(z.shape[-1]), offset.expand(z.shape[-1]), mean
