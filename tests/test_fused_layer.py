@@ -182,8 +182,8 @@ def test_conv_norm_act_rejects_other_norms():
 
 
 def test_a_single_value_per_channel_is_an_error_as_in_plain_batch_norm():
-    for fused in (False, True):
-        net = ContextAggregationNet(dilations=[1, 2], channels=4, fused=fused).train()
+    for fused, channels in ((False, 4), (True, 4), (True, 16)):  # 16: the lazy layers
+        net = ContextAggregationNet(dilations=[1, 2], channels=channels, fused=fused).train()
         with pytest.raises(ValueError, match="more than 1 value per channel"):
             net(torch.randn(1, 1))
         assert torch.isfinite(net.norms[0].bn.running_var).all()  # nothing half-updated

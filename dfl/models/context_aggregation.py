@@ -35,9 +35,9 @@ class ContextAggregationNet(nn.Module):
             ``tf_authors``: each dilated layer runs on the signal zero-padded at the end to a
             multiple of its dilation, BN sees that padded length, and the tail is cut after the
             activation — exactly the authors' TensorFlow graph.
-        fused: on the CPU in float32, run each conv → BN → leaky ReLU layer as one op on
+        fused: on the CPU in float32, run the conv → BN → leaky ReLU layers as hand-written ops on
             channels-last buffers (:mod:`dfl.models.fused_layer`; same parameters and results,
-            about 1.6× faster training). Used with 3-tap convs and BN-based normalisation;
+            about 3× faster training). Used with 3-tap convs and BN-based normalisation;
             ``False`` always runs the plain PyTorch layers.
     """
 

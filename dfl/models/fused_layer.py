@@ -1,23 +1,24 @@
-"""Conv → (adaptive) BN → leaky ReLU as one autograd op on channels-last buffers (CPU training path).
+"""Conv → (adaptive) BN → leaky ReLU layers with hand-written backward on channels-last buffers (CPU training).
 
 The plain layer runs a dilated ``Conv1d``, BN, the adaptive mix (two muls and an add) and a leaky
 ReLU on ``[batch, channels, time]`` tensors: eight or so passes over memory forward and as many
-backward, plus a padding copy and oneDNN's slow dilated-conv weight gradient. Here activations
-live as ``[batch, time, channels]`` buffers whose zero margins are the next layer's dilation:
+backward, plus a padding copy and oneDNN's slow dilated-conv weight gradient. Here activations live
+as ``[batch, time, channels]`` buffers, and BN + adaptive mix is one per-channel affine map
+``scale·z + offset`` (batch or running statistics). Two implementations:
 
-* the 3-tap dilated conv is Winograd F(4,3) along time (:mod:`dfl.models.winograd`: half the GEMM
-  FLOPs) where the compiled kernels are available, one kernel call per conv; else (and for fewer
-  than 16 input channels) direct GEMMs over row-shifted views (no padding copy);
-* BN + adaptive mix is one per-channel affine map ``s·z + c`` (batch or running statistics), applied
-  together with the leaky ReLU;
-* with the compiled kernels of :mod:`dfl.native`, the Winograd conv also returns the batch moments
-  (summed from its output rows while they are in cache) and norm + activation is one pass; without
-  them, PyTorch's channels-last BN kernel does the norm;
-* backward is hand-written. With the compiled kernels: one pass for BN backward's per-channel sums,
-  then one kernel that forms the conv's output gradient on the fly (the leaky ReLU's mask from
-  ``s·z + c``, not from the stored activation) and computes both the input gradient and the weight
-  gradient from it. Without them: PyTorch's channels-last BN backward and direct GEMMs. The adaptive
-  scalars' gradients come out of the per-channel sums.
+* **Lazy layers** (:func:`lazy_conv`, where the compiled kernels of :mod:`dfl.native` apply, channels a
+  multiple of 8). Each op takes the layer below's conv output ``z`` and that layer's ``scale``,
+  ``offset``; the Winograd F(4,3) conv (:mod:`dfl.models.winograd`: half the GEMM FLOPs) applies
+  ``leaky_relu(scale·z + offset)`` to its input rows as it reads them, so activations are never stored.
+  It returns its own ``z`` with the batch mean and variance (summed by the conv kernel from rows still
+  in cache) as differentiable outputs; the norm's few per-channel ops run in autograd between the ops,
+  so BN's statistics gradients arrive as ∂L/∂mean and ∂L/∂var. Backward is one kernel per layer: it forms
+  the conv's output gradient ``dz = g + b·z + e`` on the fly, computes the weight gradient and hands the
+  layer below its z-gradient ``scale·dy`` with ``Σdy`` and ``Σdy·z`` (that layer's offset and scale
+  gradients). Per layer that is one pass over memory forward and one backward, besides the GEMMs.
+* **Per-layer ops** (:func:`conv_norm_act`, the PyTorch fallback): direct GEMMs over row-shifted views
+  (no padding copy), PyTorch's channels-last BN kernels, the activation stored in a buffer whose zero
+  margins are the next layer's padding.
 
 Same parameters, running statistics and results as the plain layer, to float rounding.
 """
@@ -80,82 +81,8 @@ def channels_last_batch_stats(z: torch.Tensor, eps: float) -> tuple[torch.Tensor
     return mean, invstd
 
 
-def _norm_act_native(kernels, z, moments, act, alpha, beta, gamma, bn_bias, running_mean, running_var, cfg):
-    """``act = leaky_relu(α·z + β·BN(z))`` by the compiled kernels, the norm as ``scale·z + offset``.
-
-    Returns ``(μ, σ² or None, 1/√(σ²+ε), scale, offset)``.
-
-    Batch statistics come from the conv's ``moments`` (see :func:`_conv3`), or from float64 sums over
-    ``z`` when it has none, and the running ones move as in ``F.batch_norm`` (unbiased variance).
-    """
-    _, n, rows, _, eps, momentum, slope, batch_stats, update_running = cfg
-    if batch_stats:
-        mean64, var64 = mean_var(moments) if moments else channel_mean_var(kernels, z)
-        count = z.shape[0] * rows
-        if update_running:
-            running_mean.mul_(1 - momentum).add_(mean64.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1 - momentum).add_((var64 * count / (count - 1)).to(running_var.dtype), alpha=momentum)
-        mean, var, invstd = mean64.float(), None, torch.rsqrt(var64 + eps).float()
-    else:
-        mean, var = running_mean.clone(), running_var.clone()
-        invstd = torch.rsqrt(var + eps)
-    g = gamma * invstd
-    scale = (alpha + beta * g).expand(z.shape[-1]).contiguous()
-    offset = (beta * (bn_bias - g * mean)).contiguous()
-    for zb, ab in zip(z, act):
-        kernels.affine_leaky_relu(zb[:n], scale, offset, slope, out=ab)
-    return mean, var, invstd, scale, offset
-
-
-def _norm_act_backward_coefficients(kernels, grad_act, norm, z, mean, invstd, alpha, beta, gamma, cfg):
-    """The conv's output gradient as ``dz = a·dy + b·z + e`` per channel (``dy``: the leaky ReLU's input
-    gradient) for :func:`_norm_act_native`; returns ``(a, b, e)`` and BN backward's sums ``(Σdy·x̂, Σdy)``.
-
-    ``a = α + βγ/σ`` and, with batch statistics (their gradient), ``b = −βγ·Σdy·x̂ /(Nσ²)``,
-    ``e = −βγ·Σdy/(Nσ) − b·μ``.
-    """
-    _, n, rows, _, _, _, slope, batch_stats, _ = cfg
-    sums = torch.zeros(2, z.shape[-1], dtype=torch.float64)
-    for gb, zb in zip(grad_act, z):  # about the mean: Σdy·(z−μ) directly
-        kernels.channel_moments(zb[:n], sums, mean.contiguous(), grad=gb, norm=norm, negative_slope=slope)
-    mean64, invstd64 = mean.double(), invstd.double()
-    sum_dy = sums[0]
-    sum_dy_xhat = invstd64 * sums[1]
-    bg = (beta * gamma).double().expand_as(sum_dy)
-    a = (alpha.double() + bg * invstd64).float().contiguous()
-    if batch_stats:
-        count = z.shape[0] * rows  # the cut rows (dy = 0) count: BN's statistics saw them
-        b64 = -bg * invstd64.square() * sum_dy_xhat / count
-        e64 = -bg * invstd64 * sum_dy / count - b64 * mean64
-        b, e = b64.float().contiguous(), e64.float().contiguous()
-    else:  # running statistics are constants
-        b = e = torch.zeros_like(a)
-    return (a, b, e), sum_dy_xhat.float(), sum_dy.float()
-
-
-def _backward_native(kernels, grad_out, norm, x, weight, z, mean, invstd, alpha, beta, gamma, cfg):
-    """``(dx, ∂L/∂weight [Cout, Cin, 3], Σdy·x̂, Σdy)`` by the compiled kernels: the moments, then one pass.
-
-    ``norm = (scale, offset)`` of the forward pass: the leaky ReLU's mask comes from ``scale·z + offset``
-    (the activation is not read back).
-    """
-    d, n, rows, (front, _), _, _, slope, _, _ = cfg
-    grad_act = grad_out.contiguous()[:, front : front + n]  # each [b] a contiguous block, no copy
-    coefficients, sum_dy_xhat, sum_dy = _norm_act_backward_coefficients(kernels, grad_act, norm, z, mean, invstd,
-                                                                        alpha, beta, gamma, cfg)  # fmt: skip
-    dx = x.new_empty(x.shape)  # the rows x holds; its margins get no gradient
-    dx[:, :d].zero_()
-    dx[:, d + n :].zero_()
-    wino_grad = x.new_zeros(6, x.shape[-1], z.shape[-1])
-    flipped = kernels.winograd_weights(weight, flipped=True)  # the input gradient's conv
-    for b in range(x.shape[0]):
-        kernels.winograd_conv_backward(grad_act[b], norm, z[b], rows, coefficients, slope, x[b], flipped, dx[b],
-                                       wino_grad, d)  # fmt: skip
-    return dx, kernels.winograd_taps_grad(wino_grad), sum_dy_xhat, sum_dy
-
-
 def _backward_torch(grad_out, act, x, weight, z, mean, invstd, run_mean, run_var, alpha, beta, gamma, cfg):
-    """:func:`_backward_native` by PyTorch ops: BN's backward kernel, then direct GEMMs."""
+    """``(dx, ∂L/∂weight [Cout, Cin, 3], Σdy·x̂, Σdy)``: BN's channels-last backward kernel, then direct GEMMs."""
     d, n, rows, (front, _), eps, _, slope, batch_stats, _ = cfg
     taps = weight.permute(2, 1, 0)  # [3, Cin, Cout]
     bsz, _, cout = z.shape
@@ -197,17 +124,12 @@ class _ConvNormAct(torch.autograd.Function):
         d, n, rows, (front, back), eps, momentum, slope, batch_stats, update_running = cfg
         bsz = x.shape[0]
         z = x.new_empty(bsz, rows, weight.shape[0])
-        moments = _conv3(x, weight, d, z)
+        _conv3(x, weight, d, z)
         out = x.new_empty(bsz, front + n + back, weight.shape[0])
         out[:, :front].zero_()
         out[:, front + n :].zero_()
         act = out[:, front : front + n]  # rows beyond n (tf_authors padding) are cut after the activation
-        kernels = winograd.kernels_for(x, z)
-        norm = (None, None)
-        if kernels is not None:  # the compiled kernels: statistics in one read, norm + activation in one pass
-            mean, var, invstd, *norm = _norm_act_native(kernels, z, moments, act, alpha, beta, gamma, bn_bias,
-                                                        running_mean, running_var, cfg)  # fmt: skip
-        elif batch_stats:
+        if batch_stats:
             # PyTorch's channels-last BN kernel: batch statistics (and F.batch_norm's running update),
             # with weight β·γ and bias β·b its output is β·BN(z); α·z is added on the way out.
             bn_out, mean, invstd = torch.ops.aten.native_batch_norm(
@@ -226,27 +148,18 @@ class _ConvNormAct(torch.autograd.Function):
             invstd = torch.rsqrt(var + eps)
             g = gamma * invstd
             torch.addcmul(beta * (bn_bias - g * mean), z[:, :n], alpha + beta * g, out=act)
-        if kernels is None:
-            F.leaky_relu_(act, slope)
+        F.leaky_relu_(act, slope)
         ctx.cfg = cfg
         running = (mean, var) if not batch_stats else (None, None)
-        ctx.save_for_backward(x, weight, z, out, mean, invstd, *running, *norm, alpha, beta, gamma, bn_bias)
+        ctx.save_for_backward(x, weight, z, out, mean, invstd, *running, alpha, beta, gamma, bn_bias)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, z, out, mean, invstd, run_mean, run_var, scale, offset, alpha, beta, gamma, bn_bias = (
-            ctx.saved_tensors
-        )
+        x, weight, z, out, mean, invstd, run_mean, run_var, alpha, beta, gamma, bn_bias = ctx.saved_tensors
         _, n, _, (front, _), _, _, _, _, _ = ctx.cfg
-        act = out[:, front : front + n]
-        kernels = winograd.kernels_for(x, z)
-        if kernels is not None:
-            dx, dweight, sum_dy_xhat, sum_dy = _backward_native(kernels, grad_out, (scale, offset), x, weight, z, mean,
-                                                              invstd, alpha, beta, gamma, ctx.cfg)  # fmt: skip
-        else:
-            dx, dweight, sum_dy_xhat, sum_dy = _backward_torch(grad_out, act, x, weight, z, mean, invstd, run_mean,
-                                                             run_var, alpha, beta, gamma, ctx.cfg)  # fmt: skip
+        dx, dweight, sum_dy_xhat, sum_dy = _backward_torch(grad_out, out[:, front : front + n], x, weight, z, mean,
+                                                           invstd, run_mean, run_var, alpha, beta, gamma, ctx.cfg)  # fmt: skip
         need = ctx.needs_input_grad
         grads = [None] * 9
         if need[0]:
@@ -303,16 +216,6 @@ def conv_norm_act(
     cfg = (int(dilation), int(length), rows, (int(margins[0]), int(margins[1])), float(bn.eps),
            float(bn.momentum), float(negative_slope), bool(batch_stats), bool(bn.training))  # fmt: skip
     return _ConvNormAct.apply(x, weight, alpha, beta, gamma, bn.bias, bn.running_mean, bn.running_var, cfg)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Lazy layers (compiled kernels only): each op takes the previous layer's conv output z and that layer's
-# per-channel norm (scale, offset), applies leaky_relu(scale·z + offset) inside the Winograd input transform
-# (the activation is never stored), and returns its own z with the batch mean and variance as
-# differentiable outputs. The norm's small per-channel ops run in autograd between the ops, so BN's
-# statistic gradients arrive as ∂L/∂mean, ∂L/∂var; backward forms dz = g + b·z + e from them on the fly,
-# and hands the layer below its z-gradient scale·dy with Σdy, Σdy·z (its scale's and offset's gradients)
-# from the same kernel. That saves the norm + activation pass forward and the moments pass backward.
 
 
 class _LazyConv(torch.autograd.Function):
@@ -396,6 +299,10 @@ def lazy_conv(x, below: tuple | None, weight, norm, dilation: int, length: int, 
 
     bn = norm.bn if isinstance(norm, AdaptiveBatchNorm) else norm
     batch_stats = bn.training or bn.batch_stats_at_eval
+    if batch_stats and x.shape[0] * rows <= 1:  # as F.batch_norm: one value has no variance
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {(x.shape[0], weight.shape[0], rows)}"
+        )
     in_scale, in_offset, shift = (None, None, None) if below is None else (below[0].contiguous(), below[1].contiguous(),
                                                                           below[2].detach().contiguous())  # fmt: skip
     cfg = (int(dilation), int(length), int(rows), float(negative_slope), shift, float(bn.momentum),
