@@ -256,23 +256,21 @@ class _LazyConv(torch.autograd.Function):
         # dz = g + ∂mean/∂z·grad_mean + ∂var/∂z·grad_var = g + b·z + e, with g read for rows < n
         b = 2 * grad_var / count if grad_var is not None else z.new_zeros(c_out)
         e = (grad_mean / count if grad_mean is not None else z.new_zeros(c_out)) - b * mean
-        ones, zeros = z.new_ones(c_out), z.new_zeros(c_out)
         g = grad_z.contiguous() if grad_z is not None else z.new_zeros(bsz, n, c_out)
         wino_grad = x.new_zeros(6, c_in, c_out)
         flipped = kernels.winograd_weights(weight, flipped=True)
         sums = torch.zeros(2, c_in, dtype=torch.float64) if in_scale is not None else None
         dx = x.new_empty(x.shape)
-        for bi in range(bsz):  # slope 1: dy = g, the mask does not matter
+        coefficients = (b.contiguous(), e.contiguous())
+        for bi in range(bsz):
             if in_scale is None:
                 dx[bi, :d].zero_()
                 dx[bi, d + n :].zero_()
-                kernels.winograd_conv_backward(g[bi, :n], (ones, zeros), z[bi], rows, (ones, b.contiguous(),
-                                               e.contiguous()), 1.0, x[bi], flipped, dx[bi], wino_grad, d)  # fmt: skip
+                kernels.winograd_conv_backward(g[bi, :n], z[bi], rows, coefficients, x[bi], flipped, dx[bi], wino_grad, d)
             else:
                 dx[bi, n:].zero_()
-                kernels.winograd_conv_backward(g[bi, :n], (ones, zeros), z[bi], rows, (ones, b.contiguous(),
-                                               e.contiguous()), 1.0, x[bi], flipped, dx[bi], wino_grad, d,
-                                               x_norm=(in_scale, in_offset, in_slope, n), below=(shift, sums))  # fmt: skip
+                kernels.winograd_conv_backward(g[bi, :n], z[bi], rows, coefficients, x[bi], flipped, dx[bi], wino_grad,
+                                               d, x_norm=(in_scale, in_offset, in_slope, n), below=(shift, sums))  # fmt: skip
         grad_scale = grad_offset = None
         if sums is not None:  # Σdy·z = Σdy·(z − shift) + shift·Σdy
             grad_offset = sums[0].float()

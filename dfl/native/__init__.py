@@ -139,11 +139,10 @@ class CpuKernels:
         self._conv.argtypes = [*source, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, ctypes.c_int, ptr, ptr]
         self._conv.restype = ctypes.c_int
         self._conv_backward = lib.dfl_wino43_conv_backward
-        self._conv_backward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ctypes.c_float, *source, ptr, i64,
-                                        i64, i64, ptr, ptr, ptr, ptr]  # fmt: skip
+        self._conv_backward.argtypes = [ptr, ptr, i64, i64, ptr, ptr, *source, ptr, i64, i64, i64, ptr, ptr, ptr, ptr]
         self._conv_backward.restype = ctypes.c_int
         self._moments = lib.dfl_channel_moments
-        self._moments.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_float, i64, i64, ptr]
+        self._moments.argtypes = [ptr, ptr, i64, i64, ptr]
         self._moments.restype = ctypes.c_int
         self._affine = lib.dfl_affine_leaky_relu
         self._affine.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ctypes.c_float]
@@ -257,11 +256,9 @@ class CpuKernels:
     def winograd_conv_backward(
         self,
         grad: torch.Tensor,
-        norm: tuple[torch.Tensor, torch.Tensor],
         z: torch.Tensor,
         rows: int,
-        coefficients: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-        negative_slope: float,
+        coefficients: tuple[torch.Tensor, torch.Tensor],
         x: torch.Tensor,
         flipped_weights: torch.Tensor,
         dx: torch.Tensor,
@@ -270,13 +267,12 @@ class CpuKernels:
         x_norm: tuple[torch.Tensor, torch.Tensor, float, int] | None = None,
         below: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        """Backward of ``leaky_relu(scale·z + offset)``, ``z`` = the conv of ``x``, in one pass; see :meth:`winograd_conv`.
+        """Backward of :meth:`winograd_conv` (no bias, no activation) in one pass.
 
-        ``z [rows, Cout]``: the conv's output; ``grad [n, Cout]``: the activation's gradient (rows ≥ n
-        were cut: no gradient); ``norm = (scale, offset)``; ``coefficients = (a, b, e)`` give the conv's output
-        gradient ``dz = a·dy + b·z + e`` per channel (``dy`` the leaky ReLU's input gradient). Writes
-        ``dx`` rows ``d … d + n`` (the conv of ``dz`` with ``flipped_weights``, the Winograd weights of the
-        flipped, transposed taps ``[6, Cout, Cin]``) and adds the Winograd weights' gradient to
+        ``z [rows, Cout]``: the conv's output; ``grad [n, Cout]``: its gradient from above (rows ≥ n: none);
+        ``coefficients = (b, e)`` add batch norm's statistics gradients, ``dz = grad + b·z + e`` per channel.
+        Writes ``dx`` rows ``d … d + n`` (the conv of ``dz`` with ``flipped_weights``, the Winograd weights of
+        the flipped, transposed taps ``[6, Cout, Cin]``) and adds the Winograd weights' gradient to
         ``weights_grad [6, Cin, Cout]``. ``x``: the conv's input buffer, ``rows + 2d`` rows from row 0.
 
         With ``x_norm = (scale, offset, slope, n)``, ``x`` is the layer below's conv output, read through
@@ -291,7 +287,7 @@ class CpuKernels:
         if grad.shape[1] != c_out or c_out % 8:
             raise ValueError(f"grad {tuple(grad.shape)} and z {tuple(z.shape)} need the same channels, a multiple of 8")
         if rows < n:
-            raise ValueError(f"the conv's {rows} rows cannot be fewer than the activation's {n}")
+            raise ValueError(f"the conv's {rows} rows cannot be fewer than the gradient's {n}")
         _check_rows("z", z, 0, rows)
         if x_norm is None:
             if below is not None:
@@ -305,20 +301,19 @@ class CpuKernels:
             if dx.shape[1] != x.shape[1]:
                 raise ValueError(f"dx has {dx.shape[1]} channels, x {x.shape[1]}")
         c_in = x.shape[1]
+        self._check_winograd("flipped_weights", flipped_weights, c_out, c_in)
+        self._check_winograd("weights_grad", weights_grad, c_in, c_out)
+        for name, t in zip("be", coefficients):
+            _check_channels(name, t, c_out)
         shift = sums = None
         if below is not None:
             _check_channels("shift", below[0], c_in)
             if below[1].dtype != torch.float64 or not below[1].is_contiguous() or tuple(below[1].shape) != (2, c_in):
                 raise ValueError(f"sums must be a contiguous float64 tensor of shape (2, {c_in})")
             shift, sums = below[0].data_ptr(), below[1].data_ptr()
-        self._check_winograd("flipped_weights", flipped_weights, c_out, c_in)
-        self._check_winograd("weights_grad", weights_grad, c_in, c_out)
-        for name, t in (*zip("abe", coefficients), *zip(("scale", "offset"), norm)):
-            _check_channels(name, t, c_out)
-        a, b, e = (t.data_ptr() for t in coefficients)
-        status = self._conv_backward(grad.data_ptr(), norm[0].data_ptr(), norm[1].data_ptr(), z.data_ptr(), n, rows, a, b, e,
-                                     float(negative_slope), *source, flipped_weights.data_ptr(), c_in, c_out, d,
-                                     _row_pointer(dx, dx_row), weights_grad.data_ptr(), shift, sums)  # fmt: skip
+        b, e = (t.data_ptr() for t in coefficients)
+        status = self._conv_backward(grad.data_ptr(), z.data_ptr(), n, rows, b, e, *source, flipped_weights.data_ptr(),
+                                     c_in, c_out, d, _row_pointer(dx, dx_row), weights_grad.data_ptr(), shift, sums)  # fmt: skip
         if status != 0:
             raise MemoryError("dfl_wino43_conv_backward: out of memory")
 
@@ -335,35 +330,14 @@ class CpuKernels:
             raise ValueError(f"channels must be a multiple of 8, got {z.shape[1]}")
         return z.shape[1]
 
-    def channel_moments(
-        self,
-        z: torch.Tensor,
-        sums: torch.Tensor,
-        shift: torch.Tensor,
-        grad: torch.Tensor | None = None,
-        norm: tuple[torch.Tensor, torch.Tensor] | None = None,
-        negative_slope: float = 0.0,
-    ) -> None:
-        """Adds per-channel moments of ``z [rows, C]`` about ``shift`` to ``sums (2, C)`` (float64).
-
-        Without ``grad``: ``Σ(z−k)`` and ``Σ(z−k)²``. With ``grad`` of ``leaky_relu(scale·z + offset)``
-        and ``norm = (scale, offset)``: ``Σdy`` and ``Σdy·(z−k)`` for the leaky ReLU's input gradient
-        ``dy`` (the batch-norm backward's sums). A shift ``k`` near the channel means avoids cancellation
-        in the variance.
-        """
-        if (grad is None) != (norm is None):
-            raise ValueError("grad and norm go together")
-        channels = self._check_like(z, grad=grad)
+    def channel_moments(self, z: torch.Tensor, sums: torch.Tensor, shift: torch.Tensor) -> None:
+        """Adds ``Σ(z−k)`` and ``Σ(z−k)²`` per channel of ``z [rows, C]`` about ``shift`` to ``sums (2, C)``
+        (float64). A shift ``k`` near the channel means avoids cancellation in the variance."""
+        channels = self._check_like(z)
         _check_channels("shift", shift, channels)
         if sums.dtype != torch.float64 or not sums.is_contiguous() or tuple(sums.shape) != (2, channels):
             raise ValueError(f"sums must be a contiguous float64 tensor of shape (2, {channels})")
-        g = scale = offset = None
-        if grad is not None:
-            for name, t in zip(("scale", "offset"), norm):
-                _check_channels(name, t, channels)
-            g, scale, offset = grad.data_ptr(), norm[0].data_ptr(), norm[1].data_ptr()
-        status = self._moments(z.data_ptr(), shift.data_ptr(), g, scale, offset, float(negative_slope), z.shape[0],
-                               channels, sums.data_ptr())  # fmt: skip
+        status = self._moments(z.data_ptr(), shift.data_ptr(), z.shape[0], channels, sums.data_ptr())
         if status != 0:
             raise MemoryError("dfl_channel_moments: out of memory")
 

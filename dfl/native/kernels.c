@@ -384,16 +384,15 @@ int dfl_wino43_conv(const float *x, int64_t lo, int64_t hi, const float *in_scal
     return failed ? -1 : 0;
 }
 
-/* The backward of dfl_wino43_conv (no bias, no activation) followed by norm + leaky ReLU, in one pass.
- * When x is read through a norm (in_scale) and below_sums is given, dx receives the layer below's
- * z-gradient instead, through a sink_t (shift: below_shift), and below_sums [2][Cin] its sums.
- * The conv's output gradient is formed on the fly, dz = a·dy + b·z + e per channel for conv rows
- * r < rows (dy: the leaky ReLU's input gradient from g and s·z + c for r < n, 0 beyond), and feeds both
- * dx[t] = Σ_k dz[t − (k−1)·d] @ W_kᵀ for t < n (Wf: the Winograd weights of the flipped, transposed
- * taps, [6][Cout][Cin]) and grad[6][Cin][Cout] += Σ Uᵢᵀ Vᵢ (U = Bᵀx, V = A·dz). x: the source, as for
- * the conv. Threads sum the weight gradient into their own buffers, added in thread order. */
-int dfl_wino43_conv_backward(const float *g, const float *scale, const float *offset, const float *z, int64_t n,
-                             int64_t rows, const float *a, const float *b, const float *e, float slope,
+/* The backward of dfl_wino43_conv (no bias, no activation) in one pass. The conv's output gradient is
+ * formed on the fly, dz = g + b·z + e per channel for conv rows r < rows (g: the z-gradient from above, for
+ * r < n; b, e: batch norm's statistics gradients), and feeds both dx[t] = Σ_k dz[t − (k−1)·d] @ W_kᵀ for
+ * t < n (Wf: the Winograd weights of the flipped, transposed taps, [6][Cout][Cin]) and
+ * grad[6][Cin][Cout] += Σ Uᵢᵀ Vᵢ (U = Bᵀx, V = A·dz); x: the source, as for the conv. When x is read through
+ * a norm (in_scale) and below_sums is given, dx receives the layer below's z-gradient instead, through a
+ * sink_t (shift: below_shift), and below_sums [2][Cin] its sums. Threads sum the weight gradient into
+ * their own buffers, added in thread order. */
+int dfl_wino43_conv_backward(const float *g, const float *z, int64_t n, int64_t rows, const float *b, const float *e,
                              const float *x, int64_t lo, int64_t hi, const float *in_scale, const float *in_offset,
                              float in_slope, const float *Wf, int64_t Cin, int64_t Cout, int64_t d, float *dx,
                              float *grad, const float *below_shift, double *below_sums) {
@@ -449,9 +448,7 @@ int dfl_wino43_conv_backward(const float *g, const float *scale, const float *of
                         v8 v = zero;
                         if (row >= 0 && row < rows) {
                             v = LOAD(b + c) * LOAD(z + row * Cout + c) + LOAD(e + c);
-                            if (row < n)
-                                v += LOAD(a + c) * leaky_grad(LOAD(g + row * Cout + c),
-                                                              affine(z + row * Cout + c, scale + c, offset + c), slope);
+                            if (row < n) v += LOAD(g + row * Cout + c);
                         }
                         STORE(out + c, v);
                     }
@@ -493,15 +490,11 @@ int dfl_wino43_conv_backward(const float *g, const float *scale, const float *of
 }
 
 /* Per-channel moments of `rows` rows about `shift` (k), added in float64 to sums[0:C] and sums[C:2C]:
- * grad == NULL: Σ (z−k) and Σ (z−k)²; else, with dy = grad where scale·z + offset > 0 and slope·grad elsewhere
- * (the leaky ReLU's gradient), Σ dy and Σ dy·(z−k). A shift near the mean keeps the variance free of
- * cancellation. Blocks of 64 rows are summed in float32 vectors, then
- * added in float64 per thread; the threads' sums are added in thread order, so results do not
- * depend on scheduling. Returns -1 when out of memory. */
+ * Σ (z−k) and Σ (z−k)². A shift near the mean keeps the variance free of cancellation. Blocks of 64 rows
+ * are summed in float32 vectors, then added in float64 per thread; the threads' sums are added in thread
+ * order, so results do not depend on scheduling. Returns -1 when out of memory. */
 #define MOMENT_BLOCK 64
-int dfl_channel_moments(const float *z, const float *shift, const float *grad, const float *scale,
-                        const float *offset, float slope,
-                        int64_t rows, int64_t C, double *sums) {
+int dfl_channel_moments(const float *z, const float *shift, int64_t rows, int64_t C, double *sums) {
     int threads = 1;
 #ifdef _OPENMP
     threads = omp_get_max_threads();
@@ -528,11 +521,9 @@ int dfl_channel_moments(const float *z, const float *shift, const float *grad, c
             for (int64_t c = 0; c < C; c += 8) STORE(bs + c, zero), STORE(bq + c, zero);
             for (int64_t r = blk * MOMENT_BLOCK; r < r1; r++)
                 for (int64_t c = 0; c < C; c += 8) {
-                    v8 v = LOAD(z + r * C + c) - LOAD(shift + c), w = v;
-                    if (grad) /* dy */
-                        w = leaky_grad(LOAD(grad + r * C + c), affine(z + r * C + c, scale + c, offset + c), slope);
-                    STORE(bs + c, LOAD(bs + c) + w);
-                    STORE(bq + c, LOAD(bq + c) + w * v);
+                    v8 v = LOAD(z + r * C + c) - LOAD(shift + c);
+                    STORE(bs + c, LOAD(bs + c) + v);
+                    STORE(bq + c, LOAD(bq + c) + v * v);
                 }
             for (int64_t c = 0; c < C; c++) s[c] += bs[c], q[c] += bq[c];
         }
