@@ -291,8 +291,9 @@ def norm_affine(norm: torch.nn.Module, mean: torch.Tensor, var: torch.Tensor) ->
 
 
 def lazy_conv(x, below: tuple | None, weight, norm, dilation: int, length: int, rows: int, negative_slope: float):
-    """One lazy layer: ``(z, scale, offset)`` of the conv of ``x`` (see :class:`_LazyConv`); ``below`` is the
-    layer below's ``(scale, offset, mean)``, or None when ``x`` is an activation buffer with zero margins."""
+    """One lazy layer: ``(z, scale, offset, mean)`` for the conv of ``x`` (see :class:`_LazyConv`), its norm
+    as ``scale·z + offset`` and the mean it normalises with; ``below`` is the layer below's
+    ``(scale, offset, mean)``, or None when ``x`` is an activation buffer with zero margins."""
     from dfl.models.adaptive_bn import AdaptiveBatchNorm
 
     bn = norm.bn if isinstance(norm, AdaptiveBatchNorm) else norm
