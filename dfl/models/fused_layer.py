@@ -177,6 +177,24 @@ class _ConvNormAct(torch.autograd.Function):
         return tuple(grads)
 
 
+def _norm_parts(norm: torch.nn.Module, like: torch.Tensor) -> tuple:
+    """``(α, β, bn)`` of ``α·z + β·BN(z)``: an ``AdaptiveBatchNorm``'s, or ``(0, 1, norm)`` for a ``BatchNorm``."""
+    from dfl.models.adaptive_bn import AdaptiveBatchNorm, BatchNorm
+
+    if isinstance(norm, AdaptiveBatchNorm):
+        return norm.alpha, norm.beta, norm.bn
+    if isinstance(norm, BatchNorm):
+        return like.new_zeros(()), like.new_ones(()), norm
+    raise TypeError(f"the fused layers need AdaptiveBatchNorm or BatchNorm, got {type(norm).__name__}")
+
+
+def _check_batch_values(batch_stats: bool, x: torch.Tensor, weight: torch.Tensor, rows: int) -> None:
+    if batch_stats and x.shape[0] * rows <= 1:  # as F.batch_norm: one value has no variance (NaN statistics)
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {(x.shape[0], weight.shape[0], rows)}"
+        )
+
+
 def conv_norm_act(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -196,23 +214,13 @@ def conv_norm_act(
     ``norm`` is an ``AdaptiveBatchNorm`` or a ``BatchNorm``; it uses batch statistics (and updates its
     running ones) in training mode, running statistics in eval mode unless ``batch_stats_at_eval``.
     """
-    from dfl.models.adaptive_bn import AdaptiveBatchNorm, BatchNorm
-
-    if isinstance(norm, AdaptiveBatchNorm):
-        alpha, beta, bn = norm.alpha, norm.beta, norm.bn
-    elif isinstance(norm, BatchNorm):
-        alpha, beta, bn = x.new_zeros(()), x.new_ones(()), norm
-    else:
-        raise TypeError(f"conv_norm_act needs AdaptiveBatchNorm or BatchNorm, got {type(norm).__name__}")
+    alpha, beta, bn = _norm_parts(norm, x)
     rows = length if rows is None else int(rows)
     if rows < length or x.shape[1] < rows + 2 * dilation:
         raise ValueError(f"buffer of {x.shape[1]} rows too short for {rows} rows at dilation {dilation}")
     gamma = bn.weight if bn.weight is not None else x.new_ones(weight.shape[0])
     batch_stats = bn.training or bn.batch_stats_at_eval
-    if batch_stats and x.shape[0] * rows <= 1:  # as F.batch_norm: one value has no variance (NaN statistics)
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {(x.shape[0], weight.shape[0], rows)}"
-        )
+    _check_batch_values(batch_stats, x, weight, rows)
     cfg = (int(dilation), int(length), rows, (int(margins[0]), int(margins[1])), float(bn.eps),
            float(bn.momentum), float(negative_slope), bool(batch_stats), bool(bn.training))  # fmt: skip
     return _ConvNormAct.apply(x, weight, alpha, beta, gamma, bn.bias, bn.running_mean, bn.running_var, cfg)
@@ -280,10 +288,7 @@ class _LazyConv(torch.autograd.Function):
 
 def norm_affine(norm: torch.nn.Module, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``α·z + β·BN(z) = scale·z + offset`` per channel, differentiable in the statistics and parameters."""
-    from dfl.models.adaptive_bn import AdaptiveBatchNorm
-
-    bn = norm.bn if isinstance(norm, AdaptiveBatchNorm) else norm
-    alpha, beta = (norm.alpha, norm.beta) if isinstance(norm, AdaptiveBatchNorm) else (0.0, 1.0)
+    alpha, beta, bn = _norm_parts(norm, mean)
     g = torch.rsqrt(var + bn.eps)
     if bn.weight is not None:
         g = bn.weight * g
@@ -294,14 +299,9 @@ def lazy_conv(x, below: tuple | None, weight, norm, dilation: int, length: int, 
     """One lazy layer: ``(z, scale, offset, mean)`` for the conv of ``x`` (see :class:`_LazyConv`), its norm
     as ``scale·z + offset`` and the mean it normalises with; ``below`` is the layer below's
     ``(scale, offset, mean)``, or None when ``x`` is an activation buffer with zero margins."""
-    from dfl.models.adaptive_bn import AdaptiveBatchNorm
-
-    bn = norm.bn if isinstance(norm, AdaptiveBatchNorm) else norm
+    _, _, bn = _norm_parts(norm, x)
     batch_stats = bn.training or bn.batch_stats_at_eval
-    if batch_stats and x.shape[0] * rows <= 1:  # as F.batch_norm: one value has no variance
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {(x.shape[0], weight.shape[0], rows)}"
-        )
+    _check_batch_values(batch_stats, x, weight, rows)
     in_scale, in_offset, shift = (None, None, None) if below is None else (below[0].contiguous(), below[1].contiguous(),
                                                                           below[2].detach().contiguous())  # fmt: skip
     cfg = (int(dilation), int(length), int(rows), float(negative_slope), shift, float(bn.momentum),
@@ -310,4 +310,4 @@ def lazy_conv(x, below: tuple | None, weight, norm, dilation: int, length: int, 
     if not batch_stats:
         mean, var = bn.running_mean, bn.running_var
     scale, offset = norm_affine(norm, mean, var)
-    return z, scale.expand(z.shape[-1]), offset.expand(z.shape[-1]), mean
+    return z, scale, offset, mean

@@ -128,6 +128,12 @@ def _check_channels(name: str, t: torch.Tensor, channels: int) -> None:
         raise ValueError(f"{name} must be {channels} contiguous float32 CPU values")
 
 
+def _check_sums(name: str, t: torch.Tensor, channels: int) -> None:
+    """Per-channel float64 sums or moments, ``(2, C)``."""
+    if t.dtype != torch.float64 or not t.is_contiguous() or tuple(t.shape) != (2, channels):
+        raise ValueError(f"{name} must be a contiguous float64 tensor of shape (2, {channels})")
+
+
 class CpuKernels:
     """The kernels of ``kernels.c``: Winograd F(4,3) convs along time, BN moments, affine + leaky ReLU."""
 
@@ -135,7 +141,7 @@ class CpuKernels:
         lib = ctypes.CDLL(str(library))
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         self._conv = lib.dfl_wino43_conv
-        source = [ptr, i64, i64, ptr, ptr, ctypes.c_float]  # see _source
+        source = [ptr, i64, i64, ptr, ptr, ctypes.c_float]  # see _conv_source
         self._conv.argtypes = [*source, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, ctypes.c_int, ptr, ptr]
         self._conv.restype = ctypes.c_int
         self._conv_backward = lib.dfl_wino43_conv_backward
@@ -186,30 +192,26 @@ class CpuKernels:
             raise ValueError(f"{name} must have shape (6, {c_in}, {c_out}), got {tuple(w.shape)}")
 
     @staticmethod
-    def _check_conv_rows(x, x_row, y_name, y, y_row, rows: int, dilation: int, check_x: bool = True) -> None:
-        """Outputs ``y_row … y_row + rows`` read inputs ``x_row − d … x_row + rows + d`` (the zero padding included)."""
+    def _conv_source(x, x_row, rows: int, dilation: int, x_norm, y_name, y, y_row, y_rows=None) -> tuple:
+        """Checks a conv's buffers (``rows`` outputs; ``y`` rows ``y_row … y_row + y_rows``, default
+        ``rows``) and returns the C ``source_t`` of its
+        input: ``x`` from ``x_row`` with its zero padding in the buffer (rows ``x_row − d … x_row + rows + d``
+        read), or, with ``x_norm = (scale, offset, slope, valid)``, the previous layer's conv output: rows
+        ``x_row … x_row + valid`` read through ``leaky_relu(scale·x + offset)``, zero outside them (no
+        padding in the buffer)."""
         if rows < 0 or dilation < 1:
             raise ValueError(f"need rows >= 0 and dilation >= 1, got {rows} and {dilation}")
-        if check_x:
+        if x_norm is None:
             _check_rows("x", x, x_row - dilation, x_row + rows + dilation)
         else:
-            _check_rows("x", x, x_row, x_row)
-        _check_rows(y_name, y, y_row, y_row + rows)
+            _check_rows("x", x, x_row, x_row + x_norm[3])
+        _check_rows(y_name, y, y_row, y_row + (rows if y_rows is None else y_rows))
         for name, t in (("x", x), (y_name, y)):
             if t.shape[1] % 8:
                 raise ValueError(f"{name}: channels must be a multiple of 8, got {t.shape[1]}")
-
-    @staticmethod
-    def _source(x: torch.Tensor, x_row: int, rows: int, dilation: int, x_norm) -> tuple:
-        """The C ``source_t`` of a conv's input: ``x`` from ``x_row`` with its zero padding in the buffer
-        (rows ``x_row − d … x_row + rows + d`` read), or, with ``x_norm = (scale, offset, slope, valid)``,
-        the previous layer's conv output: rows ``x_row … x_row + valid`` read through
-        ``leaky_relu(scale·x + offset)``, zero outside them (no padding in the buffer)."""
         if x_norm is None:
-            _check_rows("x", x, x_row - dilation, x_row + rows + dilation)
             return (_row_pointer(x, x_row), -dilation, rows + dilation, None, None, 0.0)
         scale, offset, slope, valid = x_norm
-        _check_rows("x", x, x_row, x_row + valid)
         _check_channels("x_norm scale", scale, x.shape[1])
         _check_channels("x_norm offset", offset, x.shape[1])
         return (_row_pointer(x, x_row), 0, int(valid), scale.data_ptr(), offset.data_ptr(), float(slope))
@@ -231,19 +233,16 @@ class CpuKernels:
         """``y[y_row + t] = act(Σ_k x[x_row + t + (k−1)·d] @ W_k + bias)`` for ``t < rows``.
 
         ``x`` holds the conv's zero padding (``d`` rows each side), or is read through ``x_norm`` (see
-        :meth:`_source`); ``weights``: :meth:`winograd_weights` ``[6, Cin, Cout]``; ``act`` is a leaky ReLU
+        :meth:`_conv_source`); ``weights``: :meth:`winograd_weights` ``[6, Cin, Cout]``; ``act`` is a leaky ReLU
         unless ``negative_slope`` is None; no ``bias``: zero. ``moments`` (float64 ``(2, Cout)``) receives
         the written rows' per-channel mean and sum of squared deviations (see :func:`mean_var`).
         """
-        source = self._source(x, x_row, rows, dilation, x_norm)
-        self._check_conv_rows(x, x_row, "y", y, y_row, rows, dilation, check_x=x_norm is None)
+        source = self._conv_source(x, x_row, rows, dilation, x_norm, "y", y, y_row)
         self._check_winograd("weights", weights, x.shape[1], y.shape[1])
         if bias is not None:
             _check_channels("bias", bias, y.shape[1])
-        if moments is not None and (
-            moments.dtype != torch.float64 or not moments.is_contiguous() or tuple(moments.shape) != (2, y.shape[1])
-        ):
-            raise ValueError(f"moments must be a contiguous float64 tensor of shape (2, {y.shape[1]})")
+        if moments is not None:
+            _check_sums("moments", moments, y.shape[1])
         if moments is not None and rows == 0:
             raise ValueError("moments of 0 rows are undefined")
         slope = 0.0 if negative_slope is None else float(negative_slope)
@@ -289,18 +288,14 @@ class CpuKernels:
         if rows < n:
             raise ValueError(f"the conv's {rows} rows cannot be fewer than the gradient's {n}")
         _check_rows("z", z, 0, rows)
-        if x_norm is None:
-            if below is not None:
-                raise ValueError("below needs x_norm: the layer below's z is x")
-            self._check_conv_rows(x, d, "dx", dx, d, n, d)
-            _check_rows("x", x, 0, rows + 2 * d)
-            source, dx_row = self._source(x, d, rows, d, None), d
-        else:
-            source, dx_row = self._source(x, 0, rows, d, x_norm), 0
-            self._check_conv_rows(x, 0, "dx", dx, 0, n, d, check_x=False)
-            if dx.shape[1] != x.shape[1]:
-                raise ValueError(f"dx has {dx.shape[1]} channels, x {x.shape[1]}")
+        if below is not None and x_norm is None:
+            raise ValueError("below needs x_norm: the layer below's z is x")
+        # the input rows the conv read: from row d of a padded buffer, or from row 0 through x_norm
+        x_row = d if x_norm is None else 0
+        source = self._conv_source(x, x_row, rows, d, x_norm, "dx", dx, x_row, y_rows=n)
         c_in = x.shape[1]
+        if dx.shape[1] != c_in:
+            raise ValueError(f"dx has {dx.shape[1]} channels, x {c_in}")
         self._check_winograd("flipped_weights", flipped_weights, c_out, c_in)
         self._check_winograd("weights_grad", weights_grad, c_in, c_out)
         for name, t in zip("be", coefficients):
@@ -308,12 +303,11 @@ class CpuKernels:
         shift = sums = None
         if below is not None:
             _check_channels("shift", below[0], c_in)
-            if below[1].dtype != torch.float64 or not below[1].is_contiguous() or tuple(below[1].shape) != (2, c_in):
-                raise ValueError(f"sums must be a contiguous float64 tensor of shape (2, {c_in})")
+            _check_sums("sums", below[1], c_in)
             shift, sums = below[0].data_ptr(), below[1].data_ptr()
         b, e = (t.data_ptr() for t in coefficients)
         status = self._conv_backward(grad.data_ptr(), z.data_ptr(), n, rows, b, e, *source, flipped_weights.data_ptr(),
-                                     c_in, c_out, d, _row_pointer(dx, dx_row), weights_grad.data_ptr(), shift, sums)  # fmt: skip
+                                     c_in, c_out, d, _row_pointer(dx, x_row), weights_grad.data_ptr(), shift, sums)  # fmt: skip
         if status != 0:
             raise MemoryError("dfl_wino43_conv_backward: out of memory")
 
@@ -335,8 +329,7 @@ class CpuKernels:
         (float64). A shift ``k`` near the channel means avoids cancellation in the variance."""
         channels = self._check_like(z)
         _check_channels("shift", shift, channels)
-        if sums.dtype != torch.float64 or not sums.is_contiguous() or tuple(sums.shape) != (2, channels):
-            raise ValueError(f"sums must be a contiguous float64 tensor of shape (2, {channels})")
+        _check_sums("sums", sums, channels)
         status = self._moments(z.data_ptr(), shift.data_ptr(), z.shape[0], channels, sums.data_ptr())
         if status != 0:
             raise MemoryError("dfl_channel_moments: out of memory")
