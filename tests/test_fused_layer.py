@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dfl.models import ContextAggregationNet, LossNetwork, winograd
-from dfl.models.fused_layer import conv_norm_act
+from dfl.models.fused_layer import conv_norm_act, lazy_project
 
 DILATIONS = [1, 1, 2, 4, 8, 1]
 
@@ -44,6 +44,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).detach())
 
 
+# the lazy layers' kernels, the output conv's (lazy_project) included
+SPIED = ("winograd_conv", "winograd_conv_backward", "lazy_project", "lazy_project_backward")
+
+
 @pytest.fixture(params=["winograd", "direct"])
 def conv_path(request, monkeypatch):
     """Runs a test with the Winograd convs (and checks they ran) or with the direct GEMMs only."""
@@ -53,12 +57,12 @@ def conv_path(request, monkeypatch):
     else:
         from dfl.native import CpuKernels
 
-        for owner, name in ((CpuKernels, "winograd_conv"), (CpuKernels, "winograd_conv_backward")):
-            original = getattr(owner, name)
-            monkeypatch.setattr(owner, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+        for name in SPIED:
+            original = getattr(CpuKernels, name)
+            monkeypatch.setattr(CpuKernels, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     yield request.param
     if request.param == "winograd":
-        assert {"winograd_conv", "winograd_conv_backward"} <= set(calls)
+        assert set(SPIED) <= set(calls)
 
 
 CONFIGS = [
@@ -179,6 +183,12 @@ def test_plain_layers_where_the_fused_path_does_not_apply():
 def test_conv_norm_act_rejects_other_norms():
     with pytest.raises(TypeError, match="AdaptiveBatchNorm or BatchNorm"):
         conv_norm_act(torch.zeros(1, 4, 1), torch.zeros(2, 1, 3), torch.nn.Identity(), 1, 2, (0, 0), 0.2)
+
+
+def test_lazy_projection_needs_a_one_channel_1x1_output_conv():
+    below = (torch.ones(8), torch.zeros(8), torch.zeros(8))
+    with pytest.raises(ValueError, match="1×1 conv to one channel"):
+        lazy_project(torch.zeros(1, 4, 8), below, torch.nn.Conv1d(8, 2, 1), 4, 0.2)
 
 
 def test_a_single_value_per_channel_is_an_error_as_in_plain_batch_norm():

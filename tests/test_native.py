@@ -199,6 +199,48 @@ def test_batch_norm_kernels(kernels):
         kernels.affine_leaky_relu(z[:, :8], scale[:8], offset[:8], 0.2)
 
 
+def test_lazy_projection_is_the_output_conv_of_the_activation(kernels):
+    """``lazy_project``: the 1×1 output conv of ``leaky_relu(scale·z + offset)``; its backward gives the z-gradient
+    ``scale·dy``, ``Σdy``, ``Σdy·(z − shift)`` and the weight gradient, rows past ``n`` untouched."""
+    torch.manual_seed(5)
+    n, c = 1000, 24
+    z = torch.randn(n + 3, c)
+    z[n:] = float("nan")  # rows past n: never read
+    scale, offset, shift = torch.rand(c) + 0.5, torch.randn(c), torch.randn(c)
+    weight, bias = torch.randn(c), torch.randn(1)
+    y = torch.empty(n)
+    kernels.lazy_project(z, n, scale, offset, 0.3, weight, bias, y)
+    zs = z[:n].double().requires_grad_()
+    pre = zs * scale.double() + offset.double()
+    act = F.leaky_relu(pre, 0.3)
+    act.retain_grad()
+    w64 = weight.double().requires_grad_()
+    y64 = act @ w64 + bias.double()
+    torch.testing.assert_close(y.double(), y64.detach(), atol=1e-5 * y64.abs().max().item(), rtol=0)
+    grad = torch.randn(n)
+    (y64 * grad.double()).sum().backward()
+    dz = torch.full((n + 3, c), float("nan"))
+    sums, weight_grad = torch.ones(2, c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)  # added to
+    kernels.lazy_project_backward(grad, z, scale, offset, 0.3, weight, shift, dz, sums, weight_grad)
+    dy = torch.where(pre > 0, act.grad, 0.3 * act.grad).detach()
+    torch.testing.assert_close(dz[:n].double(), zs.grad, atol=1e-5 * zs.grad.abs().max().item(), rtol=0)
+    assert dz[n:].isnan().all()
+    torch.testing.assert_close(sums[0] - 1, dy.sum(0), atol=1e-5 * dy.abs().sum().item() / c, rtol=0)
+    torch.testing.assert_close(sums[1] - 1, (dy * (zs.detach() - shift.double())).sum(0),
+                               atol=1e-5 * (dy * zs.detach()).abs().sum().item() / c, rtol=0)  # fmt: skip
+    torch.testing.assert_close(weight_grad - 1, w64.grad, atol=1e-5 * act.detach().abs().sum().item() / c, rtol=0)
+    with pytest.raises(ValueError, match=r"n = 1004 rows outside z's 1003"):
+        kernels.lazy_project(z, n + 4, scale, offset, 0.3, weight, bias, torch.empty(n + 4))
+    with pytest.raises(ValueError, match="weight must be 24"):
+        kernels.lazy_project(z, n, scale, offset, 0.3, weight[:8], bias, y)
+    with pytest.raises(ValueError, match="y must be 1000"):
+        kernels.lazy_project(z, n, scale, offset, 0.3, weight, bias, y[:10])
+    with pytest.raises(ValueError, match=r"dz: rows \[0, 1000\) fall outside its 10 rows"):
+        kernels.lazy_project_backward(grad, z, scale, offset, 0.3, weight, shift, dz[:10], sums, weight_grad)
+    with pytest.raises(ValueError, match="weight_grad must be 24 contiguous float64"):
+        kernels.lazy_project_backward(grad, z, scale, offset, 0.3, weight, shift, dz, sums, weight_grad.float())
+
+
 def test_backward_mask_matches_the_forward_activation_exactly(kernels):
     # the backward recomputes the layer below's leaky-ReLU mask from scale·z + offset (the activation is never
     # stored): it must agree with the forward's activation on every element, zeros and near-zeros included

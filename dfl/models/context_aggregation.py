@@ -11,7 +11,7 @@ from torch import nn
 from dfl.models import winograd
 from dfl.models.adaptive_bn import make_norm
 from dfl.models.conv import Conv1d
-from dfl.models.fused_layer import conv_norm_act, lazy_conv
+from dfl.models.fused_layer import conv_norm_act, lazy_conv, lazy_project
 from dfl.models.padding import pad_to_multiple
 
 
@@ -164,9 +164,7 @@ class ContextAggregationNet(nn.Module):
             for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
                 weight = first_weight if i == 0 else conv.weight
                 buf, *below = lazy_conv(buf, below, weight, norm, d[i], n, rows[i], self.negative_slope)
-            scale, offset, _ = below
-            act = F.leaky_relu(buf[:, :n] * scale + offset, self.negative_slope)
-            return act @ self.output.weight[0, :, 0] + self.output.bias
+            return lazy_project(buf, below, self.output, n, self.negative_slope)
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             weight = first_weight if i == 0 else conv.weight
             # zero margins: the next layer's padding

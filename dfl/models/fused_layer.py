@@ -311,3 +311,43 @@ def lazy_conv(x, below: tuple | None, weight, norm, dilation: int, length: int, 
         mean, var = bn.running_mean, bn.running_var
     scale, offset = norm_affine(norm, mean, var)
     return z, scale, offset, mean
+
+
+class _LazyProjection(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, scale, offset, weight, bias, cfg):
+        n, slope, shift = cfg
+        kernels = winograd.kernels_for(z)
+        y = z.new_empty(z.shape[0], n)
+        w = weight.detach().reshape(-1)
+        for b in range(z.shape[0]):
+            kernels.lazy_project(z[b], n, scale, offset, slope, w, bias.detach(), y[b])
+        ctx.cfg = cfg
+        ctx.save_for_backward(z, scale, offset, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        z, scale, offset, weight = ctx.saved_tensors
+        n, slope, shift = ctx.cfg
+        kernels = winograd.kernels_for(z)
+        g = grad_y.contiguous()
+        dz = z.new_empty(z.shape)
+        sums = torch.zeros(2, z.shape[-1], dtype=torch.float64)
+        weight_grad = torch.zeros(z.shape[-1], dtype=torch.float64)
+        for b in range(z.shape[0]):
+            dz[b, n:].zero_()  # rows past the output's (the authors' padding) get gradient from BN's statistics only
+            kernels.lazy_project_backward(g[b], z[b], scale, offset, slope, weight.detach().reshape(-1), shift, dz[b],
+                                          sums, weight_grad)  # fmt: skip
+        grad_scale = (sums[1] + shift.double() * sums[0]).float()  # Σdy·z = Σdy·(z − shift) + shift·Σdy
+        return dz, grad_scale, sums[0].float(), weight_grad.float().view_as(weight), g.sum().reshape(1), None
+
+
+def lazy_project(z: torch.Tensor, below: tuple, output: torch.nn.Conv1d, length: int, negative_slope: float):
+    """The output conv (1×1, to one channel) of the activation of a lazy layer's ``z``: ``[batch, length]``.
+    ``below``: that layer's ``(scale, offset, mean)`` (see :func:`lazy_conv`)."""
+    if output.weight.shape[0] != 1 or output.weight.shape[2] != 1 or output.bias is None:
+        raise ValueError(f"lazy_project needs a 1×1 conv to one channel with a bias, got {output}")
+    scale, offset, mean = (t.contiguous() for t in below)
+    cfg = (int(length), float(negative_slope), mean.detach())
+    return _LazyProjection.apply(z, scale, offset, output.weight, output.bias, cfg)

@@ -159,6 +159,12 @@ class CpuKernels:
         self._taps_grad = lib.dfl_winograd_taps_grad
         self._taps_grad.argtypes = [ptr, i64, i64, ptr]
         self._taps_grad.restype = None
+        self._project = lib.dfl_lazy_project
+        self._project.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_float, ptr, ptr, ptr]
+        self._project.restype = None
+        self._project_backward = lib.dfl_lazy_project_backward
+        self._project_backward.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ctypes.c_float, ptr, ptr, ptr, ptr, ptr]
+        self._project_backward.restype = ctypes.c_int
 
     def winograd_weights(self, weight: torch.Tensor, flipped: bool = False) -> torch.Tensor:
         """``[Cout, Cin, 3]`` conv weight → the 6 GEMM operands ``[6, Cin, Cout]``, ``Σ_k G[i,k]·W_kᵀ``.
@@ -350,6 +356,45 @@ class CpuKernels:
         self._affine(z.data_ptr(), out.data_ptr(), z.shape[0], channels, scale.data_ptr(), offset.data_ptr(),
                      float(negative_slope))  # fmt: skip
         return out
+
+    def _check_projection(self, z: torch.Tensor, n: int, scale, offset, weight) -> int:
+        channels = self._check_like(z)
+        if not 0 <= n <= z.shape[0]:
+            raise ValueError(f"n = {n} rows outside z's {z.shape[0]}")
+        for name, t in (("scale", scale), ("offset", offset), ("weight", weight)):
+            _check_channels(name, t, channels)
+        return channels
+
+    def lazy_project(self, z, n: int, scale, offset, negative_slope: float, weight, bias, y) -> None:
+        """``y[t] = weight · leaky_relu(scale·z[t] + offset) + bias`` for ``t < n``: a 1×1 conv to one channel of
+        the activation a layer's conv output ``z [rows, C]`` gives through its norm (``weight [C]``,
+        ``bias [1]``, ``y [n]``)."""
+        channels = self._check_projection(z, n, scale, offset, weight)
+        _check_channels("bias", bias, 1)
+        _check_channels("y", y, n)
+        self._project(z.data_ptr(), n, channels, scale.data_ptr(), offset.data_ptr(), float(negative_slope),
+                      weight.data_ptr(), bias.data_ptr(), y.data_ptr())  # fmt: skip
+
+    def lazy_project_backward(self, grad, z, scale, offset, negative_slope: float, weight, shift, dz, sums,
+                              weight_grad) -> None:  # fmt: skip
+        """Backward of :meth:`lazy_project` for ``grad [n]``: writes rows ``0 … n`` of ``dz`` (the z-gradient,
+        as :meth:`winograd_conv_backward`'s ``below`` does) and adds ``Σdy``, ``Σdy·(z − shift)`` to ``sums``
+        and the weight's gradient to ``weight_grad`` (float64 ``(2, C)`` and ``(C,)``)."""
+        n = grad.numel()
+        channels = self._check_projection(z, n, scale, offset, weight)
+        _check_channels("grad", grad, n)
+        _check_channels("shift", shift, channels)
+        _check_rows("dz", dz, 0, n)
+        if dz.shape[1] != channels:
+            raise ValueError(f"dz has {dz.shape[1]} channels, z {channels}")
+        _check_sums("sums", sums, channels)
+        if weight_grad.dtype != torch.float64 or not weight_grad.is_contiguous() or weight_grad.numel() != channels:
+            raise ValueError(f"weight_grad must be {channels} contiguous float64 values")
+        status = self._project_backward(grad.data_ptr(), z.data_ptr(), n, channels, scale.data_ptr(), offset.data_ptr(),
+                                        float(negative_slope), weight.data_ptr(), shift.data_ptr(), dz.data_ptr(),
+                                        sums.data_ptr(), weight_grad.data_ptr())  # fmt: skip
+        if status != 0:
+            raise MemoryError("dfl_lazy_project_backward: out of memory")
 
 
 def mean_var(parts: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

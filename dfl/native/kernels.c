@@ -542,3 +542,72 @@ void dfl_affine_leaky_relu(const float *z, float *out, int64_t rows, int64_t C, 
         for (int64_t c = 0; c < C; c += 8)
             STORE(out + r * C + c, leaky_relu(affine(z + r * C + c, scale + c, offset + c), slope));
 }
+
+/* The output layer, a 1×1 conv to one channel of the last layer's activation, read through its norm as
+ * for a source_t: y[t] = Σ_c w[c]·leaky_relu(scale·z[t] + offset)[c] + bias[0] for t < n. */
+void dfl_lazy_project(const float *z, int64_t n, int64_t C, const float *scale, const float *offset, float slope,
+                      const float *w, const float *bias, float *y) {
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < n; t++) {
+        v8 acc = {0};
+        for (int64_t c = 0; c < C; c += 8)
+            acc += LOAD(w + c) * leaky_relu(affine(z + t * C + c, scale + c, offset + c), slope);
+        y[t] = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])) + bias[0];
+    }
+}
+
+/* Its backward for t < n: dz[t] = scale·dy (dy = leaky_grad(gy[t]·w) at scale·z + offset, as a sink_t
+ * writes it), and per channel sums[0] += Σdy, sums[1] += Σdy·(z − shift), w_grad += Σ gy·activation.
+ * Blocks of 64 rows sum in float32, then float64 per thread, threads in order. −1 when out of memory. */
+#define PROJECT_BLOCK 64
+int dfl_lazy_project_backward(const float *gy, const float *z, int64_t n, int64_t C, const float *scale,
+                              const float *offset, float slope, const float *w, const float *shift, float *dz,
+                              double *sums, double *w_grad) {
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    double *partial = calloc((size_t)threads * 3 * C, sizeof(double));
+    float *blocks = alloc_floats((size_t)threads * 3 * C);
+    if (!partial || !blocks) {
+        free(partial), free(blocks);
+        return -1;
+    }
+    const int64_t n_blocks = (n + PROJECT_BLOCK - 1) / PROJECT_BLOCK;
+    const v8 zero = {0};
+#pragma omp parallel num_threads(threads)
+    {
+        int th = 0;
+#ifdef _OPENMP
+        th = omp_get_thread_num();
+#endif
+        double *part = partial + (size_t)th * 3 * C;
+        float *bs = blocks + (size_t)th * 3 * C;
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < n_blocks; blk++) {
+            const int64_t r1 = (blk + 1) * PROJECT_BLOCK < n ? (blk + 1) * PROJECT_BLOCK : n;
+            for (int64_t c = 0; c < 3 * C; c += 8) STORE(bs + c, zero);
+            for (int64_t t = blk * PROJECT_BLOCK; t < r1; t++) {
+                const v8 g = bcast(gy[t]);
+                for (int64_t c = 0; c < C; c += 8) {
+                    const float *zr = z + t * C + c;
+                    v8 pre = affine(zr, scale + c, offset + c);
+                    v8 dy = leaky_grad(g * LOAD(w + c), pre, slope);
+                    STORE(dz + t * C + c, LOAD(scale + c) * dy);
+                    STORE(bs + c, LOAD(bs + c) + dy);
+                    STORE(bs + C + c, LOAD(bs + C + c) + dy * (LOAD(zr) - LOAD(shift + c)));
+                    STORE(bs + 2 * C + c, LOAD(bs + 2 * C + c) + g * leaky_relu(pre, slope));
+                }
+            }
+            for (int64_t c = 0; c < 3 * C; c++) part[c] += bs[c];
+        }
+    }
+    for (int t = 0; t < threads; t++) /* slots of threads that did not run stay zero */
+        for (int64_t c = 0; c < C; c++) {
+            sums[c] += partial[(size_t)t * 3 * C + c];
+            sums[C + c] += partial[(size_t)t * 3 * C + C + c];
+            w_grad[c] += partial[(size_t)t * 3 * C + 2 * C + c];
+        }
+    free(partial), free(blocks);
+    return 0;
+}
