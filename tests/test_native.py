@@ -241,6 +241,44 @@ def test_lazy_projection_is_the_output_conv_of_the_activation(kernels):
         kernels.lazy_project_backward(grad, z, scale, offset, 0.3, weight, shift, dz, sums, weight_grad.float())
 
 
+def test_results_do_not_depend_on_the_thread_count(kernels):
+    # threads take fixed chunks of work dynamically and sums are added chunk by chunk in order, so every
+    # output, moment and gradient is bitwise the same with 1, 2 or 3 threads
+    torch.manual_seed(6)
+    n, c, d = 5000, 16, 8
+    z_below, z, grad = torch.randn(n, c), torch.randn(n, c), torch.randn(n, c)
+    scale, offset, shift = torch.rand(c) + 0.5, torch.randn(c), torch.randn(c)
+    weight, w_out = torch.randn(c, c, 3), torch.randn(c)
+    b, e = torch.randn(c), torch.randn(c)
+
+    def run():
+        y, moments = torch.empty(n, c), torch.empty(2, c, dtype=torch.float64)
+        kernels.winograd_conv(z_below, 0, kernels.winograd_weights(weight), y, 0, n, d, None, None, moments,
+                              x_norm=(scale, offset, 0.2, n))  # fmt: skip
+        dz, wgrad, sums = torch.empty(n, c), torch.zeros(6, c, c), torch.zeros(2, c, dtype=torch.float64)
+        kernels.winograd_conv_backward(grad, z, n, (b, e), z_below, kernels.winograd_weights(weight, flipped=True), dz,
+                                       wgrad, d, x_norm=(scale, offset, 0.2, n), below=(shift, sums))  # fmt: skip
+        out, dz2 = torch.empty(n), torch.empty(n, c)
+        sums2, w_grad = torch.zeros(2, c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+        kernels.lazy_project(z, n, scale, offset, 0.2, w_out, torch.zeros(1), out)
+        kernels.lazy_project_backward(grad[:, 0].contiguous(), z, scale, offset, 0.2, w_out, shift, dz2, sums2, w_grad)
+        channel_sums = torch.zeros(2, c, dtype=torch.float64)
+        kernels.channel_moments(z, channel_sums, shift)
+        return y, moments, dz, wgrad, sums, out, dz2, sums2, w_grad, channel_sums
+
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(run())
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b_ in zip(results[0], other):
+            assert torch.equal(a, b_)
+
+
 def test_backward_mask_matches_the_forward_activation_exactly(kernels):
     # the backward recomputes the layer below's leaky-ReLU mask from scale·z + offset (the activation is never
     # stored): it must agree with the forward's activation on every element, zeros and near-zeros included

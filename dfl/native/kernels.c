@@ -8,6 +8,11 @@
  * run GROUP items at a time through transform → GEMM → transform, all in per-thread buffers that
  * stay in cache, with a register-blocked GEMM (MR × 16 accumulators), so activations are read and written
  * once.
+ *
+ * Work is split into a fixed number of chunks (CHUNKS, independent of the thread count) that threads take
+ * dynamically: on a shared machine a thread the hypervisor pauses no longer holds up the others at the
+ * end of each kernel. Sums (batch-norm moments, gradients) are accumulated per chunk and added in chunk
+ * order, so results do not depend on scheduling or on the number of threads.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -47,6 +52,13 @@ static inline v8 leaky_grad(v8 g, v8 pre, float slope) {
 #define NR 16
 
 static inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+#ifndef CHUNKS
+#define CHUNKS 16
+#endif
+static inline int64_t chunk_count(int64_t units) { return units < CHUNKS ? units : CHUNKS; }
+/* Chunk ch of `chunks` covers units [chunk_start(ch), chunk_start(ch + 1)). */
+static inline int64_t chunk_start(int64_t ch, int64_t chunks, int64_t units) { return ch * units / chunks; }
 
 static float *alloc_floats(size_t n) { return aligned_alloc(64, round_up((int64_t)(n * sizeof(float)), 64)); }
 
@@ -320,23 +332,23 @@ static void group_moments(const float *y, int64_t k0, int64_t n, int64_t d, int6
     moments_add(m, (double)count, part, part + C, C);
 }
 
-/* y[t] = act(Σ_k x[t + (k − 1)·d] @ W_k + bias) for t < rows, x the source (see source_t), by Winograd with W [6][Cin][Cout] the transformed weights. With `moments` (2·Cout doubles),
- * also writes the outputs' per-channel mean and sum of squared deviations there (what batch norm needs,
- * from rows still in cache); threads' parts are added in thread order, so results do not depend on
- * scheduling. Returns −1 when out of memory. */
+/* y[t] = act(Σ_k x[t + (k − 1)·d] @ W_k + bias) for t < rows, x the source (see source_t), by Winograd with
+ * W [6][Cin][Cout] the transformed weights. With `moments` (2·Cout doubles), also writes the outputs'
+ * per-channel mean and sum of squared deviations there (what batch norm needs, from rows still in cache),
+ * merged chunk by chunk in chunk order. Returns −1 when out of memory. */
 int dfl_wino43_conv(const float *x, int64_t lo, int64_t hi, const float *in_scale, const float *in_offset,
                     float in_slope, int64_t rows, int64_t Cin, int64_t Cout, int64_t d, const float *W,
                     const float *bias, float slope, int activate, float *y, double *moments) {
     const source_t src = {x, lo, hi, in_scale, in_offset, in_slope};
-    const int64_t items = tile_items(rows, d), groups = (items + GROUP - 1) / GROUP;
+    const int64_t items = tile_items(rows, d), groups = (items + GROUP - 1) / GROUP, chunks = chunk_count(groups);
     const int64_t panels = (Cout + NR - 1) / NR, ldm = panels * NR;
     int threads = 1;
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
     float *B = pack_weights(W, Cin, Cout);
-    double *stats = moments ? calloc((size_t)threads * 4 * Cout, sizeof(double)) : NULL; /* mean, m2, scratch */
-    double *counts = moments ? calloc((size_t)threads, sizeof(double)) : NULL;
+    double *stats = moments ? calloc((size_t)chunks * 2 * Cout + 1, sizeof(double)) : NULL; /* mean, m2 */
+    double *counts = moments ? calloc((size_t)chunks + 1, sizeof(double)) : NULL;
     if (!B || (moments && (!stats || !counts))) {
         free(B), free(stats), free(counts);
         return -1;
@@ -344,41 +356,40 @@ int dfl_wino43_conv(const float *x, int64_t lo, int64_t hi, const float *in_scal
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        int th = 0;
-#ifdef _OPENMP
-        th = omp_get_thread_num();
-#endif
-        moments_t part = {0, stats ? stats + (size_t)th * 4 * Cout : NULL, stats ? stats + (size_t)th * 4 * Cout + Cout : NULL};
         float *U = alloc_floats(6 * GROUP * Cin + Cin), *M = alloc_floats(6 * GROUP * ldm + 2 * Cout);
+        double *scratch = malloc(sizeof(double) * 2 * Cout);
         float *zeros = U ? U + 6 * GROUP * Cin : NULL, *sums = M ? M + 6 * GROUP * ldm : NULL;
-        if (!U || !M) {
+        if (!U || !M || !scratch) {
 #pragma omp atomic write
             failed = 1;
         } else {
             memset(U, 0, sizeof(float) * (6 * GROUP * Cin + Cin));
         }
-#pragma omp for schedule(static)
-        for (int64_t g = 0; g < groups; g++) {
-            if (!U || !M) continue;
-            const int64_t k0 = g * GROUP, n = items - k0 < GROUP ? items - k0 : GROUP;
-            for (int64_t r = 0; r < n; r++) {
-                const float *s[6];
-                input_rows(&src, zeros, item_row(k0 + r, d), d, Cin, s);
-                input_transform(s, U + r * Cin, GROUP * Cin, Cin, &src, zeros);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t ch = 0; ch < chunks; ch++) {
+            if (!U || !M || !scratch) continue;
+            moments_t part = {0, stats ? stats + ch * 2 * Cout : NULL, stats ? stats + ch * 2 * Cout + Cout : NULL};
+            for (int64_t g = chunk_start(ch, chunks, groups); g < chunk_start(ch + 1, chunks, groups); g++) {
+                const int64_t k0 = g * GROUP, n = items - k0 < GROUP ? items - k0 : GROUP;
+                for (int64_t r = 0; r < n; r++) {
+                    const float *s[6];
+                    input_rows(&src, zeros, item_row(k0 + r, d), d, Cin, s);
+                    input_transform(s, U + r * Cin, GROUP * Cin, Cin, &src, zeros);
+                }
+                group_products(U, B, n, Cin, panels, M, ldm);
+                for (int64_t r = 0; r < n; r++)
+                    output_transform(M + r * ldm, GROUP * ldm, bias, slope, activate, y, item_row(k0 + r, d), d, rows, Cout);
+                if (moments) group_moments(y, k0, n, d, rows, Cout, sums, scratch, &part);
             }
-            group_products(U, B, n, Cin, panels, M, ldm);
-            for (int64_t r = 0; r < n; r++)
-                output_transform(M + r * ldm, GROUP * ldm, bias, slope, activate, y, item_row(k0 + r, d), d, rows, Cout);
-            if (moments) group_moments(y, k0, n, d, rows, Cout, sums, part.m2 + Cout, &part);
+            if (counts) counts[ch] = part.count;
         }
-        if (counts) counts[th] = part.count;
-        free(U), free(M);
+        free(U), free(M), free(scratch);
     }
     if (moments && !failed) {
         moments_t total = {0, moments, moments + Cout};
         memset(moments, 0, sizeof(double) * 2 * Cout);
-        for (int t = 0; t < threads; t++) /* threads that ran no group added nothing */
-            moments_add(&total, counts[t], stats + (size_t)t * 4 * Cout, stats + (size_t)t * 4 * Cout + Cout, Cout);
+        for (int64_t ch = 0; ch < chunks; ch++)
+            moments_add(&total, counts[ch], stats + ch * 2 * Cout, stats + ch * 2 * Cout + Cout, Cout);
     }
     free(B), free(stats), free(counts);
     return failed ? -1 : 0;
@@ -390,8 +401,8 @@ int dfl_wino43_conv(const float *x, int64_t lo, int64_t hi, const float *in_scal
  * t < n (Wf: the Winograd weights of the flipped, transposed taps, [6][Cout][Cin]) and
  * grad[6][Cin][Cout] += Σ Uᵢᵀ Vᵢ (U = Bᵀx, V = A·dz); x: the source, as for the conv. When x is read through
  * a norm (in_scale) and below_sums is given, dx receives the layer below's z-gradient instead, through a
- * sink_t (shift: below_shift), and below_sums [2][Cin] its sums. Threads sum the weight gradient into
- * their own buffers, added in thread order. */
+ * sink_t (shift: below_shift), and below_sums [2][Cin] its sums. Each chunk sums its weight gradient and
+ * sums in its own buffers, added in chunk order. */
 int dfl_wino43_conv_backward(const float *g, const float *z, int64_t n, int64_t rows, const float *b, const float *e,
                              const float *x, int64_t lo, int64_t hi, const float *in_scale, const float *in_offset,
                              float in_slope, const float *Wf, int64_t Cin, int64_t Cout, int64_t d, float *dx,
@@ -399,7 +410,7 @@ int dfl_wino43_conv_backward(const float *g, const float *z, int64_t n, int64_t 
     const source_t src = {x, lo, hi, in_scale, in_offset, in_slope};
     const sink_t sink = {x, in_scale, in_offset, below_shift, in_slope, below_sums}; /* x: the layer below's z */
     const int sunk = below_sums && in_scale;
-    const int64_t items = tile_items(rows, d), groups = (items + GROUP - 1) / GROUP;
+    const int64_t items = tile_items(rows, d), groups = (items + GROUP - 1) / GROUP, chunks = chunk_count(groups);
     const int64_t panels = (Cin + NR - 1) / NR, ldm = panels * NR; /* the dx conv: Cout → Cin */
     const int64_t ldu = round_up(Cin, MR) + 8, mrows = round_up(Cin, MR), ldv = round_up(Cout, NR);
     int threads = 1;
@@ -407,22 +418,16 @@ int dfl_wino43_conv_backward(const float *g, const float *z, int64_t n, int64_t 
     threads = omp_get_max_threads();
 #endif
     const size_t acc_size = 6 * mrows * ldv;
-    float *B = pack_weights(Wf, Cout, Cin), *acc = alloc_floats(threads * acc_size);
-    double *sink_acc = sunk ? calloc((size_t)threads * 2 * Cin, sizeof(double)) : NULL;
+    float *B = pack_weights(Wf, Cout, Cin), *acc = alloc_floats(chunks * acc_size + 1);
+    double *sink_acc = sunk ? calloc((size_t)chunks * 2 * Cin + 1, sizeof(double)) : NULL;
     if (!B || !acc || (sunk && !sink_acc)) {
         free(B), free(acc), free(sink_acc);
         return -1;
     }
-    memset(acc, 0, sizeof(float) * threads * acc_size);
     const int64_t widest = Cin > Cout ? Cin : Cout;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        int th = 0;
-#ifdef _OPENMP
-        th = omp_get_thread_num();
-#endif
-        float *C = acc + th * acc_size;
         float *Ud = alloc_floats(6 * GROUP * Cout), *M = alloc_floats(6 * GROUP * ldm);
         float *Ux = alloc_floats(6 * GROUP * ldu), *V = alloc_floats(6 * GROUP * ldv);
         float *zeros = alloc_floats(widest > 2 * Cin ? widest : 2 * Cin), *gs = alloc_floats(2 * Cin);
@@ -434,78 +439,83 @@ int dfl_wino43_conv_backward(const float *g, const float *z, int64_t n, int64_t 
             memset(V, 0, sizeof(float) * 6 * GROUP * ldv), memset(zeros, 0, sizeof(float) * widest);
         }
         const v8 zero = {0};
-#pragma omp for schedule(static)
-        for (int64_t gr = 0; gr < groups; gr++) {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t ch = 0; ch < chunks; ch++) {
+            float *C = acc + ch * acc_size;
+            memset(C, 0, sizeof(float) * acc_size);
             if (!Ud || !M || !Ux || !V || !zeros || !gs) continue;
-            const int64_t k0 = gr * GROUP, n_items = items - k0 < GROUP ? items - k0 : GROUP;
-            /* the items' dz rows t − d … t + 4d, into Ud's 6 planes, row by row of the buffers (runs of
-             * consecutive rows, which the hardware prefetches well) */
-            for (int j = 0; j < 6; j++)
-                for (int64_t r = 0; r < n_items; r++) {
-                    const int64_t row = item_row(k0 + r, d) + (j - 1) * d;
-                    float *out = Ud + j * GROUP * Cout + r * Cout;
-                    for (int64_t c = 0; c < Cout; c += 8) {
-                        v8 v = zero;
-                        if (row >= 0 && row < rows) {
-                            v = LOAD(b + c) * LOAD(z + row * Cout + c) + LOAD(e + c);
-                            if (row < n) v += LOAD(g + row * Cout + c);
+            for (int64_t gr = chunk_start(ch, chunks, groups); gr < chunk_start(ch + 1, chunks, groups); gr++) {
+                const int64_t k0 = gr * GROUP, n_items = items - k0 < GROUP ? items - k0 : GROUP;
+                /* the items' dz rows t − d … t + 4d, into Ud's 6 planes, row by row of the buffers (runs of
+                 * consecutive rows, which the hardware prefetches well) */
+                for (int j = 0; j < 6; j++)
+                    for (int64_t r = 0; r < n_items; r++) {
+                        const int64_t row = item_row(k0 + r, d) + (j - 1) * d;
+                        float *out = Ud + j * GROUP * Cout + r * Cout;
+                        for (int64_t c = 0; c < Cout; c += 8) {
+                            v8 v = zero;
+                            if (row >= 0 && row < rows) {
+                                v = LOAD(b + c) * LOAD(z + row * Cout + c) + LOAD(e + c);
+                                if (row < n) v += LOAD(g + row * Cout + c);
+                            }
+                            STORE(out + c, v);
                         }
-                        STORE(out + c, v);
                     }
+                for (int64_t r = 0; r < n_items; r++) {
+                    const float *s[6];
+                    for (int j = 0; j < 6; j++) s[j] = Ud + j * GROUP * Cout + r * Cout;
+                    output_grad_transform(s + 1, V + r * ldv, GROUP * ldv, Cout);
+                    input_transform(s, Ud + r * Cout, GROUP * Cout, Cout, NULL, NULL); /* in place: reads all 6 rows first */
+                    input_rows(&src, zeros, item_row(k0 + r, d), d, Cin, s);
+                    input_transform(s, Ux + r * ldu, GROUP * ldu, Cin, &src, zeros);
                 }
-            for (int64_t r = 0; r < n_items; r++) {
-                const float *s[6];
-                for (int j = 0; j < 6; j++) s[j] = Ud + j * GROUP * Cout + r * Cout;
-                output_grad_transform(s + 1, V + r * ldv, GROUP * ldv, Cout);
-                input_transform(s, Ud + r * Cout, GROUP * Cout, Cout, NULL, NULL); /* in place: reads all 6 rows first */
-                input_rows(&src, zeros, item_row(k0 + r, d), d, Cin, s);
-                input_transform(s, Ux + r * ldu, GROUP * ldu, Cin, &src, zeros);
+                group_products(Ud, B, n_items, Cout, panels, M, ldm);
+                if (sunk) {
+                    memset(gs, 0, sizeof(float) * 2 * Cin);
+                    for (int64_t r = 0; r < n_items; r++)
+                        output_grad_transform_sink(M + r * ldm, GROUP * ldm, dx, item_row(k0 + r, d), d, n, Cin, &sink, gs);
+                    for (int64_t c = 0; c < 2 * Cin; c++) sink_acc[ch * 2 * Cin + c] += gs[c];
+                } else {
+                    for (int64_t r = 0; r < n_items; r++)
+                        output_transform(M + r * ldm, GROUP * ldm, NULL, 0.f, 0, dx, item_row(k0 + r, d), d, n, Cin);
+                }
+                group_grad(Ux, ldu, V, ldv, n_items, mrows, C);
             }
-            group_products(Ud, B, n_items, Cout, panels, M, ldm);
-            if (sunk) {
-                memset(gs, 0, sizeof(float) * 2 * Cin);
-                for (int64_t r = 0; r < n_items; r++)
-                    output_grad_transform_sink(M + r * ldm, GROUP * ldm, dx, item_row(k0 + r, d), d, n, Cin, &sink, gs);
-                for (int64_t c = 0; c < 2 * Cin; c++) sink_acc[th * 2 * Cin + c] += gs[c];
-            } else {
-                for (int64_t r = 0; r < n_items; r++)
-                    output_transform(M + r * ldm, GROUP * ldm, NULL, 0.f, 0, dx, item_row(k0 + r, d), d, n, Cin);
-            }
-            group_grad(Ux, ldu, V, ldv, n_items, mrows, C);
         }
         free(Ud), free(M), free(Ux), free(V), free(zeros), free(gs);
+        if (!failed) { /* the chunks' sums, each element's in chunk order */
+#pragma omp for schedule(static)
+            for (int64_t im = 0; im < 6 * Cin; im++)
+                for (int64_t c = 0; c < Cout; c++) {
+                    float *to = grad + im * Cout + c;
+                    for (int64_t ch = 0; ch < chunks; ch++) *to += acc[ch * acc_size + (im / Cin * mrows + im % Cin) * ldv + c];
+                }
+        }
     }
     if (sunk && !failed)
-        for (int t = 0; t < threads; t++)
-            for (int64_t c = 0; c < 2 * Cin; c++) below_sums[c] += sink_acc[t * 2 * Cin + c];
-    free(sink_acc);
-    if (!failed)
-        for (int t = 0; t < threads; t++)
-            for (int64_t i = 0; i < 6; i++)
-                for (int64_t m = 0; m < Cin; m++)
-                    for (int64_t c = 0; c < Cout; c++)
-                        grad[(i * Cin + m) * Cout + c] += acc[t * acc_size + (i * mrows + m) * ldv + c];
-    free(B), free(acc);
+        for (int64_t ch = 0; ch < chunks; ch++)
+            for (int64_t c = 0; c < 2 * Cin; c++) below_sums[c] += sink_acc[ch * 2 * Cin + c];
+    free(sink_acc), free(B), free(acc);
     return failed ? -1 : 0;
 }
 
 /* Per-channel moments of `rows` rows about `shift` (k), added in float64 to sums[0:C] and sums[C:2C]:
  * Σ (z−k) and Σ (z−k)². A shift near the mean keeps the variance free of cancellation. Blocks of 64 rows
- * are summed in float32 vectors, then added in float64 per thread; the threads' sums are added in thread
- * order, so results do not depend on scheduling. Returns -1 when out of memory. */
+ * are summed in float32 vectors, then added in float64 per chunk; the chunks' sums are added in chunk
+ * order. Returns -1 when out of memory. */
 #define MOMENT_BLOCK 64
 int dfl_channel_moments(const float *z, const float *shift, int64_t rows, int64_t C, double *sums) {
     int threads = 1;
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
-    double *partial = calloc((size_t)threads * 2 * C, sizeof(double));
-    float *blocks = malloc((size_t)threads * 2 * C * sizeof(float));
+    const int64_t n_blocks = (rows + MOMENT_BLOCK - 1) / MOMENT_BLOCK, chunks = chunk_count(n_blocks);
+    double *partial = calloc((size_t)chunks * 2 * C + 1, sizeof(double));
+    float *blocks = alloc_floats((size_t)threads * 2 * C);
     if (!partial || !blocks) {
         free(partial), free(blocks);
         return -1;
     }
-    const int64_t n_blocks = (rows + MOMENT_BLOCK - 1) / MOMENT_BLOCK;
     const v8 zero = {0};
 #pragma omp parallel num_threads(threads)
     {
@@ -513,23 +523,25 @@ int dfl_channel_moments(const float *z, const float *shift, int64_t rows, int64_
 #ifdef _OPENMP
         t = omp_get_thread_num();
 #endif
-        double *s = partial + (size_t)t * 2 * C, *q = s + C;
         float *bs = blocks + (size_t)t * 2 * C, *bq = bs + C;
-#pragma omp for schedule(static)
-        for (int64_t blk = 0; blk < n_blocks; blk++) {
-            const int64_t r1 = (blk + 1) * MOMENT_BLOCK < rows ? (blk + 1) * MOMENT_BLOCK : rows;
-            for (int64_t c = 0; c < C; c += 8) STORE(bs + c, zero), STORE(bq + c, zero);
-            for (int64_t r = blk * MOMENT_BLOCK; r < r1; r++)
-                for (int64_t c = 0; c < C; c += 8) {
-                    v8 v = LOAD(z + r * C + c) - LOAD(shift + c);
-                    STORE(bs + c, LOAD(bs + c) + v);
-                    STORE(bq + c, LOAD(bq + c) + v * v);
-                }
-            for (int64_t c = 0; c < C; c++) s[c] += bs[c], q[c] += bq[c];
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t ch = 0; ch < chunks; ch++) {
+            double *s = partial + (size_t)ch * 2 * C, *q = s + C;
+            for (int64_t blk = chunk_start(ch, chunks, n_blocks); blk < chunk_start(ch + 1, chunks, n_blocks); blk++) {
+                const int64_t r1 = (blk + 1) * MOMENT_BLOCK < rows ? (blk + 1) * MOMENT_BLOCK : rows;
+                for (int64_t c = 0; c < C; c += 8) STORE(bs + c, zero), STORE(bq + c, zero);
+                for (int64_t r = blk * MOMENT_BLOCK; r < r1; r++)
+                    for (int64_t c = 0; c < C; c += 8) {
+                        v8 v = LOAD(z + r * C + c) - LOAD(shift + c);
+                        STORE(bs + c, LOAD(bs + c) + v);
+                        STORE(bq + c, LOAD(bq + c) + v * v);
+                    }
+                for (int64_t c = 0; c < C; c++) s[c] += bs[c], q[c] += bq[c];
+            }
         }
     }
-    for (int t = 0; t < threads; t++) /* slots of threads that did not run stay zero */
-        for (int64_t c = 0; c < 2 * C; c++) sums[c] += partial[(size_t)t * 2 * C + c];
+    for (int64_t ch = 0; ch < chunks; ch++)
+        for (int64_t c = 0; c < 2 * C; c++) sums[c] += partial[(size_t)ch * 2 * C + c];
     free(partial), free(blocks);
     return 0;
 }
@@ -537,7 +549,7 @@ int dfl_channel_moments(const float *z, const float *shift, int64_t rows, int64_
 /* out = leaky_relu(scale * z + offset), per channel (out == z: in place). */
 void dfl_affine_leaky_relu(const float *z, float *out, int64_t rows, int64_t C, const float *scale,
                            const float *offset, float slope) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 1024)
     for (int64_t r = 0; r < rows; r++)
         for (int64_t c = 0; c < C; c += 8)
             STORE(out + r * C + c, leaky_relu(affine(z + r * C + c, scale + c, offset + c), slope));
@@ -547,7 +559,7 @@ void dfl_affine_leaky_relu(const float *z, float *out, int64_t rows, int64_t C, 
  * for a source_t: y[t] = Σ_c w[c]·leaky_relu(scale·z[t] + offset)[c] + bias[0] for t < n. */
 void dfl_lazy_project(const float *z, int64_t n, int64_t C, const float *scale, const float *offset, float slope,
                       const float *w, const float *bias, float *y) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 1024)
     for (int64_t t = 0; t < n; t++) {
         v8 acc = {0};
         for (int64_t c = 0; c < C; c += 8)
@@ -558,7 +570,7 @@ void dfl_lazy_project(const float *z, int64_t n, int64_t C, const float *scale, 
 
 /* Its backward for t < n: dz[t] = scale·dy (dy = leaky_grad(gy[t]·w) at scale·z + offset, as a sink_t
  * writes it), and per channel sums[0] += Σdy, sums[1] += Σdy·(z − shift), w_grad += Σ gy·activation.
- * Blocks of 64 rows sum in float32, then float64 per thread, threads in order. −1 when out of memory. */
+ * Blocks of 64 rows sum in float32, then float64 per chunk, chunks in order. −1 when out of memory. */
 #define PROJECT_BLOCK 64
 int dfl_lazy_project_backward(const float *gy, const float *z, int64_t n, int64_t C, const float *scale,
                               const float *offset, float slope, const float *w, const float *shift, float *dz,
@@ -567,13 +579,13 @@ int dfl_lazy_project_backward(const float *gy, const float *z, int64_t n, int64_
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
-    double *partial = calloc((size_t)threads * 3 * C, sizeof(double));
+    const int64_t n_blocks = (n + PROJECT_BLOCK - 1) / PROJECT_BLOCK, chunks = chunk_count(n_blocks);
+    double *partial = calloc((size_t)chunks * 3 * C + 1, sizeof(double));
     float *blocks = alloc_floats((size_t)threads * 3 * C);
     if (!partial || !blocks) {
         free(partial), free(blocks);
         return -1;
     }
-    const int64_t n_blocks = (n + PROJECT_BLOCK - 1) / PROJECT_BLOCK;
     const v8 zero = {0};
 #pragma omp parallel num_threads(threads)
     {
@@ -581,32 +593,34 @@ int dfl_lazy_project_backward(const float *gy, const float *z, int64_t n, int64_
 #ifdef _OPENMP
         th = omp_get_thread_num();
 #endif
-        double *part = partial + (size_t)th * 3 * C;
         float *bs = blocks + (size_t)th * 3 * C;
-#pragma omp for schedule(static)
-        for (int64_t blk = 0; blk < n_blocks; blk++) {
-            const int64_t r1 = (blk + 1) * PROJECT_BLOCK < n ? (blk + 1) * PROJECT_BLOCK : n;
-            for (int64_t c = 0; c < 3 * C; c += 8) STORE(bs + c, zero);
-            for (int64_t t = blk * PROJECT_BLOCK; t < r1; t++) {
-                const v8 g = bcast(gy[t]);
-                for (int64_t c = 0; c < C; c += 8) {
-                    const float *zr = z + t * C + c;
-                    v8 pre = affine(zr, scale + c, offset + c);
-                    v8 dy = leaky_grad(g * LOAD(w + c), pre, slope);
-                    STORE(dz + t * C + c, LOAD(scale + c) * dy);
-                    STORE(bs + c, LOAD(bs + c) + dy);
-                    STORE(bs + C + c, LOAD(bs + C + c) + dy * (LOAD(zr) - LOAD(shift + c)));
-                    STORE(bs + 2 * C + c, LOAD(bs + 2 * C + c) + g * leaky_relu(pre, slope));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t ch = 0; ch < chunks; ch++) {
+            double *part = partial + (size_t)ch * 3 * C;
+            for (int64_t blk = chunk_start(ch, chunks, n_blocks); blk < chunk_start(ch + 1, chunks, n_blocks); blk++) {
+                const int64_t r1 = (blk + 1) * PROJECT_BLOCK < n ? (blk + 1) * PROJECT_BLOCK : n;
+                for (int64_t c = 0; c < 3 * C; c += 8) STORE(bs + c, zero);
+                for (int64_t t = blk * PROJECT_BLOCK; t < r1; t++) {
+                    const v8 g = bcast(gy[t]);
+                    for (int64_t c = 0; c < C; c += 8) {
+                        const float *zr = z + t * C + c;
+                        v8 pre = affine(zr, scale + c, offset + c);
+                        v8 dy = leaky_grad(g * LOAD(w + c), pre, slope);
+                        STORE(dz + t * C + c, LOAD(scale + c) * dy);
+                        STORE(bs + c, LOAD(bs + c) + dy);
+                        STORE(bs + C + c, LOAD(bs + C + c) + dy * (LOAD(zr) - LOAD(shift + c)));
+                        STORE(bs + 2 * C + c, LOAD(bs + 2 * C + c) + g * leaky_relu(pre, slope));
+                    }
                 }
+                for (int64_t c = 0; c < 3 * C; c++) part[c] += bs[c];
             }
-            for (int64_t c = 0; c < 3 * C; c++) part[c] += bs[c];
         }
     }
-    for (int t = 0; t < threads; t++) /* slots of threads that did not run stay zero */
+    for (int64_t ch = 0; ch < chunks; ch++)
         for (int64_t c = 0; c < C; c++) {
-            sums[c] += partial[(size_t)t * 3 * C + c];
-            sums[C + c] += partial[(size_t)t * 3 * C + C + c];
-            w_grad[c] += partial[(size_t)t * 3 * C + 2 * C + c];
+            sums[c] += partial[(size_t)ch * 3 * C + c];
+            sums[C + c] += partial[(size_t)ch * 3 * C + C + c];
+            w_grad[c] += partial[(size_t)ch * 3 * C + 2 * C + c];
         }
     free(partial), free(blocks);
     return 0;
