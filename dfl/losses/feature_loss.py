@@ -116,7 +116,9 @@ class FeatureLoss(nn.Module):
         with torch.no_grad():
             feats_ref = self.loss_network(target, n_layers=depth)
         if lengths is None:
-            return torch.stack([(feats_est[i] - feats_ref[i]).abs().mean() for i in self.layers])
+            # sum / count, not mean(): mean's backward materialises a [batch, channels, time] tensor, slow
+            # against features in another memory layout (the frozen fast path's channels-last views)
+            return torch.stack([(feats_est[i] - feats_ref[i]).abs().sum() / feats_est[i].numel() for i in self.layers])
         lengths = torch.as_tensor(lengths, device=estimate.device).to(torch.long)
         hops = self._layer_hops(estimate.shape[-1], [f.shape[-1] for f in feats_est])
         return torch.stack(

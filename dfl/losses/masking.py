@@ -30,7 +30,8 @@ def masked_mean(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     mask = length_mask(lengths, values.shape[-1]).to(values.dtype)
     if values.dim() == 3:
         mask = mask[:, None]
-    per_item = values.mul(mask).flatten(1).sum(1) / (lengths * (values[0].numel() // values.shape[-1]))
+    # summed over the non-batch dims without flatten(), which would copy a tensor in another memory layout
+    per_item = values.mul(mask).sum(tuple(range(1, values.dim()))) / (lengths * (values[0].numel() // values.shape[-1]))
     return per_item.mean()
 
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfl.models import frozen_loss_network
 from dfl.models.adaptive_bn import make_norm
 from dfl.models.conv import Conv1d
 from dfl.models.padding import tf_same_padding
@@ -79,6 +80,8 @@ class LossNetwork(nn.Module):
         x = wav.unsqueeze(1) if wav.dim() == 2 else wav
         if x.dim() != 3:
             raise ValueError(f"expected [batch, time] or [batch, 1, time], got shape {tuple(wav.shape)}")
+        if frozen_loss_network.applies(self, x) and x.shape[1] == 1:
+            return frozen_loss_network.frozen_features(self, x[:, 0], n_layers or self.n_layers)
         feats = []
         for conv, norm, s in zip(self.convs[: n_layers or None], self.norms, self.strides):
             x = F.pad(x, tf_same_padding(x.shape[-1], self.kernel_size, s))

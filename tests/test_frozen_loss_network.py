@@ -1,0 +1,95 @@
+"""The frozen loss network's channels-last fast path (dfl.models.frozen_loss_network) against the module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dfl.losses import FeatureLoss
+from dfl.models import LossNetwork, frozen_loss_network
+
+
+def _frozen(**config) -> LossNetwork:
+    torch.manual_seed(0)
+    net = LossNetwork(**config)
+    for norm in net.norms:  # statistics and affine parameters away from their defaults, so folding matters
+        if hasattr(norm, "running_mean"):
+            norm.running_mean.normal_(0, 0.1)
+            norm.running_var.uniform_(0.5, 2.0)
+            if norm.weight is not None:
+                norm.weight.data.uniform_(0.5, 1.5)
+            norm.bias.data.normal_(0, 0.1)
+    for conv in net.convs:
+        if conv.bias is not None:
+            conv.bias.data.normal_(0, 0.1)
+    net.eval().requires_grad_(False)
+    return net
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """How often the fast path ran."""
+    seen = []
+    original = frozen_loss_network._FrozenFeatures.apply
+    monkeypatch.setattr(frozen_loss_network._FrozenFeatures, "apply", lambda *a: seen.append(1) or original(*a))
+    return seen
+
+
+def _features_and_grad(net, wav, n_layers, fast: bool, monkeypatch):
+    with monkeypatch.context() as m:
+        if not fast:
+            m.setattr(frozen_loss_network, "applies", lambda *a: False)
+        x = wav.clone().requires_grad_()
+        feats = net(x, n_layers=n_layers)
+        gen = torch.Generator().manual_seed(1)
+        # a smooth loss (no L1 kink): its input gradient measures the backward, not float ties
+        loss = sum((f * torch.randn(f.shape, generator=gen)).sum() for f in feats)
+        loss.backward()
+    return [f.detach() for f in feats], x.grad
+
+
+@pytest.mark.parametrize(
+    "config, n_layers, shape",
+    [
+        pytest.param({"n_layers": 6}, 6, (2, 4001), id="paper-6-layers-batch-2"),
+        pytest.param({"n_layers": 14}, None, (1, 3001), id="14-layers-stride-1-last"),
+        pytest.param({"n_layers": 4, "normalization": "none"}, 3, (1, 778), id="no-norm-conv-bias"),
+        pytest.param({"n_layers": 3, "bn_scale": False, "bn_eps": 1e-3}, 3, (1, 5), id="tf-slim-bn-5-samples"),
+    ],
+)
+def test_fast_path_matches_the_module(config, n_layers, shape, calls, monkeypatch):
+    net = _frozen(**config)
+    wav = 0.1 * torch.randn(*shape, generator=torch.Generator().manual_seed(2))
+    fast, fast_grad = _features_and_grad(net, wav, n_layers, True, monkeypatch)
+    assert calls == [1]
+    plain, plain_grad = _features_and_grad(net, wav, n_layers, False, monkeypatch)
+    assert len(fast) == len(plain) == (n_layers or config["n_layers"])
+    for a, b in zip(fast, plain):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6 * b.abs().max().item())
+    torch.testing.assert_close(fast_grad, plain_grad, rtol=0, atol=2e-6 * plain_grad.abs().max().item())
+
+
+def test_feature_loss_with_lengths_matches_the_module(monkeypatch):
+    loss = FeatureLoss(_frozen(n_layers=6), layers=[0, 2, 5])
+    gen = torch.Generator().manual_seed(3)
+    est, ref = 0.1 * torch.randn(2, 3000, generator=gen), 0.1 * torch.randn(2, 3000, generator=gen)
+    lengths = torch.tensor([3000, 2100])
+    fast = loss.distances(est, ref, lengths)
+    monkeypatch.setattr(frozen_loss_network, "applies", lambda *a: False)
+    torch.testing.assert_close(fast, loss.distances(est, ref, lengths), rtol=1e-5, atol=0)
+
+
+def test_fast_path_only_where_it_applies(calls):
+    wav = torch.randn(1, 500)
+    net = _frozen(n_layers=3)
+    net(wav)
+    assert len(calls) == 1
+    net.double()(wav.double())  # float64
+    net.float().train()(wav)  # training: batch statistics, moving running ones
+    net.eval().convs[0].weight.requires_grad_(True)  # not frozen: the weights need gradients
+    net(wav)
+    assert len(calls) == 1
+    _frozen(n_layers=3, batch_stats_at_eval=True)(wav)  # the authors' release: batch statistics at eval
+    _frozen(n_layers=3, normalization="adaptive")(wav)
+    assert len(calls) == 1
