@@ -45,7 +45,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # the lazy layers' kernels, the output conv's (lazy_project) included
-SPIED = ("winograd_conv", "winograd_conv_backward", "lazy_project", "lazy_project_backward")
+SPIED = ("winograd_conv", "winograd_conv_backward", "lazy_project", "lazy_project_backward", "direct_conv")
 
 
 @pytest.fixture(params=["winograd", "direct"])
@@ -183,6 +183,23 @@ def test_plain_layers_where_the_fused_path_does_not_apply():
 def test_conv_norm_act_rejects_other_norms():
     with pytest.raises(TypeError, match="AdaptiveBatchNorm or BatchNorm"):
         conv_norm_act(torch.zeros(1, 4, 1), torch.zeros(2, 1, 3), torch.nn.Identity(), 1, 2, (0, 0), 0.2)
+
+
+def test_waveform_layer_computes_only_its_weight_gradient_when_the_input_needs_none(monkeypatch):
+    from dfl.native import CpuKernels
+
+    calls = []
+    original = CpuKernels.direct_conv_weight_grad
+    monkeypatch.setattr(CpuKernels, "direct_conv_weight_grad", lambda *a: calls.append(1) or original(*a))
+    plain, fused = _pair()
+    x = torch.randn(2, 901, generator=torch.Generator().manual_seed(4))
+    for net in (plain, fused):
+        net(x).square().mean().backward()
+    assert len(calls) == 2  # once per batch item
+    assert _rel(fused.convs[0].weight.grad, plain.convs[0].weight.grad) < 1e-4
+    fused.zero_grad()
+    fused(x.clone().requires_grad_()).square().mean().backward()  # the input's gradient: the Winograd backward
+    assert len(calls) == 2
 
 
 def test_lazy_projection_needs_a_one_channel_1x1_output_conv():

@@ -241,6 +241,40 @@ def test_lazy_projection_is_the_output_conv_of_the_activation(kernels):
         kernels.lazy_project_backward(grad, z, scale, offset, 0.3, weight, shift, dz, sums, weight_grad.float())
 
 
+@pytest.mark.parametrize("d", [1, 5])
+def test_direct_conv_and_its_weight_gradient(kernels, d):
+    """The waveform layer's direct conv (one real input channel, zero-padded to 8) with its moments, and the
+    weight gradient of ``dz = g + b·z + e``, against float64."""
+    torch.manual_seed(d)
+    rows, n, c_in, c_out = 1000, 997, 8, 24  # 3 cut rows: in the statistics, without gradient from above
+    x = torch.zeros(rows + 2 * d + 2, c_in)
+    x[d : d + rows, 0] = torch.randn(rows) + 3.0  # a mean far from zero
+    weight = torch.randn(c_out, c_in, 3)
+    y, moments = torch.full((rows + 2, c_out), float("nan")), torch.empty(2, c_out, dtype=torch.float64)
+    kernels.direct_conv(x, weight, y, rows, d, moments)
+    expected = reference_layer(x[d : d + rows], weight, torch.zeros(c_out), d, None)
+    torch.testing.assert_close(y[:rows].double(), expected, atol=1e-5 * expected.abs().max().item(), rtol=0)
+    assert y[rows:].isnan().all()
+    mean, var = native.mean_var([(rows, moments)])
+    torch.testing.assert_close(mean, expected.mean(0), atol=1e-6 * expected.abs().max().item(), rtol=0)
+    torch.testing.assert_close(var, expected.var(0, unbiased=False), rtol=1e-4, atol=0)
+
+    z, g, b, e = torch.randn(rows, c_out), torch.randn(n, c_out), torch.randn(c_out), torch.randn(c_out)
+    dz = torch.cat([g, torch.zeros(rows - n, c_out)]).double() + b.double() * z.double() + e.double()
+    w64 = weight.double().requires_grad_()
+    out = F.conv1d(x[: rows + 2 * d].double().t()[None], w64, dilation=d)[0].t()
+    (out * dz).sum().backward()
+    taps_grad = torch.ones(3, c_in, c_out, dtype=torch.float64)  # added to
+    kernels.direct_conv_weight_grad(g, z, rows, (b, e), x, d, taps_grad)
+    torch.testing.assert_close(taps_grad.permute(2, 1, 0) - 1, w64.grad, atol=1e-5 * w64.grad.abs().max().item(), rtol=0)
+    with pytest.raises(ValueError, match=r"x: rows \[0, \d+\) fall outside its 1000 rows"):
+        kernels.direct_conv(x[:1000], weight, y, rows, d + 1, moments)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        kernels.direct_conv(x, weight[:12], y[:, :12].contiguous(), rows, d)
+    with pytest.raises(ValueError, match=r"weight_grad must be .* shape \(3, 8, 24\)"):
+        kernels.direct_conv_weight_grad(g, z, rows, (b, e), x, d, taps_grad.float())
+
+
 def test_results_do_not_depend_on_the_thread_count(kernels):
     # threads take fixed chunks of work dynamically and sums are added chunk by chunk in order, so every
     # output, moment and gradient is bitwise the same with 1, 2 or 3 threads

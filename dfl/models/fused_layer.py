@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from dfl.models import winograd
-from dfl.native import channel_mean_var, mean_var
+from dfl.native import mean_var
 
 # Below this many input channels the forward conv runs direct: Winograd's transforms round more than a
 # 3-term sum, which shows on the waveform layer (1 channel, padded to 8), where the GEMM is cheap anyway.
@@ -39,18 +39,21 @@ WINOGRAD_MIN_CHANNELS = 16
 def _conv3(x: torch.Tensor, weight: torch.Tensor, d: int, out: torch.Tensor) -> list | None:
     """``out[b, t] = Σ_k x[b, t + k·d] @ weight[:, :, k]ᵀ`` for a buffer ``x`` padded by ``d`` on both sides.
 
-    Winograd F(4,3) (:mod:`dfl.models.winograd`) where the compiled kernels apply, else direct GEMMs.
-    Winograd also returns each batch item's ``(rows, moments)`` for :func:`dfl.native.mean_var`;
-    direct GEMMs None.
+    With the compiled kernels: Winograd F(4,3) (:mod:`dfl.models.winograd`), or for fewer input channels
+    a direct conv; both return each batch item's ``(rows, moments)`` for :func:`dfl.native.mean_var`.
+    Without them: direct GEMMs, and None.
     """
     n, c_in = out.shape[1], x.shape[-1]
-    kernels = winograd.kernels_for(x, out) if c_in >= WINOGRAD_MIN_CHANNELS else None
+    kernels = winograd.kernels_for(x, out)
     if kernels is not None:
-        wino_weights = kernels.winograd_weights(weight)
+        wino_weights = kernels.winograd_weights(weight) if c_in >= WINOGRAD_MIN_CHANNELS else None
         parts = []
         for b in range(x.shape[0]):
             moments = torch.empty(2, out.shape[-1], dtype=torch.float64)
-            winograd.conv3(kernels, x[b], d, wino_weights, out[b], 0, n, d, moments=moments)
+            if wino_weights is not None:
+                winograd.conv3(kernels, x[b], d, wino_weights, out[b], 0, n, d, moments=moments)
+            else:
+                kernels.direct_conv(x[b], weight, out[b], n, d, moments)
             parts.append((n, moments))
         return parts
     taps = weight.permute(2, 1, 0).contiguous()  # [3, Cin, Cout]
@@ -235,7 +238,7 @@ class _LazyConv(torch.autograd.Function):
         kernels = winograd.kernels_for(x)
         bsz, c_out = x.shape[0], weight.shape[0]
         z = x.new_empty(bsz, rows, c_out)
-        if in_scale is None:  # an activation buffer (the waveform): _conv3 picks Winograd or direct GEMMs
+        if in_scale is None:  # an activation buffer (the waveform): _conv3 picks Winograd or a direct conv
             parts = _conv3(x, weight, d, z)
         else:
             weights, parts = kernels.winograd_weights(weight), []
@@ -244,7 +247,7 @@ class _LazyConv(torch.autograd.Function):
                 kernels.winograd_conv(x[b], 0, weights, z[b], 0, rows, d, None, None, moments,
                                       x_norm=(in_scale, in_offset, in_slope, n))  # fmt: skip
                 parts.append((rows, moments))
-        mean64, var64 = mean_var(parts) if parts else channel_mean_var(kernels, z)
+        mean64, var64 = mean_var(parts)
         if update_running:
             count = bsz * rows
             running_mean.mul_(1 - momentum).add_(mean64.to(running_mean.dtype), alpha=momentum)
@@ -265,6 +268,12 @@ class _LazyConv(torch.autograd.Function):
         b = 2 * grad_var / count if grad_var is not None else z.new_zeros(c_out)
         e = (grad_mean / count if grad_mean is not None else z.new_zeros(c_out)) - b * mean
         g = grad_z.contiguous() if grad_z is not None else z.new_zeros(bsz, n, c_out)
+        if in_scale is None and c_in < WINOGRAD_MIN_CHANNELS and not ctx.needs_input_grad[0]:
+            # the waveform layer of a model whose input needs no gradient: the direct conv's weight gradient only
+            taps_grad = torch.zeros(3, c_in, c_out, dtype=torch.float64)
+            for bi in range(bsz):
+                kernels.direct_conv_weight_grad(g[bi, :n], z[bi], rows, (b.contiguous(), e.contiguous()), x[bi], d, taps_grad)
+            return None, None, None, taps_grad.permute(2, 1, 0).float(), None, None, None
         wino_grad = x.new_zeros(6, c_in, c_out)
         flipped = kernels.winograd_weights(weight, flipped=True)
         sums = torch.zeros(2, c_in, dtype=torch.float64) if in_scale is not None else None

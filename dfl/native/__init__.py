@@ -165,6 +165,12 @@ class CpuKernels:
         self._project_backward = lib.dfl_lazy_project_backward
         self._project_backward.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ctypes.c_float, ptr, ptr, ptr, ptr, ptr]
         self._project_backward.restype = ctypes.c_int
+        self._direct = lib.dfl_direct_conv
+        self._direct.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr]
+        self._direct.restype = ctypes.c_int
+        self._direct_grad = lib.dfl_direct_conv_weight_grad
+        self._direct_grad.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, ptr]
+        self._direct_grad.restype = ctypes.c_int
 
     def winograd_weights(self, weight: torch.Tensor, flipped: bool = False) -> torch.Tensor:
         """``[Cout, Cin, 3]`` conv weight → the 6 GEMM operands ``[6, Cin, Cout]``, ``Σ_k G[i,k]·W_kᵀ``.
@@ -395,6 +401,51 @@ class CpuKernels:
                                         sums.data_ptr(), weight_grad.data_ptr())  # fmt: skip
         if status != 0:
             raise MemoryError("dfl_lazy_project_backward: out of memory")
+
+    @staticmethod
+    def _check_direct(x: torch.Tensor, rows: int, dilation: int, c_out: int, y_name: str, y: torch.Tensor) -> None:
+        if rows < 0 or dilation < 1:
+            raise ValueError(f"need rows >= 0 and dilation >= 1, got {rows} and {dilation}")
+        _check_rows("x", x, 0, rows + 2 * dilation)
+        _check_rows(y_name, y, 0, rows)
+        if y.shape[1] != c_out or c_out % 8:
+            raise ValueError(f"{y_name} has {y.shape[1]} channels; the conv has {c_out}, which must be a multiple of 8")
+
+    def direct_conv(self, x, weight, y, rows: int, dilation: int, moments: torch.Tensor | None = None) -> None:
+        """``y[t] = Σ_k x[t + k·d] @ weight[:, :, k]ᵀ`` for ``t < rows``, computed directly (for few input channels):
+        ``x [rows + 2d, Cin]`` holds the conv's zero padding; ``moments`` as for :meth:`winograd_conv`."""
+        if weight.dtype != torch.float32 or weight.dim() != 3 or weight.shape[1:] != (x.shape[1], 3):
+            raise ValueError(f"weight must be float32 [Cout, {x.shape[1]}, 3], got {weight.dtype} {tuple(weight.shape)}")
+        self._check_direct(x, rows, dilation, weight.shape[0], "y", y)
+        if moments is not None:
+            _check_sums("moments", moments, y.shape[1])
+            if rows == 0:
+                raise ValueError("moments of 0 rows are undefined")
+        taps = weight.detach().permute(2, 1, 0).contiguous()  # [3, Cin, Cout]
+        status = self._direct(x.data_ptr(), rows, x.shape[1], y.shape[1], dilation, taps.data_ptr(), y.data_ptr(),
+                              None if moments is None else moments.data_ptr())  # fmt: skip
+        if status != 0:
+            raise MemoryError("dfl_direct_conv: out of memory")
+
+    def direct_conv_weight_grad(self, grad, z, rows: int, coefficients, x, dilation: int, weight_grad) -> None:
+        """Adds the weight gradient of :meth:`direct_conv` for the output gradient ``dz = grad + b·z + e``
+        (``grad [n, Cout]`` for rows < n, ``z [rows, Cout]``, ``coefficients = (b, e)``) to ``weight_grad``,
+        float64 ``[3, Cin, Cout]``."""
+        c_out = z.shape[1] if z.dim() == 2 else 0
+        self._check_direct(x, rows, dilation, c_out, "z", z)
+        _check_rows("grad", grad, 0, grad.shape[0] if grad.dim() == 2 else 0)
+        if grad.shape[1] != c_out or grad.shape[0] > rows:
+            raise ValueError(f"grad {tuple(grad.shape)} does not fit z {tuple(z.shape)} and {rows} rows")
+        for name, t in zip("be", coefficients):
+            _check_channels(name, t, c_out)
+        shape = (3, x.shape[1], c_out)
+        if weight_grad.dtype != torch.float64 or not weight_grad.is_contiguous() or tuple(weight_grad.shape) != shape:
+            raise ValueError(f"weight_grad must be a contiguous float64 tensor of shape {shape}")
+        status = self._direct_grad(grad.data_ptr(), z.data_ptr(), grad.shape[0], rows, coefficients[0].data_ptr(),
+                                   coefficients[1].data_ptr(), x.data_ptr(), x.shape[1], c_out, dilation,
+                                   weight_grad.data_ptr())  # fmt: skip
+        if status != 0:
+            raise MemoryError("dfl_direct_conv_weight_grad: out of memory")
 
 
 def mean_var(parts: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

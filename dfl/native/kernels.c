@@ -305,31 +305,39 @@ static void moments_add(moments_t *m, double nb, const double *mb, const double 
     m->count = n;
 }
 
-/* Adds a group's output rows (those of items k0 … k0 + n − 1 below `rows`) to m: float32 sums about the
- * group's first row (a sample, so near the mean), then the pairwise update. The rows are still in cache.
- * part: 2·C doubles of scratch. */
-static void group_moments(const float *y, int64_t k0, int64_t n, int64_t d, int64_t rows, int64_t C, float *sums,
-                          double *part, moments_t *m) {
-    const float *shift = y + item_row(k0, d) * C;
-    const v8 zero = {0};
-    for (int64_t c = 0; c < 2 * C; c += 8) STORE(sums + c, zero);
-    int64_t count = 0;
-    for (int64_t r = 0; r < n; r++) {
-        const int64_t t = item_row(k0 + r, d);
-        for (int64_t j = 0; j < 4 && t + j * d < rows; j++, count++) {
-            const float *row = y + (t + j * d) * C;
-            for (int64_t c = 0; c < C; c += 8) {
-                v8 v = LOAD(row + c) - LOAD(shift + c);
-                STORE(sums + c, LOAD(sums + c) + v), STORE(sums + C + c, LOAD(sums + C + c) + v * v);
-            }
-        }
+/* Float32 sums of (row − shift) and (row − shift)² into sums [2][C]. */
+static inline void add_row_moments(const float *row, const float *shift, float *sums, int64_t C) {
+    for (int64_t c = 0; c < C; c += 8) {
+        v8 v = LOAD(row + c) - LOAD(shift + c);
+        STORE(sums + c, LOAD(sums + c) + v), STORE(sums + C + c, LOAD(sums + C + c) + v * v);
     }
+}
+
+/* Adds `count` rows summed by add_row_moments about `shift` to m (the pairwise update); part: 2·C doubles
+ * of scratch. */
+static void add_summed_moments(const float *sums, const float *shift, int64_t count, int64_t C, double *part,
+                               moments_t *m) {
     for (int64_t c = 0; c < C; c++) {
         const double s = sums[c];
         part[c] = shift[c] + s / count;
         part[C + c] = (double)sums[C + c] - s * s / count;
     }
     moments_add(m, (double)count, part, part + C, C);
+}
+
+/* Adds a group's output rows (those of items k0 … k0 + n − 1 below `rows`) to m: float32 sums about the
+ * group's first row (a sample, so near the mean), then the pairwise update. The rows are still in cache.
+ * part: 2·C doubles of scratch. */
+static void group_moments(const float *y, int64_t k0, int64_t n, int64_t d, int64_t rows, int64_t C, float *sums,
+                          double *part, moments_t *m) {
+    const float *shift = y + item_row(k0, d) * C;
+    memset(sums, 0, sizeof(float) * 2 * C);
+    int64_t count = 0;
+    for (int64_t r = 0; r < n; r++) {
+        const int64_t t = item_row(k0 + r, d);
+        for (int64_t j = 0; j < 4 && t + j * d < rows; j++, count++) add_row_moments(y + (t + j * d) * C, shift, sums, C);
+    }
+    add_summed_moments(sums, shift, count, C, part, m);
 }
 
 /* y[t] = act(Σ_k x[t + (k − 1)·d] @ W_k + bias) for t < rows, x the source (see source_t), by Winograd with
@@ -624,4 +632,122 @@ int dfl_lazy_project_backward(const float *gy, const float *z, int64_t n, int64_
         }
     free(partial), free(blocks);
     return 0;
+}
+
+/* A conv with few input channels (the waveform layer), direct: y[t] = Σ_k x[t + (k − 1)·d] @ W[k] for t < rows,
+ * x with d zero rows of padding each side ([rows + 2d][Cin], from its row −d), W [3][Cin][Cout]; zero inputs
+ * (the channels padded to a multiple of 8) are skipped. With `moments`, as dfl_wino43_conv. −1 when out of
+ * memory. */
+#define DIRECT_BLOCK 192
+int dfl_direct_conv(const float *x, int64_t rows, int64_t Cin, int64_t Cout, int64_t d, const float *W, float *y,
+                    double *moments) {
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    const int64_t blocks = (rows + DIRECT_BLOCK - 1) / DIRECT_BLOCK, chunks = chunk_count(blocks);
+    double *stats = moments ? calloc((size_t)chunks * 2 * Cout + 1, sizeof(double)) : NULL;
+    double *counts = moments ? calloc((size_t)chunks + 1, sizeof(double)) : NULL;
+    if (moments && (!stats || !counts)) {
+        free(stats), free(counts);
+        return -1;
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *sums = alloc_floats(2 * Cout);
+        double *scratch = malloc(sizeof(double) * 2 * Cout);
+        if (!sums || !scratch) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t ch = 0; ch < chunks; ch++) {
+            if (!sums || !scratch) continue;
+            moments_t part = {0, stats ? stats + ch * 2 * Cout : NULL, stats ? stats + ch * 2 * Cout + Cout : NULL};
+            for (int64_t blk = chunk_start(ch, chunks, blocks); blk < chunk_start(ch + 1, chunks, blocks); blk++) {
+                const int64_t r0 = blk * DIRECT_BLOCK, r1 = r0 + DIRECT_BLOCK < rows ? r0 + DIRECT_BLOCK : rows;
+                for (int64_t t = r0; t < r1; t++) {
+                    float *out = y + t * Cout;
+                    memset(out, 0, sizeof(float) * Cout);
+                    for (int k = 0; k < 3; k++)
+                        for (int64_t c = 0; c < Cin; c++) {
+                            const float v = x[(t + k * d) * Cin + c];
+                            if (v == 0.f) continue;
+                            const float *w = W + (k * Cin + c) * Cout;
+                            for (int64_t o = 0; o < Cout; o += 8) STORE(out + o, LOAD(out + o) + v * LOAD(w + o));
+                        }
+                }
+                if (moments) {
+                    memset(sums, 0, sizeof(float) * 2 * Cout);
+                    for (int64_t t = r0; t < r1; t++) add_row_moments(y + t * Cout, y + r0 * Cout, sums, Cout);
+                    add_summed_moments(sums, y + r0 * Cout, r1 - r0, Cout, scratch, &part);
+                }
+            }
+            if (counts) counts[ch] = part.count;
+        }
+        free(sums), free(scratch);
+    }
+    if (moments && !failed) {
+        moments_t total = {0, moments, moments + Cout};
+        memset(moments, 0, sizeof(double) * 2 * Cout);
+        for (int64_t ch = 0; ch < chunks; ch++)
+            moments_add(&total, counts[ch], stats + ch * 2 * Cout, stats + ch * 2 * Cout + Cout, Cout);
+    }
+    free(stats), free(counts);
+    return failed ? -1 : 0;
+}
+
+/* The weight gradient of dfl_direct_conv only (its input needs none): w_grad[k][Cin][Cout] +=
+ * Σ_t x[t + (k − 1)·d] ⊗ dz[t] over t < rows, with the conv's output gradient formed on the fly as in
+ * dfl_wino43_conv_backward, dz = g + b·z + e (g for t < n). Zero inputs are skipped. Blocks of rows sum in
+ * float32, then float64 per chunk, chunks in order. −1 when out of memory. */
+int dfl_direct_conv_weight_grad(const float *g, const float *z, int64_t n, int64_t rows, const float *b,
+                                const float *e, const float *x, int64_t Cin, int64_t Cout, int64_t d, double *w_grad) {
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    const int64_t size = 3 * Cin * Cout, blocks = (rows + DIRECT_BLOCK - 1) / DIRECT_BLOCK, chunks = chunk_count(blocks);
+    double *partial = calloc((size_t)chunks * size + 1, sizeof(double));
+    if (!partial) return -1;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *acc = alloc_floats(size + Cout), *dz = acc ? acc + size : NULL;
+        if (!acc) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t ch = 0; ch < chunks; ch++) {
+            if (!acc) continue;
+            for (int64_t blk = chunk_start(ch, chunks, blocks); blk < chunk_start(ch + 1, chunks, blocks); blk++) {
+                const int64_t r0 = blk * DIRECT_BLOCK, r1 = r0 + DIRECT_BLOCK < rows ? r0 + DIRECT_BLOCK : rows;
+                memset(acc, 0, sizeof(float) * size);
+                for (int64_t t = r0; t < r1; t++) {
+                    for (int64_t o = 0; o < Cout; o += 8) {
+                        v8 v = LOAD(b + o) * LOAD(z + t * Cout + o) + LOAD(e + o);
+                        if (t < n) v += LOAD(g + t * Cout + o);
+                        STORE(dz + o, v);
+                    }
+                    for (int k = 0; k < 3; k++)
+                        for (int64_t c = 0; c < Cin; c++) {
+                            const float v = x[(t + k * d) * Cin + c];
+                            if (v == 0.f) continue;
+                            float *a = acc + (k * Cin + c) * Cout;
+                            for (int64_t o = 0; o < Cout; o += 8) STORE(a + o, LOAD(a + o) + v * LOAD(dz + o));
+                        }
+                }
+                double *part = partial + ch * size;
+                for (int64_t i = 0; i < size; i++) part[i] += acc[i];
+            }
+        }
+        free(acc);
+    }
+    if (!failed)
+        for (int64_t ch = 0; ch < chunks; ch++)
+            for (int64_t i = 0; i < size; i++) w_grad[i] += partial[ch * size + i];
+    free(partial);
+    return failed ? -1 : 0;
 }
