@@ -16,6 +16,9 @@ as ``[batch, time, channels]`` buffers, and BN + adaptive mix is one per-channel
   the conv's output gradient ``dz = g + b·z + e`` on the fly, computes the weight gradient and hands the
   layer below its z-gradient ``scale·dy`` with ``Σdy`` and ``Σdy·z`` (that layer's offset and scale
   gradients). Per layer that is one pass over memory forward and one backward, besides the GEMMs.
+  The waveform layer (one input channel, zero-padded to 8) runs a direct conv (:meth:`~dfl.native.CpuKernels.direct_conv`)
+  and, when its input needs no gradient, computes only its weight gradient; the output conv (1×1 to one
+  channel) reads the last layer's ``z`` through its norm the same way (:func:`lazy_project`).
 * **Per-layer ops** (:func:`conv_norm_act`, the PyTorch fallback): direct GEMMs over row-shifted views
   (no padding copy), PyTorch's channels-last BN kernels, the activation stored in a buffer whose zero
   margins are the next layer's padding.
@@ -32,7 +35,7 @@ from dfl.models import winograd
 from dfl.native import mean_var
 
 # Below this many input channels the forward conv runs direct: Winograd's transforms round more than a
-# 3-term sum, which shows on the waveform layer (1 channel, padded to 8), where the GEMM is cheap anyway.
+# 3-term sum, which shows on the waveform layer (1 channel, padded to 8), where a direct conv is cheap anyway.
 WINOGRAD_MIN_CHANNELS = 16
 
 

@@ -16,7 +16,8 @@ class LossNetwork(nn.Module):
     """``n_layers`` k-tap convs, stride 2 except the last, BN + leaky ReLU.
 
     Layer ``i`` has ``base_channels · 2^(i // channel_block)`` channels. ``forward``
-    returns every layer's activation ``[batch, channels, time_i]``. Optional
+    returns every layer's activation ``[batch, channels, time_i]`` (frozen, in eval mode, on the CPU:
+    through :mod:`dfl.models.frozen_loss_network`, the same features faster). Optional
     classifier heads (1×1 convs on the time-averaged last layer) serve the
     pretraining tasks; ``heads`` maps a head name to its number of outputs.
     """

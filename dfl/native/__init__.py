@@ -135,7 +135,11 @@ def _check_sums(name: str, t: torch.Tensor, channels: int) -> None:
 
 
 class CpuKernels:
-    """The kernels of ``kernels.c``: Winograd F(4,3) convs along time, BN moments, affine + leaky ReLU."""
+    """The kernels of ``kernels.c``: Winograd F(4,3) convs along time and their backward, the direct conv of few
+    input channels, the 1×1 output conv of a lazily read activation, BN moments, affine + leaky ReLU.
+
+    Results do not depend on the number of threads: work is split into fixed chunks and sums are added
+    chunk by chunk in order."""
 
     def __init__(self, library: Path) -> None:
         lib = ctypes.CDLL(str(library))
