@@ -298,7 +298,11 @@ def test_results_do_not_depend_on_the_thread_count(kernels):
         kernels.lazy_project_backward(grad[:, 0].contiguous(), z, scale, offset, 0.2, w_out, shift, dz2, sums2, w_grad)
         channel_sums = torch.zeros(2, c, dtype=torch.float64)
         kernels.channel_moments(z, channel_sums, shift)
-        return y, moments, dz, wgrad, sums, out, dz2, sums2, w_grad, channel_sums
+        wave = F.pad(z_below[:, :8], (0, 0, d, d))  # the direct conv's zero-padded input
+        y3, moments3, taps_grad = torch.empty(n, c), torch.empty(2, c, dtype=torch.float64), torch.zeros(3, 8, c, dtype=torch.float64)
+        kernels.direct_conv(wave, weight[:, :8], y3, n, d, moments3)
+        kernels.direct_conv_weight_grad(grad, z, n, (b, e), wave, d, taps_grad)
+        return y, moments, dz, wgrad, sums, out, dz2, sums2, w_grad, channel_sums, y3, moments3, taps_grad
 
     before = torch.get_num_threads()
     try:
