@@ -53,6 +53,22 @@ static inline v8 leaky_grad(v8 g, v8 pre, float slope) {
 
 static inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+static inline int max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+static inline int thread_num(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
 #ifndef CHUNKS
 #define CHUNKS 16
 #endif
@@ -350,10 +366,6 @@ int dfl_wino43_conv(const float *x, int64_t lo, int64_t hi, const float *in_scal
     const source_t src = {x, lo, hi, in_scale, in_offset, in_slope};
     const int64_t items = tile_items(rows, d), groups = (items + GROUP - 1) / GROUP, chunks = chunk_count(groups);
     const int64_t panels = (Cout + NR - 1) / NR, ldm = panels * NR;
-    int threads = 1;
-#ifdef _OPENMP
-    threads = omp_get_max_threads();
-#endif
     float *B = pack_weights(W, Cin, Cout);
     double *stats = moments ? calloc((size_t)chunks * 2 * Cout + 1, sizeof(double)) : NULL; /* mean, m2 */
     double *counts = moments ? calloc((size_t)chunks + 1, sizeof(double)) : NULL;
@@ -362,7 +374,7 @@ int dfl_wino43_conv(const float *x, int64_t lo, int64_t hi, const float *in_scal
         return -1;
     }
     int failed = 0;
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel
     {
         float *U = alloc_floats(6 * GROUP * Cin + Cin), *M = alloc_floats(6 * GROUP * ldm + 2 * Cout);
         double *scratch = malloc(sizeof(double) * 2 * Cout);
@@ -421,10 +433,6 @@ int dfl_wino43_conv_backward(const float *g, const float *z, int64_t n, int64_t 
     const int64_t items = tile_items(rows, d), groups = (items + GROUP - 1) / GROUP, chunks = chunk_count(groups);
     const int64_t panels = (Cin + NR - 1) / NR, ldm = panels * NR; /* the dx conv: Cout → Cin */
     const int64_t ldu = round_up(Cin, MR) + 8, mrows = round_up(Cin, MR), ldv = round_up(Cout, NR);
-    int threads = 1;
-#ifdef _OPENMP
-    threads = omp_get_max_threads();
-#endif
     const size_t acc_size = 6 * mrows * ldv;
     float *B = pack_weights(Wf, Cout, Cin), *acc = alloc_floats(chunks * acc_size + 1);
     double *sink_acc = sunk ? calloc((size_t)chunks * 2 * Cin + 1, sizeof(double)) : NULL;
@@ -434,7 +442,7 @@ int dfl_wino43_conv_backward(const float *g, const float *z, int64_t n, int64_t 
     }
     const int64_t widest = Cin > Cout ? Cin : Cout;
     int failed = 0;
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel
     {
         float *Ud = alloc_floats(6 * GROUP * Cout), *M = alloc_floats(6 * GROUP * ldm);
         float *Ux = alloc_floats(6 * GROUP * ldu), *V = alloc_floats(6 * GROUP * ldv);
@@ -513,10 +521,7 @@ int dfl_wino43_conv_backward(const float *g, const float *z, int64_t n, int64_t 
  * order. Returns -1 when out of memory. */
 #define MOMENT_BLOCK 64
 int dfl_channel_moments(const float *z, const float *shift, int64_t rows, int64_t C, double *sums) {
-    int threads = 1;
-#ifdef _OPENMP
-    threads = omp_get_max_threads();
-#endif
+    const int threads = max_threads();
     const int64_t n_blocks = (rows + MOMENT_BLOCK - 1) / MOMENT_BLOCK, chunks = chunk_count(n_blocks);
     double *partial = calloc((size_t)chunks * 2 * C + 1, sizeof(double));
     float *blocks = alloc_floats((size_t)threads * 2 * C);
@@ -527,10 +532,7 @@ int dfl_channel_moments(const float *z, const float *shift, int64_t rows, int64_
     const v8 zero = {0};
 #pragma omp parallel num_threads(threads)
     {
-        int t = 0;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-#endif
+        const int t = thread_num();
         float *bs = blocks + (size_t)t * 2 * C, *bq = bs + C;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t ch = 0; ch < chunks; ch++) {
@@ -583,10 +585,7 @@ void dfl_lazy_project(const float *z, int64_t n, int64_t C, const float *scale, 
 int dfl_lazy_project_backward(const float *gy, const float *z, int64_t n, int64_t C, const float *scale,
                               const float *offset, float slope, const float *w, const float *shift, float *dz,
                               double *sums, double *w_grad) {
-    int threads = 1;
-#ifdef _OPENMP
-    threads = omp_get_max_threads();
-#endif
+    const int threads = max_threads();
     const int64_t n_blocks = (n + PROJECT_BLOCK - 1) / PROJECT_BLOCK, chunks = chunk_count(n_blocks);
     double *partial = calloc((size_t)chunks * 3 * C + 1, sizeof(double));
     float *blocks = alloc_floats((size_t)threads * 3 * C);
@@ -597,10 +596,7 @@ int dfl_lazy_project_backward(const float *gy, const float *z, int64_t n, int64_
     const v8 zero = {0};
 #pragma omp parallel num_threads(threads)
     {
-        int th = 0;
-#ifdef _OPENMP
-        th = omp_get_thread_num();
-#endif
+        const int th = thread_num();
         float *bs = blocks + (size_t)th * 3 * C;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t ch = 0; ch < chunks; ch++) {
@@ -641,10 +637,6 @@ int dfl_lazy_project_backward(const float *gy, const float *z, int64_t n, int64_
 #define DIRECT_BLOCK 192
 int dfl_direct_conv(const float *x, int64_t rows, int64_t Cin, int64_t Cout, int64_t d, const float *W, float *y,
                     double *moments) {
-    int threads = 1;
-#ifdef _OPENMP
-    threads = omp_get_max_threads();
-#endif
     const int64_t blocks = (rows + DIRECT_BLOCK - 1) / DIRECT_BLOCK, chunks = chunk_count(blocks);
     double *stats = moments ? calloc((size_t)chunks * 2 * Cout + 1, sizeof(double)) : NULL;
     double *counts = moments ? calloc((size_t)chunks + 1, sizeof(double)) : NULL;
@@ -653,7 +645,7 @@ int dfl_direct_conv(const float *x, int64_t rows, int64_t Cin, int64_t Cout, int
         return -1;
     }
     int failed = 0;
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel
     {
         float *sums = alloc_floats(2 * Cout);
         double *scratch = malloc(sizeof(double) * 2 * Cout);
@@ -704,15 +696,11 @@ int dfl_direct_conv(const float *x, int64_t rows, int64_t Cin, int64_t Cout, int
  * float32, then float64 per chunk, chunks in order. −1 when out of memory. */
 int dfl_direct_conv_weight_grad(const float *g, const float *z, int64_t n, int64_t rows, const float *b,
                                 const float *e, const float *x, int64_t Cin, int64_t Cout, int64_t d, double *w_grad) {
-    int threads = 1;
-#ifdef _OPENMP
-    threads = omp_get_max_threads();
-#endif
     const int64_t size = 3 * Cin * Cout, blocks = (rows + DIRECT_BLOCK - 1) / DIRECT_BLOCK, chunks = chunk_count(blocks);
     double *partial = calloc((size_t)chunks * size + 1, sizeof(double));
     if (!partial) return -1;
     int failed = 0;
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel
     {
         float *acc = alloc_floats(size + Cout), *dz = acc ? acc + size : NULL;
         if (!acc) {
