@@ -232,6 +232,12 @@ def conv_norm_act(
     return _ConvNormAct.apply(x, weight, alpha, beta, gamma, bn.bias, bn.running_mean, bn.running_var, cfg)
 
 
+def _norm_grads(sums: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(∂L/∂scale, ∂L/∂offset)`` of a layer read through ``scale·z + offset`` from a kernel's float64 sums
+    ``Σdy`` and ``Σdy·(z − shift)``: ``Σdy·z = Σdy·(z − shift) + shift·Σdy``."""
+    return (sums[1] + shift.double() * sums[0]).float(), sums[0].float()
+
+
 class _LazyConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, in_scale, in_offset, weight, running_mean, running_var, cfg):
@@ -291,10 +297,7 @@ class _LazyConv(torch.autograd.Function):
                 dx[bi, n:].zero_()
                 kernels.winograd_conv_backward(g[bi, :n], z[bi], rows, coefficients, x[bi], flipped, dx[bi], wino_grad,
                                                d, x_norm=(in_scale, in_offset, in_slope, n), below=(shift, sums))  # fmt: skip
-        grad_scale = grad_offset = None
-        if sums is not None:  # Σdy·z = Σdy·(z − shift) + shift·Σdy
-            grad_offset = sums[0].float()
-            grad_scale = (sums[1] + shift.double() * sums[0]).float()
+        grad_scale, grad_offset = _norm_grads(sums, shift) if sums is not None else (None, None)
         return dx, grad_scale, grad_offset, kernels.winograd_taps_grad(wino_grad), None, None, None
 
 
@@ -351,8 +354,8 @@ class _LazyProjection(torch.autograd.Function):
             dz[b, n:].zero_()  # rows past the output's (the authors' padding) get gradient from BN's statistics only
             kernels.lazy_project_backward(g[b], z[b], scale, offset, slope, weight.detach().reshape(-1), shift, dz[b],
                                           sums, weight_grad)  # fmt: skip
-        grad_scale = (sums[1] + shift.double() * sums[0]).float()  # Σdy·z = Σdy·(z − shift) + shift·Σdy
-        return dz, grad_scale, sums[0].float(), weight_grad.float().view_as(weight), g.sum().reshape(1), None
+        grad_scale, grad_offset = _norm_grads(sums, shift)
+        return dz, grad_scale, grad_offset, weight_grad.float().view_as(weight), g.sum().reshape(1), None
 
 
 def lazy_project(z: torch.Tensor, below: tuple, output: torch.nn.Conv1d, length: int, negative_slope: float):
