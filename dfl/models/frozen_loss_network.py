@@ -60,13 +60,13 @@ def _tap_groups(x: torch.Tensor, n_out: int, stride: int, kernel: int):
         yield j, x.as_strided((n_out, width * c_in), (stride * c_in, 1), x.storage_offset() + j * c_in)
 
 
-def _conv_into(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, stride: int, out: torch.Tensor) -> None:
-    """``out [n_out, Cout] (+)= Σ_j x[stride·t + j] @ taps[j]`` for a padded ``[rows, Cin]`` buffer ``x``: no bias,
-    accumulate."""
+def _conv_into(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, stride: int, out: torch.Tensor) -> None:
+    """``out[t] = bias + Σ_j x[stride·t + j] @ taps[j]`` (``out [n_out, Cout]``) for a padded ``[rows, Cin]``
+    buffer ``x``."""
     kernel, c_in = taps.shape[0], taps.shape[1]
     for j, cols in _tap_groups(x, out.shape[0], stride, kernel):
         w = taps[j : j + cols.shape[1] // c_in].reshape(-1, taps.shape[2])
-        if j == 0 and bias is not None:
+        if j == 0:
             torch.addmm(bias, cols, w, out=out)
         else:
             out.addmm_(cols, w)
