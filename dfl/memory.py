@@ -34,3 +34,9 @@ def keep_freed_memory() -> bool:
         log.warning("dfl: mallopt refused the memory settings; freed memory goes back to the OS")
         return False
     return True
+
+
+def configure_freed_memory(keep: bool) -> None:
+    """The ``keep_freed_memory`` setting of ``dfl-train`` and ``dfl-pretrain``: keep freed buffers when true."""
+    if keep and keep_freed_memory():
+        log.info("glibc keeps freed buffers for reuse (keep_freed_memory=true)")

@@ -44,6 +44,9 @@ def pretrain(cfg: DictConfig) -> dict:
         import torch
 
         torch.set_num_threads(int(cfg.num_threads))
+    from dfl.memory import configure_freed_memory
+
+    configure_freed_memory(bool(cfg.get("keep_freed_memory")))
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)

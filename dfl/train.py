@@ -124,11 +124,9 @@ def train(cfg: DictConfig) -> dict:
         torch.set_num_threads(int(cfg.num_threads))
     if cfg.get("tf32") is not None:
         set_tf32(bool(cfg.tf32))
-    if cfg.get("keep_freed_memory"):
-        from dfl.memory import keep_freed_memory
+    from dfl.memory import configure_freed_memory
 
-        if keep_freed_memory():
-            log.info("glibc keeps freed buffers for reuse (keep_freed_memory=true)")
+    configure_freed_memory(bool(cfg.get("keep_freed_memory")))
     if cfg.get("cuda_conv") is not None:
         from dfl.models.conv import set_cuda_conv
 

@@ -159,6 +159,7 @@ def test_dfl_pretrain_writes_checkpoints_and_a_loadable_lossnet(tmp_path):
     assert 0 <= metrics["scene_acc"] <= 1 and 0 <= metrics["tags_eer_mean"] <= 1
     assert metrics["exported"].endswith("best.ckpt") and set(metrics["tags_eer"]) == set("cmfvpbo")
     assert export.read_bytes() == (run / "lossnet.pt").read_bytes()
+    assert "glibc keeps freed buffers for reuse" in (run / "pretrain.log").read_text()  # keep_freed_memory: true
 
     wav = torch.randn(2, 500)
     nets = {f: load_model(run / f, "lossnet") for f in ("lossnet.pt", "checkpoints/best.ckpt")}
