@@ -73,8 +73,12 @@ static inline int thread_num(void) {
 #define CHUNKS 16
 #endif
 static inline int64_t chunk_count(int64_t units) { return units < CHUNKS ? units : CHUNKS; }
-/* Chunk ch of `chunks` covers units [chunk_start(ch), chunk_start(ch + 1)). */
-static inline int64_t chunk_start(int64_t ch, int64_t chunks, int64_t units) { return ch * units / chunks; }
+/* Chunk ch of `chunks` covers units [chunk_start(ch), chunk_start(ch + 1)). Sizes shrink from about 2/chunks
+ * of the work to 1/chunks² (quadratic boundaries), so the chunks left when one thread runs out of work are
+ * small and the other finishes soon after. */
+static inline int64_t chunk_start(int64_t ch, int64_t chunks, int64_t units) {
+    return units - units * (chunks - ch) * (chunks - ch) / (chunks * chunks);
+}
 
 static float *alloc_floats(size_t n) { return aligned_alloc(64, round_up((int64_t)(n * sizeof(float)), 64)); }
 
