@@ -419,6 +419,20 @@ int dfl_wino43_conv(const float *x, int64_t lo, int64_t hi, const float *in_scal
     return failed ? -1 : 0;
 }
 
+/* Row `row` of a conv's output gradient, dz = g + b·z + e per channel (b, e: batch norm's statistics
+ * gradients; g: the gradient from above, for rows < n; zero outside the conv's rows 0 … rows). */
+static inline void conv_output_grad(const float *g, const float *z, const float *b, const float *e, int64_t row,
+                                    int64_t n, int64_t rows, int64_t C, float *out) {
+    for (int64_t c = 0; c < C; c += 8) {
+        v8 v = {0};
+        if (row >= 0 && row < rows) {
+            v = LOAD(b + c) * LOAD(z + row * C + c) + LOAD(e + c);
+            if (row < n) v += LOAD(g + row * C + c);
+        }
+        STORE(out + c, v);
+    }
+}
+
 /* The backward of dfl_wino43_conv (no bias, no activation) in one pass. The conv's output gradient is
  * formed on the fly, dz = g + b·z + e per channel for conv rows r < rows (g: the z-gradient from above, for
  * r < n; b, e: batch norm's statistics gradients), and feeds both dx[t] = Σ_k dz[t − (k−1)·d] @ W_kᵀ for
@@ -458,7 +472,6 @@ int dfl_wino43_conv_backward(const float *g, const float *z, int64_t n, int64_t 
             memset(Ud, 0, sizeof(float) * 6 * GROUP * Cout), memset(Ux, 0, sizeof(float) * 6 * GROUP * ldu);
             memset(V, 0, sizeof(float) * 6 * GROUP * ldv), memset(zeros, 0, sizeof(float) * widest);
         }
-        const v8 zero = {0};
 #pragma omp for schedule(dynamic, 1)
         for (int64_t ch = 0; ch < chunks; ch++) {
             float *C = acc + ch * acc_size;
@@ -471,15 +484,7 @@ int dfl_wino43_conv_backward(const float *g, const float *z, int64_t n, int64_t 
                 for (int j = 0; j < 6; j++)
                     for (int64_t r = 0; r < n_items; r++) {
                         const int64_t row = item_row(k0 + r, d) + (j - 1) * d;
-                        float *out = Ud + j * GROUP * Cout + r * Cout;
-                        for (int64_t c = 0; c < Cout; c += 8) {
-                            v8 v = zero;
-                            if (row >= 0 && row < rows) {
-                                v = LOAD(b + c) * LOAD(z + row * Cout + c) + LOAD(e + c);
-                                if (row < n) v += LOAD(g + row * Cout + c);
-                            }
-                            STORE(out + c, v);
-                        }
+                        conv_output_grad(g, z, b, e, row, n, rows, Cout, Ud + j * GROUP * Cout + r * Cout);
                     }
                 for (int64_t r = 0; r < n_items; r++) {
                     const float *s[6];
@@ -718,11 +723,7 @@ int dfl_direct_conv_weight_grad(const float *g, const float *z, int64_t n, int64
                 const int64_t r0 = blk * DIRECT_BLOCK, r1 = r0 + DIRECT_BLOCK < rows ? r0 + DIRECT_BLOCK : rows;
                 memset(acc, 0, sizeof(float) * size);
                 for (int64_t t = r0; t < r1; t++) {
-                    for (int64_t o = 0; o < Cout; o += 8) {
-                        v8 v = LOAD(b + o) * LOAD(z + t * Cout + o) + LOAD(e + o);
-                        if (t < n) v += LOAD(g + t * Cout + o);
-                        STORE(dz + o, v);
-                    }
+                    conv_output_grad(g, z, b, e, t, n, rows, Cout, dz);
                     for (int k = 0; k < 3; k++)
                         for (int64_t c = 0; c < Cin; c++) {
                             const float v = x[(t + k * d) * Cin + c];
