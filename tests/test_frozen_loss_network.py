@@ -93,3 +93,40 @@ def test_fast_path_only_where_it_applies(calls):
     _frozen(n_layers=3, batch_stats_at_eval=True)(wav)  # the authors' release: batch statistics at eval
     _frozen(n_layers=3, normalization="adaptive")(wav)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("layers", [[0, 2, 5], [3, 1, 3]], ids=["paper-subset", "repeated-layer"])
+def test_feature_loss_distances_in_one_op_match_the_module(layers, monkeypatch):
+    """FeatureLoss runs its distances through frozen_distances: values and input gradient as the module's."""
+    loss = FeatureLoss(_frozen(n_layers=6), layers=layers)
+    gen = torch.Generator().manual_seed(4)
+    est, ref = 0.1 * torch.randn(2, 3001, generator=gen), 0.1 * torch.randn(2, 3001, generator=gen)
+    weights = torch.rand(len(layers), generator=gen) + 0.5
+    seen = []
+    original = frozen_loss_network._FrozenDistances.apply
+    monkeypatch.setattr(frozen_loss_network._FrozenDistances, "apply", lambda *a: seen.append(1) or original(*a))
+
+    def run():
+        x = est.clone().requires_grad_()
+        dist = loss.distances(x, ref)
+        (weights * dist).sum().backward()
+        return dist.detach(), x.grad
+
+    fast, fast_grad = run()
+    assert seen == [1] and fast.shape == (len(layers),)
+    monkeypatch.setattr(frozen_loss_network, "applies", lambda *a: False)
+    plain, plain_grad = run()
+    assert seen == [1]
+    torch.testing.assert_close(fast, plain, rtol=1e-6, atol=0)
+    torch.testing.assert_close(fast_grad, plain_grad, rtol=0, atol=1e-6 * plain_grad.abs().max().item())
+    assert fast_grad.abs().sum() > 0
+
+
+def test_frozen_distances_checks_its_inputs():
+    net = _frozen(n_layers=3)
+    with pytest.raises(ValueError, match="same"):
+        frozen_loss_network.frozen_distances(net, torch.randn(1, 500), torch.randn(1, 400), [0])
+    loss = FeatureLoss(net, layers=2)
+    # [batch, 1, time] signals take the module's path, with the same values
+    est, ref = torch.randn(2, 1, 600), torch.randn(2, 1, 600)
+    torch.testing.assert_close(loss.distances(est, ref), loss.distances(est[:, 0], ref[:, 0]), rtol=1e-6, atol=0)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dfl.losses.masking import masked_mean
-from dfl.models import LossNetwork
+from dfl.models import LossNetwork, frozen_loss_network
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,8 @@ class FeatureLoss(nn.Module):
         The difference shrinks with utterance length relative to the layer's stride; see
         ``tests/test_bucketing.py``.
         """
+        if lengths is None and self._frozen_fast_path(estimate, target):
+            return frozen_loss_network.frozen_distances(self.loss_network, estimate, target, self.layers)
         depth = max(self.layers) + 1
         feats_est = self.loss_network(estimate, n_layers=depth)
         with torch.no_grad():
@@ -123,6 +125,18 @@ class FeatureLoss(nn.Module):
         hops = self._layer_hops(estimate.shape[-1], [f.shape[-1] for f in feats_est])
         return torch.stack(
             [masked_mean((feats_est[i] - feats_ref[i]).abs(), -(-lengths // hops[i])) for i in self.layers]
+        )
+
+    def _frozen_fast_path(self, estimate: torch.Tensor, target: torch.Tensor) -> bool:
+        """Whether the distances run as one op through the frozen network's fast path
+        (:func:`dfl.models.frozen_loss_network.frozen_distances`): a :class:`LossNetwork` where that path
+        applies, ``[batch, time]`` signals of one shape."""
+        return (
+            isinstance(self.loss_network, LossNetwork)
+            and estimate.dim() == 2
+            and estimate.shape == target.shape
+            and target.dtype == estimate.dtype
+            and frozen_loss_network.applies(self.loss_network, estimate)
         )
 
     def _layer_hops(self, n_samples: int, frames: list[int]) -> list[int]:

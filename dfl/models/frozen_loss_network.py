@@ -7,6 +7,11 @@ plus the activation. oneDNN's path for these strided 1-D convs reorders every te
 and back, and BN adds a pass forward and backward; here a layer reads its padded input through strided
 views (no copies) and writes its output once. Only the input gradient is computed: the network is
 frozen. Same results as the module's own forward, to float32 rounding.
+
+:func:`frozen_distances` is the deep feature loss's part in one op (what ``FeatureLoss`` runs when this path
+applies): both signals through the layers with one set of folded weights, the per-layer mean absolute
+differences without an autograd graph, and a backward that adds each layer's ``sign(est − ref) / count`` as
+it reaches that layer.
 """
 
 from __future__ import annotations
@@ -81,29 +86,76 @@ def _padded(like: torch.Tensor, batch: int, rows: int, pad: tuple[int, int], cha
     return buf
 
 
+def _geometry(n: int, strides, kernel: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """Each layer's input length (and the last one's output length) and TF-SAME padding."""
+    lengths = [n]
+    for s in strides:
+        lengths.append(-(-lengths[-1] // s))  # TF SAME: ceil(length / stride)
+    return lengths, [tf_same_padding(length, kernel, s) for length, s in zip(lengths, strides)]
+
+
+def _features(wav: torch.Tensor, cfg, lengths, pads) -> list[torch.Tensor]:
+    """The layers' activations ``[batch, time_i, channels_i]``, each a view of the next layer's padded input."""
+    layers, strides, _, slope = cfg
+    batch = wav.shape[0]
+    x = _padded(wav, batch, lengths[0], pads[0], 1)
+    x[:, pads[0][0] : pads[0][0] + lengths[0], 0] = wav
+    feats = []
+    for i, ((taps, bias), stride) in enumerate(zip(layers, strides)):
+        n_out = lengths[i + 1]
+        # written straight into the next layer's padded input buffer
+        pad = pads[i + 1] if i + 1 < len(layers) else (0, 0)
+        buf = _padded(x, batch, n_out, pad, taps.shape[2])
+        y = buf[:, pad[0] : pad[0] + n_out]
+        for b in range(batch):
+            _conv_into(x[b], taps, bias, stride, y[b])
+        F.leaky_relu_(y, slope)
+        feats.append(y)
+        x = buf
+    return feats
+
+
+def _input_grad(feats, outside, cfg, lengths, pads) -> torch.Tensor | None:
+    """``∂L/∂wav`` ``[batch, time]`` from the gradients reaching each layer's activation from outside the
+    network, ``outside(i)`` (a tensor shaped like ``feats[i]``, or None), through the frozen layers."""
+    layers, strides, kernel, slope = cfg
+    dh, own = None, False
+    for i in reversed(range(len(feats))):
+        grad = outside(i)
+        if grad is not None:
+            if dh is None:
+                dh, own = grad, False
+            elif own:
+                dh.add_(grad)
+            else:
+                dh = dh + grad
+        if dh is None:
+            continue
+        taps, _ = layers[i]
+        dy = torch.ops.aten.leaky_relu_backward(dh, feats[i], slope, True)
+        (left, right), length, stride = pads[i], lengths[i], strides[i]
+        c_in, n_out = taps.shape[1], dy.shape[1]
+        dx = dy.new_empty(dy.shape[0], left + length + right, c_in)
+        flipped = taps.transpose(1, 2)  # [k, Cout, Cin]: the input gradient's conv
+        for b in range(dy.shape[0]):
+            dxb, dyb = dx[b], dy[b].contiguous()
+            covered = n_out * stride if kernel >= stride else 0
+            if covered:  # the first `stride` taps write rows 0 … n_out·stride once, side by side
+                torch.mm(dyb, flipped[:stride].transpose(0, 1).reshape(-1, stride * c_in),
+                         out=dxb[:covered].view(n_out, stride * c_in))  # fmt: skip
+            dxb[covered:].zero_()
+            for j, cols in _tap_groups(dxb, n_out, stride, kernel):
+                if j >= stride or not covered:
+                    cols.addmm_(dyb, flipped[j : j + cols.shape[1] // c_in].transpose(0, 1).reshape(-1, cols.shape[1]))
+        dh, own = dx[:, left : left + length], True
+    return None if dh is None else dh[..., 0]
+
+
 class _FrozenFeatures(torch.autograd.Function):
     @staticmethod
     def forward(ctx, wav, cfg):
-        layers, strides, kernel, slope = cfg
-        lengths = [wav.shape[-1]]
-        for s in strides:
-            lengths.append(-(-lengths[-1] // s))  # TF SAME: ceil(length / stride)
-        pads = [tf_same_padding(n, kernel, s) for n, s in zip(lengths, strides)]
-        batch = wav.shape[0]
-        x = _padded(wav, batch, lengths[0], pads[0], 1)
-        x[:, pads[0][0] : pads[0][0] + lengths[0], 0] = wav
-        feats = []
-        for i, ((taps, bias), stride) in enumerate(zip(layers, strides)):
-            n_out = lengths[i + 1]
-            # written straight into the next layer's padded input buffer
-            pad = pads[i + 1] if i + 1 < len(layers) else (0, 0)
-            buf = _padded(x, batch, n_out, pad, taps.shape[2])
-            y = buf[:, pad[0] : pad[0] + n_out]
-            for b in range(batch):
-                _conv_into(x[b], taps, bias, stride, y[b])
-            F.leaky_relu_(y, slope)
-            feats.append(y)
-            x = buf
+        lengths, pads = _geometry(wav.shape[-1], cfg[1], cfg[2])
+        feats = _features(wav, cfg, lengths, pads)
         ctx.cfg, ctx.pads, ctx.lengths = cfg, pads, lengths
         ctx.set_materialize_grads(False)  # layers outside the loss get no gradient: None, not zeros
         ctx.save_for_backward(*feats)
@@ -111,42 +163,54 @@ class _FrozenFeatures(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        layers, strides, kernel, slope = ctx.cfg
-        feats = ctx.saved_tensors
-        dh, own = None, False
-        for i in reversed(range(len(feats))):
-            if grads[i] is not None:
-                if dh is None:
-                    dh, own = grads[i], False
-                elif own:
-                    dh.add_(grads[i])
-                else:
-                    dh = dh + grads[i]
-            if dh is None:
-                continue
-            taps, _ = layers[i]
-            dy = torch.ops.aten.leaky_relu_backward(dh, feats[i], slope, True)
-            (left, right), length, stride = ctx.pads[i], ctx.lengths[i], strides[i]
-            c_in, n_out = taps.shape[1], dy.shape[1]
-            dx = dy.new_empty(dy.shape[0], left + length + right, c_in)
-            flipped = taps.transpose(1, 2)  # [k, Cout, Cin]: the input gradient's conv
-            for b in range(dy.shape[0]):
-                dxb, dyb = dx[b], dy[b].contiguous()
-                covered = n_out * stride if kernel >= stride else 0
-                if covered:  # the first `stride` taps write rows 0 … n_out·stride once, side by side
-                    torch.mm(dyb, flipped[:stride].transpose(0, 1).reshape(-1, stride * c_in),
-                             out=dxb[:covered].view(n_out, stride * c_in))  # fmt: skip
-                dxb[covered:].zero_()
-                for j, cols in _tap_groups(dxb, n_out, stride, kernel):
-                    if j >= stride or not covered:
-                        cols.addmm_(dyb, flipped[j : j + cols.shape[1] // c_in].transpose(0, 1).reshape(-1, cols.shape[1]))
-            dh, own = dx[:, left : left + length], True
-        return (None if dh is None else dh[..., 0]), None
+        return _input_grad(ctx.saved_tensors, grads.__getitem__, ctx.cfg, ctx.lengths, ctx.pads), None
+
+
+class _FrozenDistances(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, estimate, target, cfg, selected):
+        lengths, pads = _geometry(estimate.shape[-1], cfg[1], cfg[2])
+        feats = _features(estimate, cfg, lengths, pads)
+        refs = _features(target, cfg, lengths, pads)
+        diffs = [torch.sub(feats[i], refs[i]) for i in selected]
+        # Σ|est − ref| / count per layer, with no autograd graph for the subtraction and the sum
+        dist = torch.stack([d.abs().sum() / d.numel() for d in diffs])
+        ctx.cfg, ctx.pads, ctx.lengths, ctx.selected = cfg, pads, lengths, selected
+        ctx.save_for_backward(*feats, *diffs)
+        return dist
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved, selected = ctx.saved_tensors, ctx.selected
+        feats, diffs = saved[: len(saved) - len(selected)], saved[len(saved) - len(selected) :]
+        terms: dict[int, list] = {}
+        for i, d, g in zip(selected, diffs, grad):
+            terms.setdefault(i, []).append((d, float(g) / d.numel()))
+
+        def outside(i):  # ∂(Σ|est − ref| / count)/∂est = sign(est − ref) / count, for each time layer i is listed
+            grads = [d.sign().mul_(w) for d, w in terms.get(i, ())]
+            return sum(grads[1:], grads[0]) if grads else None
+
+        return _input_grad(feats, outside, ctx.cfg, ctx.lengths, ctx.pads), None, None, None
+
+
+def _config(net, n_layers: int) -> tuple:
+    folded = tuple(_folded(conv, norm) for conv, norm in zip(net.convs[:n_layers], net.norms))
+    return folded, tuple(net.strides[:n_layers]), net.kernel_size, float(net.negative_slope)
+
+
+def frozen_distances(net, estimate: torch.Tensor, target: torch.Tensor, layers: list[int]) -> torch.Tensor:
+    """``[len(layers)]`` mean absolute differences between the activations of ``net`` (see :func:`applies`) for
+    ``[batch, time]`` ``estimate`` and ``target`` at the given layers, differentiable in ``estimate``: the deep
+    feature loss's distances in one op. Both signals run through the layers once, the folded weights are
+    shared, and the backward forms each layer's ``sign(est − ref) / count`` as it reaches it."""
+    if estimate.shape != target.shape or estimate.dim() != 2:
+        raise ValueError(f"estimate {tuple(estimate.shape)} and target {tuple(target.shape)} must be the same [batch, time]")
+    depth = max(layers) + 1
+    return _FrozenDistances.apply(estimate.contiguous(), target.detach().contiguous(), _config(net, depth), tuple(layers))
 
 
 def frozen_features(net, wav: torch.Tensor, n_layers: int) -> list[torch.Tensor]:
     """The first ``n_layers`` activations ``[batch, channels, time_i]`` of ``net`` for ``[batch, time]``
     audio (see :func:`applies`); views of channels-last buffers, differentiable in ``wav``."""
-    folded = tuple(_folded(conv, norm) for conv, norm in zip(net.convs[:n_layers], net.norms))
-    cfg = (folded, tuple(net.strides[:n_layers]), net.kernel_size, float(net.negative_slope))
-    return [f.transpose(1, 2) for f in _FrozenFeatures.apply(wav.contiguous(), cfg)]
+    return [f.transpose(1, 2) for f in _FrozenFeatures.apply(wav.contiguous(), _config(net, n_layers))]
