@@ -199,6 +199,79 @@ def test_batch_norm_kernels(kernels):
         kernels.affine_leaky_relu(z[:, :8], scale[:8], offset[:8], 0.2)
 
 
+def _moments(z: torch.Tensor) -> torch.Tensor:
+    """``[B, rows, C]`` → the float64 ``[B, 2, C]`` moments (mean, squared deviations) the conv kernels write."""
+    z = z.double()
+    mean = z.mean(1)
+    return torch.stack([mean, (z - mean[:, None]).square().sum(1)], 1)
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_norm_kernels_are_adaptive_batch_norm_and_its_backward(kernels, adaptive):
+    """α·z + β·BN(z) as scale·z + offset from batch moments, the running update, and the backward: the
+    parameters' gradients and b·z + e, the gradient reaching z through the batch statistics."""
+    torch.manual_seed(0)
+    bsz, rows, c = 3, 500, 16
+    z = 2 * torch.randn(bsz, rows, c, dtype=torch.float64) + torch.linspace(-3, 3, c, dtype=torch.float64)
+    alpha = torch.tensor(0.7 if adaptive else 0.0)
+    beta = torch.tensor(1.3 if adaptive else 1.0)
+    gamma, bias = torch.rand(c) + 0.5, torch.randn(c)
+    running_mean, running_var = torch.randn(c), torch.rand(c) + 0.5
+    bn = torch.nn.BatchNorm1d(c, eps=1e-5, momentum=0.2).double().train()
+    bn.running_mean.copy_(running_mean), bn.running_var.copy_(running_var)
+    bn.weight.data.copy_(gamma), bn.bias.data.copy_(bias)
+
+    norm, stats = kernels.norm_forward(_moments(z), rows, alpha, beta, gamma, bias, 1e-5, running_mean, running_var, 0.2)
+    scale, offset, mean = norm
+    expected = alpha.double() * z + beta.double() * bn(z.reshape(-1, c)).reshape(z.shape)
+    torch.testing.assert_close((scale * z + offset), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean.double(), z.mean((0, 1)), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats[1], z.var((0, 1), unbiased=False), rtol=1e-12, atol=0)
+    torch.testing.assert_close(running_mean.double(), bn.running_mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(running_var.double(), bn.running_var, rtol=1e-6, atol=1e-7)
+
+    # backward against autograd in float64 for a loss through scale and offset only (the conv output z
+    # itself is held fixed: its direct gradient is the caller's)
+    params = [t.double().requires_grad_() for t in (alpha, beta, gamma, bias)]
+    zz = z.clone().requires_grad_()
+    m, v = zz.mean((0, 1)), zz.var((0, 1), unbiased=False)
+    g = params[2] / torch.sqrt(v + 1e-5)
+    s, o = params[0] + params[1] * g, params[1] * (params[3] - g * m)
+    grad_scale, grad_offset = torch.randn(c), torch.randn(c)
+    torch.autograd.backward([s, o], [grad_scale.double(), grad_offset.double()])
+    grads, (b, e) = kernels.norm_backward(stats, bsz * rows, beta, gamma, bias, 1e-5, True, grad_scale, grad_offset)
+    for got, want in zip((grads[0], grads[1], grads[2 : 2 + c], grads[2 + c :]), params):
+        torch.testing.assert_close(got, want.grad.reshape(got.shape), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(b.double() * z + e.double(), zz.grad, rtol=1e-5, atol=1e-9)
+
+    # running statistics: nothing flows to z, and γ None is 1
+    norm, stats = kernels.norm_forward(None, rows, alpha, beta, None, bias, 1e-5, running_mean, running_var)
+    g = 1 / torch.sqrt(running_var.double() + 1e-5)
+    torch.testing.assert_close(norm[0].double(), alpha.double() + beta.double() * g)
+    torch.testing.assert_close(norm[1].double(), beta.double() * (bias.double() - g * running_mean.double()))
+    grads, coefficients = kernels.norm_backward(stats, rows, beta, None, bias, 1e-5, False, None, grad_offset)
+    assert coefficients.abs().max() == 0 and grads[0] == 0
+    torch.testing.assert_close(grads[2 + c :], beta.double() * grad_offset.double())
+
+
+def test_norm_kernels_refuse_bad_inputs(kernels):
+    c, ones, zeros = 8, torch.ones(8), torch.zeros(8)
+    one = torch.ones(())
+    moments = _moments(torch.randn(1, 10, c))
+    with pytest.raises(ValueError, match=r"moments must be .* \[B, 2, 8\]"):
+        kernels.norm_forward(moments.float(), 10, one, one, ones, zeros, 1e-5, zeros.clone(), ones.clone())
+    with pytest.raises(ValueError, match="gamma must be 8"):
+        kernels.norm_forward(moments, 10, one, one, ones[:4], zeros, 1e-5, zeros.clone(), ones.clone())
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        kernels.norm_forward(moments[:, :, :], 1, one, one, ones, zeros, 1e-5, zeros.clone(), ones.clone(), 0.1)
+    with pytest.raises(ValueError, match="from batch moments only"):
+        kernels.norm_forward(None, 10, one, one, ones, zeros, 1e-5, zeros.clone(), ones.clone(), 0.1)
+    with pytest.raises(ValueError, match=r"stats must .* shape \(2, 8\)"):
+        kernels.norm_backward(torch.zeros(2, 4, dtype=torch.float64), 10, one, ones, zeros, 1e-5, True, ones, ones)
+    with pytest.raises(ValueError, match="grad_offset must be 8"):
+        kernels.norm_backward(torch.zeros(2, 8, dtype=torch.float64), 10, one, ones, zeros, 1e-5, True, ones, ones[:2])
+
+
 def test_lazy_projection_is_the_output_conv_of_the_activation(kernels):
     """``lazy_project``: the 1×1 output conv of ``leaky_relu(scale·z + offset)``; its backward gives the z-gradient
     ``scale·dy``, ``Σdy``, ``Σdy·(z − shift)`` and the weight gradient, rows past ``n`` untouched."""

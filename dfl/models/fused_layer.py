@@ -10,9 +10,11 @@ as ``[batch, time, channels]`` buffers, and BN + adaptive mix is one per-channel
   multiple of 8). Each op takes the layer below's conv output ``z`` and that layer's ``scale``,
   ``offset``; the Winograd F(4,3) conv (:mod:`dfl.models.winograd`: half the GEMM FLOPs) applies
   ``leaky_relu(scale·z + offset)`` to its input rows as it reads them, so activations are never stored.
-  It returns its own ``z`` with the batch mean and variance (summed by the conv kernel from rows still
-  in cache) as differentiable outputs; the norm's few per-channel ops run in autograd between the ops,
-  so BN's statistics gradients arrive as ∂L/∂mean and ∂L/∂var. Backward is one kernel per layer: it forms
+  It returns its own ``z`` and its norm as ``scale``, ``offset``, from the batch moments the conv kernel
+  sums from rows still in cache (:meth:`~dfl.native.CpuKernels.norm_forward`: the per-channel math in one
+  call, not a dozen small autograd ops, each slow after a kernel has flushed the caches). Backward gets
+  ∂L/∂scale and ∂L/∂offset, turns them into the norm parameters' gradients and the gradient through BN's
+  statistics (:meth:`~dfl.native.CpuKernels.norm_backward`), then runs one kernel per layer: it forms
   the conv's output gradient ``dz = g + b·z + e`` on the fly, computes the weight gradient and hands the
   layer below its z-gradient ``scale·dy`` with ``Σdy`` and ``Σdy·z`` (that layer's offset and scale
   gradients). Per layer that is one pass over memory forward and one backward, besides the GEMMs.
@@ -32,7 +34,6 @@ import torch
 import torch.nn.functional as F
 
 from dfl.models import winograd
-from dfl.native import mean_var
 
 # Below this many input channels the forward conv runs direct: Winograd's transforms round more than a
 # 3-term sum, which shows on the waveform layer (1 channel, padded to 8), where a direct conv is cheap anyway.
@@ -240,92 +241,84 @@ def _norm_grads(sums: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, 
 
 class _LazyConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, in_scale, in_offset, weight, running_mean, running_var, cfg):
+    def forward(ctx, x, in_scale, in_offset, weight, alpha, beta, gamma, bias, running_mean, running_var, cfg):
         """``x``: ``[B, rows_below, Cin]`` z of the layer below (read through ``in_scale``, ``in_offset``), or,
-        with ``in_scale`` None, an activation buffer with ``d`` zero rows of padding each side."""
-        d, n, rows, in_slope, shift, momentum, update_running = cfg
+        with ``in_scale`` None, an activation buffer with ``d`` zero rows of padding each side. Returns the
+        conv output ``z`` and its norm as ``scale·z + offset`` with the ``mean`` it normalises with."""
+        d, n, rows, in_slope, shift, eps, momentum, batch_stats = cfg
         kernels = winograd.kernels_for(x)
         bsz, c_out = x.shape[0], weight.shape[0]
         z = x.new_empty(bsz, rows, c_out)
         if in_scale is None:  # an activation buffer (the waveform): _conv3 picks Winograd or a direct conv
             parts = _conv3(x, weight, d, z)
+            moments = parts[0][1].unsqueeze(0) if bsz == 1 else torch.stack([m for _, m in parts])
         else:
-            weights, parts = kernels.winograd_weights(weight), []
+            weights = kernels.winograd_weights(weight)
+            moments = torch.empty(bsz, 2, c_out, dtype=torch.float64)
             for b in range(bsz):
-                moments = torch.empty(2, c_out, dtype=torch.float64)
-                kernels.winograd_conv(x[b], 0, weights, z[b], 0, rows, d, None, None, moments,
+                kernels.winograd_conv(x[b], 0, weights, z[b], 0, rows, d, None, None, moments[b],
                                       x_norm=(in_scale, in_offset, in_slope, n))  # fmt: skip
-                parts.append((rows, moments))
-        mean64, var64 = mean_var(parts)
-        if update_running:
-            count = bsz * rows
-            running_mean.mul_(1 - momentum).add_(mean64.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1 - momentum).add_((var64 * count / (count - 1)).to(running_var.dtype), alpha=momentum)
-        mean, var = mean64.float(), var64.float()
+        norm, stats = kernels.norm_forward(moments if batch_stats else None, rows, alpha, beta, gamma, bias, eps,
+                                           running_mean, running_var, momentum)  # fmt: skip
+        scale, offset, mean = norm.unbind(0)
         ctx.cfg = cfg
-        ctx.save_for_backward(x, in_scale, in_offset, weight, z, mean)
-        return z, mean, var
+        ctx.save_for_backward(x, in_scale, in_offset, weight, beta, gamma, bias, z, stats)
+        ctx.mark_non_differentiable(mean)
+        return z, scale, offset, mean
 
     @staticmethod
-    def backward(ctx, grad_z, grad_mean, grad_var):
-        x, in_scale, in_offset, weight, z, mean = ctx.saved_tensors
-        d, n, rows, in_slope, shift, _, _ = ctx.cfg
+    def backward(ctx, grad_z, grad_scale, grad_offset, _):
+        x, in_scale, in_offset, weight, beta, gamma, bias, z, stats = ctx.saved_tensors
+        d, n, rows, in_slope, shift, eps, _, batch_stats = ctx.cfg
         kernels = winograd.kernels_for(x)
         bsz, c_in, c_out = x.shape[0], x.shape[-1], z.shape[-1]
-        count = bsz * rows
-        # dz = g + ∂mean/∂z·grad_mean + ∂var/∂z·grad_var = g + b·z + e, with g read for rows < n
-        b = 2 * grad_var / count if grad_var is not None else z.new_zeros(c_out)
-        e = (grad_mean / count if grad_mean is not None else z.new_zeros(c_out)) - b * mean
+        norm_grads, coefficients = kernels.norm_backward(
+            stats, bsz * rows, beta, gamma, bias, eps, batch_stats,
+            None if grad_scale is None else grad_scale.contiguous(), None if grad_offset is None else grad_offset.contiguous(),
+        )  # fmt: skip
+        # the norm's parameters: α, β, γ, bias
+        norm_grads = norm_grads.float()
+        param_grads = (norm_grads[0], norm_grads[1], norm_grads[2 : 2 + c_out] if gamma is not None else None,
+                       norm_grads[2 + c_out :])  # fmt: skip
+        # the conv output's gradient: dz = g + b·z + e, g read for rows < n
         g = grad_z.contiguous() if grad_z is not None else z.new_zeros(bsz, n, c_out)
+        b, e = coefficients.unbind(0)
         if in_scale is None and c_in < WINOGRAD_MIN_CHANNELS and not ctx.needs_input_grad[0]:
             # the waveform layer of a model whose input needs no gradient: the direct conv's weight gradient only
             taps_grad = torch.zeros(3, c_in, c_out, dtype=torch.float64)
             for bi in range(bsz):
-                kernels.direct_conv_weight_grad(g[bi, :n], z[bi], rows, (b.contiguous(), e.contiguous()), x[bi], d, taps_grad)
-            return None, None, None, taps_grad.permute(2, 1, 0).float(), None, None, None
+                kernels.direct_conv_weight_grad(g[bi, :n], z[bi], rows, (b, e), x[bi], d, taps_grad)
+            return None, None, None, taps_grad.permute(2, 1, 0).float(), *param_grads, None, None, None
         wino_grad = x.new_zeros(6, c_in, c_out)
         flipped = kernels.winograd_weights(weight, flipped=True)
         sums = torch.zeros(2, c_in, dtype=torch.float64) if in_scale is not None else None
         dx = x.new_empty(x.shape)
-        coefficients = (b.contiguous(), e.contiguous())
         for bi in range(bsz):
             if in_scale is None:
                 dx[bi, :d].zero_()
                 dx[bi, d + n :].zero_()
-                kernels.winograd_conv_backward(g[bi, :n], z[bi], rows, coefficients, x[bi], flipped, dx[bi], wino_grad, d)
+                kernels.winograd_conv_backward(g[bi, :n], z[bi], rows, (b, e), x[bi], flipped, dx[bi], wino_grad, d)
             else:
                 dx[bi, n:].zero_()
-                kernels.winograd_conv_backward(g[bi, :n], z[bi], rows, coefficients, x[bi], flipped, dx[bi], wino_grad,
+                kernels.winograd_conv_backward(g[bi, :n], z[bi], rows, (b, e), x[bi], flipped, dx[bi], wino_grad,
                                                d, x_norm=(in_scale, in_offset, in_slope, n), below=(shift, sums))  # fmt: skip
         grad_scale, grad_offset = _norm_grads(sums, shift) if sums is not None else (None, None)
-        return dx, grad_scale, grad_offset, kernels.winograd_taps_grad(wino_grad), None, None, None
-
-
-def norm_affine(norm: torch.nn.Module, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``α·z + β·BN(z) = scale·z + offset`` per channel, differentiable in the statistics and parameters."""
-    alpha, beta, bn = _norm_parts(norm, mean)
-    g = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        g = bn.weight * g
-    return alpha + beta * g, beta * (bn.bias - g * mean)
+        return (dx, grad_scale, grad_offset, kernels.winograd_taps_grad(wino_grad), *param_grads, None, None, None)
 
 
 def lazy_conv(x, below: tuple | None, weight, norm, dilation: int, length: int, rows: int, negative_slope: float):
     """One lazy layer: ``(z, scale, offset, mean)`` for the conv of ``x`` (see :class:`_LazyConv`), its norm
     as ``scale·z + offset`` and the mean it normalises with; ``below`` is the layer below's
     ``(scale, offset, mean)``, or None when ``x`` is an activation buffer with zero margins."""
-    _, _, bn = _norm_parts(norm, x)
+    alpha, beta, bn = _norm_parts(norm, x)
     batch_stats = bn.training or bn.batch_stats_at_eval
     _check_batch_values(batch_stats, x, weight, rows)
     in_scale, in_offset, shift = (None, None, None) if below is None else (below[0].contiguous(), below[1].contiguous(),
                                                                           below[2].detach().contiguous())  # fmt: skip
-    cfg = (int(dilation), int(length), int(rows), float(negative_slope), shift, float(bn.momentum),
-           bool(bn.training))  # fmt: skip
-    z, mean, var = _LazyConv.apply(x, in_scale, in_offset, weight, bn.running_mean, bn.running_var, cfg)
-    if not batch_stats:
-        mean, var = bn.running_mean, bn.running_var
-    scale, offset = norm_affine(norm, mean, var)
-    return z, scale, offset, mean
+    cfg = (int(dilation), int(length), int(rows), float(negative_slope), shift, float(bn.eps),
+           float(bn.momentum) if bn.training else None, bool(batch_stats))  # fmt: skip
+    return _LazyConv.apply(x, in_scale, in_offset, weight, alpha, beta, bn.weight, bn.bias,
+                           bn.running_mean, bn.running_var, cfg)  # fmt: skip
 
 
 class _LazyProjection(torch.autograd.Function):

@@ -175,6 +175,12 @@ class CpuKernels:
         self._direct_grad = lib.dfl_direct_conv_weight_grad
         self._direct_grad.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64, ptr]
         self._direct_grad.restype = ctypes.c_int
+        self._norm = lib.dfl_norm_forward
+        self._norm.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_double, ctypes.c_double, ptr, ptr, ptr, ptr]
+        self._norm.restype = None
+        self._norm_backward = lib.dfl_norm_backward
+        self._norm_backward.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ctypes.c_double, ctypes.c_int, ptr, ptr, ptr, ptr]
+        self._norm_backward.restype = None
 
     def winograd_weights(self, weight: torch.Tensor, flipped: bool = False) -> torch.Tensor:
         """``[Cout, Cin, 3]`` conv weight → the 6 GEMM operands ``[6, Cin, Cout]``, ``Σ_k G[i,k]·W_kᵀ``.
@@ -451,6 +457,67 @@ class CpuKernels:
         if status != 0:
             raise MemoryError("dfl_direct_conv_weight_grad: out of memory")
 
+
+    @staticmethod
+    def _check_norm(channels: int, alpha, beta, gamma, bias) -> None:
+        _check_channels("alpha", alpha, 1)
+        _check_channels("beta", beta, 1)
+        if gamma is not None:
+            _check_channels("gamma", gamma, channels)
+        _check_channels("bias", bias, channels)
+
+    def norm_forward(self, moments, rows: int, alpha, beta, gamma, bias, eps: float, running_mean, running_var,
+                     momentum: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """A layer's norm ``α·z + β·(γ·(z − mean)/√(var + eps) + bias)`` as per-channel ``scale·z + offset``.
+
+        ``mean``, ``var``: those of the batch items' ``moments`` (float64 ``[B, 2, C]`` as :meth:`winograd_conv`
+        writes them, ``rows`` rows each), or with ``moments`` None the running statistics. With ``momentum``,
+        the running statistics are updated as ``BatchNorm`` does in training. ``gamma`` None: γ = 1.
+        Returns float32 ``[3, C]`` (scale, offset, mean) and float64 ``[2, C]`` (mean, var) for
+        :meth:`norm_backward`."""
+        channels = bias.numel()
+        self._check_norm(channels, alpha, beta, gamma, bias)
+        _check_channels("running_mean", running_mean, channels)
+        _check_channels("running_var", running_var, channels)
+        batch = 0
+        if moments is not None:
+            if moments.dtype != torch.float64 or not moments.is_contiguous() or moments.dim() != 3 or (
+                moments.shape[1:] != (2, channels)
+            ):
+                raise ValueError(f"moments must be a contiguous float64 tensor [B, 2, {channels}]")
+            batch = moments.shape[0]
+            if momentum is not None and batch * rows <= 1:
+                raise ValueError(f"updating running statistics needs more than 1 value per channel, got {batch * rows}")
+        elif momentum is not None:
+            raise ValueError("running statistics are updated from batch moments only")
+        out = bias.new_empty(3, channels)
+        stats = torch.empty(2, channels, dtype=torch.float64)
+        self._norm(None if moments is None else moments.data_ptr(), batch, rows, channels, alpha.data_ptr(),
+                   beta.data_ptr(), None if gamma is None else gamma.data_ptr(), bias.data_ptr(), float(eps),
+                   -1.0 if momentum is None else float(momentum), running_mean.data_ptr(), running_var.data_ptr(),
+                   out.data_ptr(), stats.data_ptr())  # fmt: skip
+        return out, stats
+
+    def norm_backward(self, stats, count: int, beta, gamma, bias, eps: float, batch_stats: bool, grad_scale,
+                      grad_offset) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The backward of :meth:`norm_forward` for ``∂L/∂scale``, ``∂L/∂offset`` (None: zero) over ``count``
+        rows: float64 ``[2 + 2C]`` (∂L/∂α, ∂L/∂β, ∂L/∂γ, ∂L/∂bias) and float32 ``[2, C]`` coefficients ``(b, e)``:
+        the gradient reaching the conv output ``z`` through batch statistics is ``b·z + e`` (zero without)."""
+        channels = bias.numel()
+        self._check_norm(channels, beta, beta, gamma, bias)
+        if stats.dtype != torch.float64 or not stats.is_contiguous() or tuple(stats.shape) != (2, channels):
+            raise ValueError(f"stats must be a contiguous float64 tensor of shape (2, {channels})")
+        for name, t in (("grad_scale", grad_scale), ("grad_offset", grad_offset)):
+            if t is not None:
+                _check_channels(name, t, channels)
+        grads = torch.empty(2 + 2 * channels, dtype=torch.float64)
+        coefficients = bias.new_empty(2, channels)
+        self._norm_backward(stats.data_ptr(), count, channels, beta.data_ptr(),
+                            None if gamma is None else gamma.data_ptr(), bias.data_ptr(), float(eps), int(batch_stats),
+                            None if grad_scale is None else grad_scale.data_ptr(),
+                            None if grad_offset is None else grad_offset.data_ptr(), grads.data_ptr(),
+                            coefficients.data_ptr())  # fmt: skip
+        return grads, coefficients
 
 def mean_var(parts: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and (biased) variance of the union of parts ``(rows, moments)``, ``moments`` the

@@ -14,6 +14,7 @@
  * end of each kernel. Sums (batch-norm moments, gradients) are accumulated per chunk and added in chunk
  * order, so results do not depend on scheduling or on the number of threads.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -563,6 +564,60 @@ int dfl_channel_moments(const float *z, const float *shift, int64_t rows, int64_
         for (int64_t c = 0; c < 2 * C; c++) sums[c] += partial[(size_t)ch * 2 * C + c];
     free(partial), free(blocks);
     return 0;
+}
+
+/* A layer's norm α·z + β·(γ·(z − mean)/√(var + eps) + bias) as scale·z + offset per channel. mean and var:
+ * those of `parts` (B batch items' moments as dfl_wino43_conv writes them, [B][2][C], `rows` rows each,
+ * merged in order), or with parts NULL the running statistics. With momentum ≥ 0, the running statistics
+ * are updated as BatchNorm does in training (variance unbiased). out [3][C]: scale, offset, mean (float32);
+ * stats [2][C]: mean, var in float64 for dfl_norm_backward. gamma NULL: γ = 1. */
+void dfl_norm_forward(const double *parts, int64_t B, int64_t rows, int64_t C, const float *alpha, const float *beta,
+                      const float *gamma, const float *bias, double eps, double momentum, float *running_mean,
+                      float *running_var, float *out, double *stats) {
+    double *mean = stats, *var = stats + C;
+    if (parts) {
+        moments_t m = {0, mean, var};  /* var holds the squared deviations until divided */
+        memset(stats, 0, sizeof(double) * 2 * C);
+        for (int64_t b = 0; b < B; b++) moments_add(&m, (double)rows, parts + b * 2 * C, parts + b * 2 * C + C, C);
+        for (int64_t c = 0; c < C; c++) {
+            var[c] = var[c] > 0 ? var[c] / m.count : 0;
+            if (momentum >= 0) {
+                running_mean[c] = (float)((1 - momentum) * running_mean[c] + momentum * mean[c]);
+                running_var[c] = (float)((1 - momentum) * running_var[c] + momentum * var[c] * m.count / (m.count - 1));
+            }
+        }
+    } else
+        for (int64_t c = 0; c < C; c++) mean[c] = running_mean[c], var[c] = running_var[c];
+    for (int64_t c = 0; c < C; c++) {
+        const double g = (gamma ? gamma[c] : 1.0) / sqrt(var[c] + eps);
+        out[c] = (float)(*alpha + *beta * g);
+        out[C + c] = (float)(*beta * (bias[c] - g * mean[c]));
+        out[2 * C + c] = (float)mean[c];
+    }
+}
+
+/* The backward of dfl_norm_forward for ∂L/∂scale and ∂L/∂offset (NULL: zero), over `count` rows. grads
+ * [2 + 2C] gets ∂L/∂α, ∂L/∂β, ∂L/∂γ [C], ∂L/∂bias [C] (float64); coefficients [2][C] gets b and e, with
+ * which the gradient reaching the conv output z through batch statistics (batch ≠ 0) is b·z + e. */
+void dfl_norm_backward(const double *stats, int64_t count, int64_t C, const float *beta, const float *gamma,
+                       const float *bias, double eps, int batch, const float *grad_scale, const float *grad_offset,
+                       double *grads, float *coefficients) {
+    const double *mean = stats, *var = stats + C;
+    grads[0] = grads[1] = 0;
+    for (int64_t c = 0; c < C; c++) {
+        const double s = grad_scale ? grad_scale[c] : 0, o = grad_offset ? grad_offset[c] : 0;
+        const double gm = gamma ? gamma[c] : 1.0, r = 1 / sqrt(var[c] + eps), g = gm * r;
+        grads[0] += s;
+        grads[1] += s * g + o * (bias[c] - g * mean[c]);
+        grads[2 + c] = *beta * r * (s - o * mean[c]);
+        grads[2 + C + c] = *beta * o;
+        double b = 0, e = 0;
+        if (batch) {
+            const double d_mean = -*beta * g * o, d_var = *beta * gm * (s - o * mean[c]) * -0.5 * r * r * r;
+            b = 2 * d_var / count, e = d_mean / count - b * mean[c];
+        }
+        coefficients[c] = (float)b, coefficients[C + c] = (float)e;
+    }
 }
 
 /* out = leaky_relu(scale * z + offset), per channel (out == z: in place). */
