@@ -254,6 +254,17 @@ def test_norm_kernels_are_adaptive_batch_norm_and_its_backward(kernels, adaptive
     torch.testing.assert_close(grads[2 + c :], beta.double() * grad_offset.double())
 
 
+def test_norm_grads_are_the_scale_and_offset_gradients(kernels):
+    """From a reader's Σdy and Σdy·(z − shift) to ∂L/∂scale = Σdy·z and ∂L/∂offset = Σdy."""
+    dy, z, shift = torch.randn(300, 8, dtype=torch.float64), torch.randn(300, 8) + 4, torch.full((8,), 4.0)
+    sums = torch.stack([dy.sum(0), (dy * (z.double() - 4)).sum(0)])
+    grad_scale, grad_offset = kernels.norm_grads(sums, shift)
+    torch.testing.assert_close(grad_scale.double(), (dy * z.double()).sum(0), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(grad_offset.double(), dy.sum(0), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="shift must be 8"):
+        kernels.norm_grads(sums, shift.double())
+
+
 def test_norm_kernels_refuse_bad_inputs(kernels):
     c, ones, zeros = 8, torch.ones(8), torch.zeros(8)
     one = torch.ones(())

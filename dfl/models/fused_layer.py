@@ -233,12 +233,6 @@ def conv_norm_act(
     return _ConvNormAct.apply(x, weight, alpha, beta, gamma, bn.bias, bn.running_mean, bn.running_var, cfg)
 
 
-def _norm_grads(sums: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(∂L/∂scale, ∂L/∂offset)`` of a layer read through ``scale·z + offset`` from a kernel's float64 sums
-    ``Σdy`` and ``Σdy·(z − shift)``: ``Σdy·z = Σdy·(z − shift) + shift·Σdy``."""
-    return (sums[1] + shift.double() * sums[0]).float(), sums[0].float()
-
-
 class _LazyConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, in_scale, in_offset, weight, alpha, beta, gamma, bias, running_mean, running_var, cfg):
@@ -272,14 +266,14 @@ class _LazyConv(torch.autograd.Function):
         d, n, rows, in_slope, shift, eps, _, batch_stats = ctx.cfg
         kernels = winograd.kernels_for(x)
         bsz, c_in, c_out = x.shape[0], x.shape[-1], z.shape[-1]
-        norm_grads, coefficients = kernels.norm_backward(
+        grads64, coefficients = kernels.norm_backward(
             stats, bsz * rows, beta, gamma, bias, eps, batch_stats,
             None if grad_scale is None else grad_scale.contiguous(), None if grad_offset is None else grad_offset.contiguous(),
         )  # fmt: skip
         # the norm's parameters: α, β, γ, bias
-        norm_grads = norm_grads.float()
-        param_grads = (norm_grads[0], norm_grads[1], norm_grads[2 : 2 + c_out] if gamma is not None else None,
-                       norm_grads[2 + c_out :])  # fmt: skip
+        grads = grads64.float()
+        param_grads = (grads[0], grads[1], grads[2 : 2 + c_out] if gamma is not None else None,
+                       grads[2 + c_out :])  # fmt: skip
         # the conv output's gradient: dz = g + b·z + e, g read for rows < n
         g = grad_z.contiguous() if grad_z is not None else z.new_zeros(bsz, n, c_out)
         b, e = coefficients.unbind(0)
@@ -302,7 +296,7 @@ class _LazyConv(torch.autograd.Function):
                 dx[bi, n:].zero_()
                 kernels.winograd_conv_backward(g[bi, :n], z[bi], rows, (b, e), x[bi], flipped, dx[bi], wino_grad,
                                                d, x_norm=(in_scale, in_offset, in_slope, n), below=(shift, sums))  # fmt: skip
-        grad_scale, grad_offset = _norm_grads(sums, shift) if sums is not None else (None, None)
+        grad_scale, grad_offset = kernels.norm_grads(sums, shift) if sums is not None else (None, None)
         return (dx, grad_scale, grad_offset, kernels.winograd_taps_grad(wino_grad), *param_grads, None, None, None)
 
 
@@ -347,7 +341,7 @@ class _LazyProjection(torch.autograd.Function):
             dz[b, n:].zero_()  # rows past the output's (the authors' padding) get gradient from BN's statistics only
             kernels.lazy_project_backward(g[b], z[b], scale, offset, slope, weight.detach().reshape(-1), shift, dz[b],
                                           sums, weight_grad)  # fmt: skip
-        grad_scale, grad_offset = _norm_grads(sums, shift)
+        grad_scale, grad_offset = kernels.norm_grads(sums, shift)
         return dz, grad_scale, grad_offset, weight_grad.float().view_as(weight), g.sum().reshape(1), None
 
 

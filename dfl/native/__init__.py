@@ -181,6 +181,9 @@ class CpuKernels:
         self._norm_backward = lib.dfl_norm_backward
         self._norm_backward.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ctypes.c_double, ctypes.c_int, ptr, ptr, ptr, ptr]
         self._norm_backward.restype = None
+        self._norm_grads = lib.dfl_norm_grads
+        self._norm_grads.argtypes = [ptr, ptr, i64, ptr]
+        self._norm_grads.restype = None
 
     def winograd_weights(self, weight: torch.Tensor, flipped: bool = False) -> torch.Tensor:
         """``[Cout, Cin, 3]`` conv weight → the 6 GEMM operands ``[6, Cin, Cout]``, ``Σ_k G[i,k]·W_kᵀ``.
@@ -518,6 +521,17 @@ class CpuKernels:
                             None if grad_offset is None else grad_offset.data_ptr(), grads.data_ptr(),
                             coefficients.data_ptr())  # fmt: skip
         return grads, coefficients
+
+    def norm_grads(self, sums, shift) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(∂L/∂scale, ∂L/∂offset)`` of a layer read through ``scale·z + offset``, from the float64 sums ``Σdy``
+        and ``Σdy·(z − shift)`` its reader's backward adds (``below`` of :meth:`winograd_conv_backward`,
+        ``sums`` of :meth:`lazy_project_backward`): ``Σdy·z = Σdy·(z − shift) + shift·Σdy``."""
+        channels = shift.numel()
+        _check_sums("sums", sums, channels)
+        _check_channels("shift", shift, channels)
+        out = shift.new_empty(2, channels)
+        self._norm_grads(sums.data_ptr(), shift.data_ptr(), channels, out.data_ptr())
+        return out[0], out[1]
 
 def mean_var(parts: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and (biased) variance of the union of parts ``(rows, moments)``, ``moments`` the

@@ -620,6 +620,12 @@ void dfl_norm_backward(const double *stats, int64_t count, int64_t C, const floa
     }
 }
 
+/* ∂L/∂scale and ∂L/∂offset of a layer read through scale·z + offset, from the sums Σdy and Σdy·(z − shift)
+ * (float64 [2][C]) its reader's backward adds: Σdy·z = Σdy·(z − shift) + shift·Σdy. out [2][C]. */
+void dfl_norm_grads(const double *sums, const float *shift, int64_t C, float *out) {
+    for (int64_t c = 0; c < C; c++) out[c] = (float)(sums[C + c] + shift[c] * sums[c]), out[C + c] = (float)sums[c];
+}
+
 /* out = leaky_relu(scale * z + offset), per channel (out == z: in place). */
 void dfl_affine_leaky_relu(const float *z, float *out, int64_t rows, int64_t C, const float *scale,
                            const float *offset, float slope) {
