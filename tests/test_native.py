@@ -46,7 +46,7 @@ def _conv_case(d: int, c_in: int = 16, c_out: int = 24):
     return x, torch.randn(c_out, c_in, 3), margin, length
 
 
-@pytest.mark.parametrize("d", [1, 3, 16])
+@pytest.mark.parametrize("d", [1, 3, 5, 16])
 @pytest.mark.parametrize("slope", [0.2, None], ids=["leaky_relu", "linear"])
 def test_kernels_compute_a_dilated_conv_layer(kernels, d, slope):
     x, weight, margin, length = _conv_case(d)  # 24 output channels: one full and one half panel of 16
@@ -60,7 +60,7 @@ def test_kernels_compute_a_dilated_conv_layer(kernels, d, slope):
     assert y[:margin].isnan().all() and y[margin + length :].isnan().all()  # nothing written outside the rows
 
 
-@pytest.mark.parametrize("d", [1, 3, 16])
+@pytest.mark.parametrize("d", [1, 3, 5, 16])
 def test_conv_reads_the_previous_layers_activation_through_its_norm(kernels, d):
     """``x_norm``: the input rows are the previous layer's conv output ``z`` (no padding in the buffer),
     read as ``leaky_relu(scale·z + offset)``, zero outside the valid rows: the same as the conv of the
@@ -81,7 +81,7 @@ def test_conv_reads_the_previous_layers_activation_through_its_norm(kernels, d):
         kernels.winograd_conv(z[:150], 0, weights, y, 0, length, d, bias, None, x_norm=(scale, offset, 0.2, 200))
 
 
-@pytest.mark.parametrize("d", [1, 3, 16])
+@pytest.mark.parametrize("d", [1, 3, 5, 16])
 def test_conv_moments_are_those_of_its_outputs(kernels, d):
     """The conv's batch-norm moments: mean and squared deviations of the rows it wrote, in float64, without
     cancellation for a mean far from zero; batch items merge pairwise (``mean_var``)."""
@@ -105,7 +105,7 @@ def test_conv_moments_are_those_of_its_outputs(kernels, d):
         kernels.winograd_conv(x, margin, weights, y, margin, 5, d, bias, None, torch.zeros(2, 16, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("d", [1, 3, 16])
+@pytest.mark.parametrize("d", [1, 3, 5, 16])
 def test_kernels_compute_the_conv_backward(kernels, d):
     """dz = g + b·z + e (g: the gradient from above, b, e: batch norm's), then the conv's dx and weight gradient."""
     x, weight, margin, n = _conv_case(d)
@@ -133,7 +133,7 @@ def test_kernels_compute_the_conv_backward(kernels, d):
     torch.testing.assert_close(weight_grad.double(), w64.grad, atol=1e-3 * w64.grad.abs().max().item(), rtol=0)
 
 
-@pytest.mark.parametrize("d", [1, 3, 16])
+@pytest.mark.parametrize("d", [1, 3, 5, 16])
 def test_backward_through_the_layer_below(kernels, d):
     """With ``x_norm`` and ``below``, the input is the layer below's z read through its norm + leaky ReLU,
     and the kernel returns that layer's z-gradient ``scale·dy`` with ``Σdy`` and ``Σdy·(z − shift)``."""
