@@ -438,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--seconds", type=float, default=10.0, help="input length (default 10 s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the minimum counts")
-    parser.add_argument("--train-repeats", type=int, default=3)
+    parser.add_argument("--train-repeats", type=int, default=10,
+                        help="timed training steps per variant; the fastest counts, the mean is printed too (on a "
+                        "shared machine single steps swing by 20 %% and more)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--return-freed-memory", action="store_true",
                         help="leave glibc's defaults (dfl-train's keep_freed_memory=false) instead of keeping "
