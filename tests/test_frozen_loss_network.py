@@ -95,9 +95,13 @@ def test_fast_path_only_where_it_applies(calls):
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "pytorch"])
 @pytest.mark.parametrize("layers", [[0, 2, 5], [3, 1, 3]], ids=["paper-subset", "repeated-layer"])
-def test_feature_loss_distances_in_one_op_match_the_module(layers, monkeypatch):
-    """FeatureLoss runs its distances through frozen_distances: values and input gradient as the module's."""
+def test_feature_loss_distances_in_one_op_match_the_module(layers, compiled, monkeypatch):
+    """FeatureLoss runs its distances through frozen_distances: values and input gradient as the module's,
+    with the compiled distance and gradient kernels and without them."""
+    if not compiled:
+        monkeypatch.setattr(frozen_loss_network, "cpu_kernels", lambda: None)
     loss = FeatureLoss(_frozen(n_layers=6), layers=layers)
     gen = torch.Generator().manual_seed(4)
     est, ref = 0.1 * torch.randn(2, 3001, generator=gen), 0.1 * torch.randn(2, 3001, generator=gen)

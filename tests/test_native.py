@@ -265,6 +265,25 @@ def test_norm_grads_are_the_scale_and_offset_gradients(kernels):
         kernels.norm_grads(sums, shift.double())
 
 
+def test_feature_loss_kernels(kernels):
+    """Σ|a − b| without writing a − b, and (grad + w·sign(a − b)) through the leaky ReLU whose output is a:
+    the values PyTorch gives, on sizes with a partial vector and block at the end."""
+    gen = torch.Generator().manual_seed(5)
+    a, b = torch.randn(3001, 5, generator=gen), torch.randn(3001, 5, generator=gen)
+    b[::7] = a[::7]  # ties: sign 0
+    grad = torch.randn(3001, 5, generator=gen)
+    assert kernels.abs_diff_sum(a, b) == pytest.approx((a.double() - b.double()).abs().sum().item(), rel=1e-6)
+    for g in (grad, None):
+        expected = torch.ops.aten.leaky_relu_backward((0 if g is None else g) + 0.3 * (a - b).sign(), a, 0.2, True)
+        assert torch.equal(kernels.feature_grad(g, a, b, 0.3, 0.2), expected)
+    out = torch.empty_like(a)
+    assert kernels.feature_grad(grad, a, b, 0.3, 0.2, out=out) is out
+    with pytest.raises(ValueError, match=r"b must be a contiguous float32 CPU tensor of shape \(3001, 5\)"):
+        kernels.abs_diff_sum(a, b[:, :4])
+    with pytest.raises(ValueError, match="grad must be a contiguous"):
+        kernels.feature_grad(grad.t(), a.t().contiguous(), b.t().contiguous(), 0.3, 0.2)
+
+
 def test_norm_kernels_refuse_bad_inputs(kernels):
     c, ones, zeros = 8, torch.ones(8), torch.zeros(8)
     one = torch.ones(())

@@ -11,16 +11,20 @@ frozen. Same results as the module's own forward, to float32 rounding.
 :func:`frozen_distances` is the deep feature loss's part in one op (what ``FeatureLoss`` runs when this path
 applies): both signals through the layers with one set of folded weights, the per-layer mean absolute
 differences without an autograd graph, and a backward that adds each layer's ``sign(est − ref) / count`` as
-it reaches that layer.
+it reaches that layer. With the compiled kernels (:mod:`dfl.native`) each distance is one pass that never
+writes ``est − ref``, and the backward forms the sign term, adds the gradient from above and applies the
+leaky ReLU's gradient in one pass per layer.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dfl.models.adaptive_bn import BatchNorm
 from dfl.models.padding import tf_same_padding
+from dfl.native import cpu_kernels
 
 
 def applies(net, x: torch.Tensor) -> bool:
@@ -115,24 +119,31 @@ def _features(wav: torch.Tensor, cfg, lengths, pads) -> list[torch.Tensor]:
     return feats
 
 
-def _input_grad(feats, outside, cfg, lengths, pads) -> torch.Tensor | None:
-    """``∂L/∂wav`` ``[batch, time]`` from the gradients reaching each layer's activation from outside the
-    network, ``outside(i)`` (a tensor shaped like ``feats[i]``, or None), through the frozen layers."""
+def _leaky_relu_grad(feats, outside, slope: float):
+    """The ``activation_grad`` of :func:`_input_grad` for gradients ``outside(i)`` (shaped like ``feats[i]``, or
+    None) reaching the layers' activations from outside the network: added to the one from above, through
+    the leaky ReLU."""
+
+    def grad(i: int, dh: torch.Tensor | None) -> torch.Tensor | None:
+        extra = outside(i)
+        if extra is not None:
+            dh = extra if dh is None else dh.add_(extra)  # dh from above: _input_grad's own buffer
+        return None if dh is None else torch.ops.aten.leaky_relu_backward(dh, feats[i], slope, True)
+
+    return grad
+
+
+def _input_grad(activation_grad, cfg, lengths, pads) -> torch.Tensor | None:
+    """``∂L/∂wav`` ``[batch, time]`` through the frozen layers. ``activation_grad(i, dh)``: the gradient at the
+    input of layer i's leaky ReLU given ``dh``, the gradient reaching its output from the layers above
+    (None: none), or None when there is none."""
     layers, strides, kernel, slope = cfg
-    dh, own = None, False
-    for i in reversed(range(len(feats))):
-        grad = outside(i)
-        if grad is not None:
-            if dh is None:
-                dh, own = grad, False
-            elif own:
-                dh.add_(grad)
-            else:
-                dh = dh + grad
-        if dh is None:
+    dh = None
+    for i in reversed(range(len(layers))):
+        dy = activation_grad(i, dh)
+        if dy is None:
             continue
         taps, _ = layers[i]
-        dy = torch.ops.aten.leaky_relu_backward(dh, feats[i], slope, True)
         (left, right), length, stride = pads[i], lengths[i], strides[i]
         c_in, n_out = taps.shape[1], dy.shape[1]
         dx = dy.new_empty(dy.shape[0], left + length + right, c_in)
@@ -147,7 +158,7 @@ def _input_grad(feats, outside, cfg, lengths, pads) -> torch.Tensor | None:
             for j, cols in _tap_groups(dxb, n_out, stride, kernel):
                 if j >= stride or not covered:
                     cols.addmm_(dyb, flipped[j : j + cols.shape[1] // c_in].transpose(0, 1).reshape(-1, cols.shape[1]))
-        dh, own = dx[:, left : left + length], True
+        dh = dx[:, left : left + length]
     return None if dh is None else dh[..., 0]
 
 
@@ -163,7 +174,8 @@ class _FrozenFeatures(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        return _input_grad(ctx.saved_tensors, grads.__getitem__, ctx.cfg, ctx.lengths, ctx.pads), None
+        activation_grad = _leaky_relu_grad(ctx.saved_tensors, grads.__getitem__, ctx.cfg[3])
+        return _input_grad(activation_grad, ctx.cfg, ctx.lengths, ctx.pads), None
 
 
 class _FrozenDistances(torch.autograd.Function):
@@ -172,26 +184,45 @@ class _FrozenDistances(torch.autograd.Function):
         lengths, pads = _geometry(estimate.shape[-1], cfg[1], cfg[2])
         feats = _features(estimate, cfg, lengths, pads)
         refs = _features(target, cfg, lengths, pads)
+        kernels = cpu_kernels()
+        ctx.cfg, ctx.pads, ctx.lengths, ctx.selected, ctx.kernels = cfg, pads, lengths, selected, kernels
+        if kernels is not None:
+            # Σ|est − ref| per layer in one pass each, the difference never written; the backward redoes the sign
+            sums = [sum(kernels.abs_diff_sum(feats[i][b], refs[i][b]) for b in range(estimate.shape[0])) for i in selected]
+            ctx.save_for_backward(*feats, *refs)
+            return torch.tensor([t / feats[i].numel() for t, i in zip(sums, selected)], dtype=estimate.dtype)
         diffs = [torch.sub(feats[i], refs[i]) for i in selected]
         # Σ|est − ref| / count per layer, with no autograd graph for the subtraction and the sum
-        dist = torch.stack([d.abs().sum() / d.numel() for d in diffs])
-        ctx.cfg, ctx.pads, ctx.lengths, ctx.selected = cfg, pads, lengths, selected
         ctx.save_for_backward(*feats, *diffs)
-        return dist
+        return torch.stack([d.abs().sum() / d.numel() for d in diffs])
 
     @staticmethod
     def backward(ctx, grad):
-        saved, selected = ctx.saved_tensors, ctx.selected
-        feats, diffs = saved[: len(saved) - len(selected)], saved[len(saved) - len(selected) :]
-        terms: dict[int, list] = {}
-        for i, d, g in zip(selected, diffs, grad):
-            terms.setdefault(i, []).append((d, float(g) / d.numel()))
+        saved, selected, slope, kernels = ctx.saved_tensors, ctx.selected, ctx.cfg[3], ctx.kernels
+        # ∂(Σ|est − ref| / count)/∂est = sign(est − ref) / count, for each time a layer is listed
+        weights: dict[int, np.float32] = {}
+        for i, g in zip(selected, grad.tolist()):
+            weights[i] = weights.get(i, np.float32(0)) + np.float32(g / saved[i].numel())
+        if kernels is None:
+            feats, diffs = saved[: len(saved) - len(selected)], saved[len(saved) - len(selected) :]
+            signs: dict[int, torch.Tensor] = {i: d.sign() for i, d in zip(selected, diffs)}
 
-        def outside(i):  # ∂(Σ|est − ref| / count)/∂est = sign(est − ref) / count, for each time layer i is listed
-            grads = [d.sign().mul_(w) for d, w in terms.get(i, ())]
-            return sum(grads[1:], grads[0]) if grads else None
+            def outside(i):
+                return signs[i].mul_(float(weights[i])) if i in signs else None
 
-        return _input_grad(feats, outside, ctx.cfg, ctx.lengths, ctx.pads), None, None, None
+            return _input_grad(_leaky_relu_grad(feats, outside, slope), ctx.cfg, ctx.lengths, ctx.pads), None, None, None
+        feats, refs = saved[: len(saved) // 2], saved[len(saved) // 2 :]
+
+        def activation_grad(i, dh):  # the sign term, the gradient from above and the leaky ReLU in one pass
+            if i not in weights:
+                return None if dh is None else torch.ops.aten.leaky_relu_backward(dh, feats[i], slope, True)
+            out = feats[i].new_empty(feats[i].shape)
+            for b in range(out.shape[0]):
+                kernels.feature_grad(None if dh is None else dh[b], feats[i][b], refs[i][b], float(weights[i]), slope,
+                                     out=out[b])  # fmt: skip
+            return out
+
+        return _input_grad(activation_grad, ctx.cfg, ctx.lengths, ctx.pads), None, None, None
 
 
 def _config(net, n_layers: int) -> tuple:

@@ -184,6 +184,12 @@ class CpuKernels:
         self._norm_grads = lib.dfl_norm_grads
         self._norm_grads.argtypes = [ptr, ptr, i64, ptr]
         self._norm_grads.restype = None
+        self._abs_diff_sum = lib.dfl_abs_diff_sum
+        self._abs_diff_sum.argtypes = [ptr, ptr, i64]
+        self._abs_diff_sum.restype = ctypes.c_double
+        self._feature_grad = lib.dfl_feature_grad
+        self._feature_grad.argtypes = [ptr, ptr, ptr, ctypes.c_float, ctypes.c_float, i64, ptr]
+        self._feature_grad.restype = None
 
     def winograd_weights(self, weight: torch.Tensor, flipped: bool = False) -> torch.Tensor:
         """``[Cout, Cin, 3]`` conv weight → the 6 GEMM operands ``[6, Cin, Cout]``, ``Σ_k G[i,k]·W_kᵀ``.
@@ -532,6 +538,30 @@ class CpuKernels:
         out = shift.new_empty(2, channels)
         self._norm_grads(sums.data_ptr(), shift.data_ptr(), channels, out.data_ptr())
         return out[0], out[1]
+
+    @staticmethod
+    def _check_alike(*named: tuple[str, torch.Tensor]) -> int:
+        shape = named[0][1].shape
+        for name, t in named:
+            if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or t.shape != shape:
+                raise ValueError(f"{name} must be a contiguous float32 CPU tensor of shape {tuple(shape)}, got "
+                                 f"{t.dtype} {tuple(t.shape)}")  # fmt: skip
+        return named[0][1].numel()
+
+    def abs_diff_sum(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        """``Σ|a − b|`` over two same-shaped tensors, summed in float64 blocks, without writing ``a − b``."""
+        return self._abs_diff_sum(a.data_ptr(), b.data_ptr(), self._check_alike(("a", a), ("b", b)))
+
+    def feature_grad(self, grad, a, b, weight: float, negative_slope: float, out=None) -> torch.Tensor:
+        """``(grad + weight·sign(a − b))`` through a leaky ReLU whose output is ``a`` (``grad`` None: zero): the
+        gradient at a frozen loss-network layer whose activations for the estimate (``a``) and the reference
+        (``b``) are in the feature loss; written to ``out`` when given."""
+        named = [("a", a), ("b", b)] + ([] if grad is None else [("grad", grad)]) + ([] if out is None else [("out", out)])
+        n = self._check_alike(*named)
+        out = torch.empty_like(a) if out is None else out
+        self._feature_grad(None if grad is None else grad.data_ptr(), a.data_ptr(), b.data_ptr(), float(weight),
+                           float(negative_slope), n, out.data_ptr())  # fmt: skip
+        return out
 
 def mean_var(parts: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and (biased) variance of the union of parts ``(rows, moments)``, ``moments`` the

@@ -722,6 +722,46 @@ void dfl_norm_grads(const double *sums, const float *shift, int64_t C, float *ou
     for (int64_t c = 0; c < C; c++) out[c] = (float)(sums[C + c] + shift[c] * sums[c]), out[C + c] = (float)sums[c];
 }
 
+/* Σ|a − b| over n floats (a layer's activations for two signals: the feature loss's distance), without
+ * writing the difference: float32 sums of blocks, float64 per chunk, chunks added in order. */
+#define DIFF_BLOCK 1024
+double dfl_abs_diff_sum(const float *a, const float *b, int64_t n) {
+    const int64_t blocks = (n + DIFF_BLOCK - 1) / DIFF_BLOCK, chunks = chunk_count(blocks);
+    double part[CHUNKS] = {0}, total = 0;
+    const v8i magnitude = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff,
+                           0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff};
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t ch = 0; ch < chunks; ch++)
+        for (int64_t blk = chunk_start(ch, chunks, blocks); blk < chunk_start(ch + 1, chunks, blocks); blk++) {
+            const int64_t i0 = blk * DIFF_BLOCK, i1 = i0 + DIFF_BLOCK < n ? i0 + DIFF_BLOCK : n;
+            v8 acc = {0};
+            int64_t i = i0;
+            for (; i + 8 <= i1; i += 8) acc += (v8)((v8i)(LOAD(a + i) - LOAD(b + i)) & magnitude);
+            float sum = 0;
+            for (; i < i1; i++) sum += fabsf(a[i] - b[i]);
+            for (int k = 0; k < 8; k++) sum += acc[k];
+            part[ch] += sum;
+        }
+    for (int64_t ch = 0; ch < chunks; ch++) total += part[ch];
+    return total;
+}
+
+/* out = (grad + w·sign(a − b)) · (1 where a > 0, else slope): the input gradient of a leaky ReLU whose
+ * output a (for the estimate; b for the reference) is in the feature loss with weight w, grad (NULL: zero)
+ * the gradient reaching it from the layers above. */
+void dfl_feature_grad(const float *grad, const float *a, const float *b, float w, float slope, int64_t n, float *out) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n / 8 * 8; i += 8) {
+        const v8 d = LOAD(a + i) - LOAD(b + i), zero = {0};
+        const v8 sign = __builtin_convertvector((d < zero) - (d > zero), v8);
+        STORE(out + i, leaky_grad((grad ? LOAD(grad + i) : zero) + w * sign, LOAD(a + i), slope));
+    }
+    for (int64_t i = n / 8 * 8; i < n; i++) {
+        const float d = a[i] - b[i], g = (grad ? grad[i] : 0.f) + w * (float)((d > 0) - (d < 0));
+        out[i] = a[i] > 0 ? g : g * slope;
+    }
+}
+
 /* out = leaky_relu(scale * z + offset), per channel (out == z: in place). */
 void dfl_affine_leaky_relu(const float *z, float *out, int64_t rows, int64_t C, const float *scale,
                            const float *offset, float slope) {
