@@ -113,7 +113,7 @@ static inline v8 normed(const float *row, const float *zeros, const source_t *sr
  * rows), and in a block row by row, the j-th row of each of its items in turn; item by item, the rows would
  * come out of order, which the hardware prefetchers follow badly (20-30 % slower layers at d = 1 … 4). From
  * STAGED_BELOW on, a group's items are consecutive rows of each of their 6 (4) row streams, read (written)
- * item by item with no staging. */
+ * item by item with no staging, which costs less there. */
 #define STAGED_BELOW 16
 
 /* The group's items r0 … r1 − 1 in block blk. */
@@ -567,8 +567,8 @@ int dfl_wino43_conv_backward(const float *g, const float *z, int64_t n, int64_t 
             if (!Ud || !M || !Ux || !V || !zeros || !gs) continue;
             for (int64_t gr = chunk_start(ch, chunks, groups); gr < chunk_start(ch + 1, chunks, groups); gr++) {
                 const int64_t k0 = gr * GROUP, n_items = items - k0 < GROUP ? items - k0 : GROUP;
-                /* the items' dz rows t − d … t + 4d, into Ud's 6 planes, row by row of the buffers (runs of
-                 * consecutive rows, which the hardware prefetches well) */
+                /* the items' dz rows t − d … t + 4d, into Ud's 6 planes in memory order (see STAGED_BELOW; formed
+                 * row by row anyway, so at every dilation) */
                 for (int64_t blk = k0 / d; blk <= (k0 + n_items - 1) / d; blk++) {
                     int64_t r0, r1;
                     block_items(blk, k0, n_items, d, &r0, &r1);
