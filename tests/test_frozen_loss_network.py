@@ -57,7 +57,11 @@ def _features_and_grad(net, wav, n_layers, fast: bool, monkeypatch):
         pytest.param({"n_layers": 3, "bn_scale": False, "bn_eps": 1e-3}, 3, (1, 5), id="tf-slim-bn-5-samples"),
     ],
 )
-def test_fast_path_matches_the_module(config, n_layers, shape, calls, monkeypatch):
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "pytorch"])
+def test_fast_path_matches_the_module(config, n_layers, shape, compiled, calls, monkeypatch):
+    """Features and input gradient as the module's, with the compiled strided convs and without them."""
+    if not compiled:
+        monkeypatch.setattr(frozen_loss_network, "cpu_kernels", lambda: None)
     net = _frozen(**config)
     wav = 0.1 * torch.randn(*shape, generator=torch.Generator().manual_seed(2))
     fast, fast_grad = _features_and_grad(net, wav, n_layers, True, monkeypatch)

@@ -284,6 +284,25 @@ def test_feature_loss_kernels(kernels):
         kernels.feature_grad(grad.t(), a.t().contiguous(), b.t().contiguous(), 0.3, 0.2)
 
 
+@pytest.mark.parametrize("stride, c_in, c_out, n_out", [(2, 1, 32, 601), (2, 32, 64, 37), (1, 64, 64, 5)])
+def test_strided_conv_is_the_loss_networks_layer(kernels, stride, c_in, c_out, n_out):
+    """leaky_relu(bias + strided conv) of a padded buffer, all three taps one GEMM operand; output counts that
+    leave a partial tile at the end, whose rows past the input are never read."""
+    gen = torch.Generator().manual_seed(6)
+    rows = stride * (n_out - 1) + 3
+    x = torch.randn(rows, c_in, generator=gen)
+    taps, bias = torch.randn(3, c_in, c_out, generator=gen), torch.randn(c_out, generator=gen)
+    out = torch.full((n_out, c_out), float("nan"))
+    kernels.strided_conv(x, taps, bias, stride, 0.2, out)
+    expected = F.leaky_relu(F.conv1d(x.double().t()[None], taps.double().permute(2, 1, 0), bias.double(),
+                                     stride=stride)[0].t(), 0.2)  # fmt: skip
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+    with pytest.raises(ValueError, match=r"x: rows \[0, \d+\) fall outside"):
+        kernels.strided_conv(x[:-1], taps, bias, stride, 0.2, out)
+    with pytest.raises(ValueError, match="Cout a multiple of 16"):
+        kernels.strided_conv(x, taps[:, :, :8].contiguous(), bias[:8], stride, 0.2, out[:, :8].contiguous())
+
+
 def test_norm_kernels_refuse_bad_inputs(kernels):
     c, ones, zeros = 8, torch.ones(8), torch.zeros(8)
     one = torch.ones(())

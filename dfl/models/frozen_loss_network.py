@@ -5,7 +5,9 @@ A frozen :class:`~dfl.models.loss_network.LossNetwork` in eval mode with running
 conv's taps and a bias, each layer is a few matrix products on ``[batch, time, channels]`` buffers
 plus the activation. oneDNN's path for these strided 1-D convs reorders every tensor to a 2-D layout
 and back, and BN adds a pass forward and backward; here a layer reads its padded input through strided
-views (no copies) and writes its output once. Only the input gradient is computed: the network is
+views (no copies) and writes its output once. With the compiled kernels (:mod:`dfl.native`) a layer is one
+pass: an output's taps lie side by side in its input buffer, so they are one GEMM operand, and bias and
+activation are applied as the products are stored. Only the input gradient is computed: the network is
 frozen. Same results as the module's own forward, to float32 rounding.
 
 :func:`frozen_distances` is the deep feature loss's part in one op (what ``FeatureLoss`` runs when this path
@@ -111,9 +113,14 @@ def _features(wav: torch.Tensor, cfg, lengths, pads) -> list[torch.Tensor]:
         pad = pads[i + 1] if i + 1 < len(layers) else (0, 0)
         buf = _padded(x, batch, n_out, pad, taps.shape[2])
         y = buf[:, pad[0] : pad[0] + n_out]
+        kernels = cpu_kernels() if taps.shape[2] % 16 == 0 else None
         for b in range(batch):
-            _conv_into(x[b], taps, bias, stride, y[b])
-        F.leaky_relu_(y, slope)
+            if kernels is not None:  # conv, bias and activation in one pass, the taps one GEMM operand
+                kernels.strided_conv(x[b], taps, bias, stride, slope, y[b])
+            else:
+                _conv_into(x[b], taps, bias, stride, y[b])
+        if kernels is None:
+            F.leaky_relu_(y, slope)
         feats.append(y)
         x = buf
     return feats

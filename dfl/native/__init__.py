@@ -190,6 +190,9 @@ class CpuKernels:
         self._feature_grad = lib.dfl_feature_grad
         self._feature_grad.argtypes = [ptr, ptr, ptr, ctypes.c_float, ctypes.c_float, i64, ptr]
         self._feature_grad.restype = None
+        self._strided_conv = lib.dfl_strided_conv
+        self._strided_conv.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, ptr]
+        self._strided_conv.restype = ctypes.c_int
 
     def winograd_weights(self, weight: torch.Tensor, flipped: bool = False) -> torch.Tensor:
         """``[Cout, Cin, 3]`` conv weight → the 6 GEMM operands ``[6, Cin, Cout]``, ``Σ_k G[i,k]·W_kᵀ``.
@@ -562,6 +565,24 @@ class CpuKernels:
         self._feature_grad(None if grad is None else grad.data_ptr(), a.data_ptr(), b.data_ptr(), float(weight),
                            float(negative_slope), n, out.data_ptr())  # fmt: skip
         return out
+
+    def strided_conv(self, x, taps, bias, stride: int, negative_slope: float, out) -> None:
+        """``out[t] = leaky_relu(bias + Σ_k x[stride·t + k] @ taps[k])`` for ``t < len(out)``: a strided conv of a
+        padded ``[rows, Cin]`` buffer (the padding in it), ``taps [K, Cin, Cout]`` with ``Cout`` a multiple of 16."""
+        _check_rows("out", out, 0, out.shape[0] if out.dim() == 2 else 0)
+        if taps.dtype != torch.float32 or taps.dim() != 3 or not taps.is_contiguous() or taps.shape[2] % 16:
+            raise ValueError(f"taps must be a contiguous float32 [K, Cin, Cout] tensor, Cout a multiple of 16, "
+                             f"got {taps.dtype} {tuple(taps.shape)}")  # fmt: skip
+        k, c_in, c_out = taps.shape
+        n_out = out.shape[0]
+        _check_rows("x", x, 0, stride * (n_out - 1) + k if n_out else 0)
+        if x.shape[1] != c_in or out.shape[1] != c_out or stride < 1:
+            raise ValueError(f"x {tuple(x.shape)}, taps {tuple(taps.shape)}, out {tuple(out.shape)} and stride {stride} "
+                             "do not fit")  # fmt: skip
+        _check_channels("bias", bias, c_out)
+        if n_out and self._strided_conv(x.data_ptr(), n_out, c_in, c_out, stride, k, taps.data_ptr(), bias.data_ptr(),
+                                        float(negative_slope), out.data_ptr()):  # fmt: skip
+            raise MemoryError("dfl_strided_conv: out of memory")
 
 def mean_var(parts: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and (biased) variance of the union of parts ``(rows, moments)``, ``moments`` the

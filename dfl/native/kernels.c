@@ -722,6 +722,60 @@ void dfl_norm_grads(const double *sums, const float *shift, int64_t C, float *ou
     for (int64_t c = 0; c < C; c++) out[c] = (float)(sums[C + c] + shift[c] * sums[c]), out[C + c] = (float)sums[c];
 }
 
+/* A strided conv with bias and leaky ReLU (the frozen loss network's layers): y[t] = leaky_relu(bias +
+ * Σ_k x[stride·t + k] @ W[k]) for t < n_out, x [rows][Cin] with the padding in the buffer, W [K·Cin][Cout]
+ * (Cout a multiple of 16). Output t's K input rows lie side by side in x, so all K taps are one GEMM operand
+ * of K·Cin columns whose rows are stride·Cin apart (overlapping when K > stride). −1 when out of memory. */
+#define STRIDED_BLOCK 96 /* output rows per task, a multiple of MR */
+int dfl_strided_conv(const float *x, int64_t n_out, int64_t Cin, int64_t Cout, int64_t stride, int64_t K,
+                     const float *W, const float *bias, float slope, float *y) {
+    const int64_t depth = K * Cin, panels = Cout / NR, blocks = (n_out + STRIDED_BLOCK - 1) / STRIDED_BLOCK;
+    float *B = alloc_floats((size_t)panels * depth * NR); /* W per 16-column panel: [panel][depth][16] */
+    if (!B) return -1;
+    for (int64_t j = 0; j < panels; j++)
+        for (int64_t k = 0; k < depth; k++) memcpy(B + (j * depth + k) * NR, W + k * Cout + j * NR, sizeof(float) * NR);
+    int failed = 0;
+#pragma omp parallel
+    {
+        /* the last, partial tile: its rows copied (and zero-padded) so no row past the input is read */
+        float *rows = alloc_floats((size_t)MR * depth), *out = alloc_floats((size_t)MR * Cout * K);
+        float *tap = out ? out + MR * Cout : NULL; /* taps 1 … K − 1 */
+        if (!rows || !out) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            if (!rows || !out) continue;
+            const int64_t t1 = (blk + 1) * STRIDED_BLOCK < n_out ? (blk + 1) * STRIDED_BLOCK : n_out;
+            for (int64_t t0 = blk * STRIDED_BLOCK; t0 < t1; t0 += MR) {
+                const int64_t m = t1 - t0 < MR ? t1 - t0 : MR;
+                const float *a = x + t0 * stride * Cin;
+                int64_t lda = stride * Cin;
+                if (m < MR) {
+                    memset(rows, 0, sizeof(float) * MR * depth);
+                    for (int64_t r = 0; r < m; r++) memcpy(rows + r * depth, a + r * lda, sizeof(float) * depth);
+                    a = rows, lda = depth;
+                }
+                /* tap by tap, the taps' sums added after: shorter float32 chains than one sum over K·Cin */
+                for (int64_t k = 0; k < K; k++)
+                    for (int64_t j = 0; j < panels; j++)
+                        gemm_tile(a + k * Cin, lda, B + (j * depth + k * Cin) * NR, Cin,
+                                  (k ? tap + (k - 1) * MR * Cout : out) + j * NR, Cout);
+                for (int64_t r = 0; r < m; r++)
+                    for (int64_t c = 0; c < Cout; c += 8) {
+                        v8 v = LOAD(out + r * Cout + c);
+                        for (int64_t k = 1; k < K; k++) v += LOAD(tap + ((k - 1) * MR + r) * Cout + c);
+                        STORE(y + (t0 + r) * Cout + c, leaky_relu(v + LOAD(bias + c), slope));
+                    }
+            }
+        }
+        free(rows), free(out);
+    }
+    free(B);
+    return failed ? -1 : 0;
+}
+
 /* Σ|a − b| over n floats (a layer's activations for two signals: the feature loss's distance), without
  * writing the difference: float32 sums of blocks, float64 per chunk, chunks added in order. */
 #define DIFF_BLOCK 1024
