@@ -44,7 +44,7 @@ def _conv3(x: torch.Tensor, weight: torch.Tensor, d: int, out: torch.Tensor) -> 
     """``out[b, t] = Σ_k x[b, t + k·d] @ weight[:, :, k]ᵀ`` for a buffer ``x`` padded by ``d`` on both sides.
 
     With the compiled kernels: Winograd F(4,3) (:mod:`dfl.models.winograd`), or for fewer input channels
-    a direct conv; both return each batch item's ``(rows, moments)`` for :func:`dfl.native.mean_var`.
+    a direct conv; both return each batch item's ``(rows, moments)`` (merged by :meth:`dfl.native.CpuKernels.norm_forward`).
     Without them: direct GEMMs, and None.
     """
     n, c_in = out.shape[1], x.shape[-1]

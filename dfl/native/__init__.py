@@ -469,10 +469,11 @@ class CpuKernels:
         if status != 0:
             raise MemoryError("dfl_direct_conv_weight_grad: out of memory")
 
-
     @staticmethod
     def _check_norm(channels: int, alpha, beta, gamma, bias) -> None:
-        _check_channels("alpha", alpha, 1)
+        """α (None: not needed), β and γ (None: 1) of a norm and its bias."""
+        if alpha is not None:
+            _check_channels("alpha", alpha, 1)
         _check_channels("beta", beta, 1)
         if gamma is not None:
             _check_channels("gamma", gamma, channels)
@@ -516,7 +517,7 @@ class CpuKernels:
         rows: float64 ``[2 + 2C]`` (∂L/∂α, ∂L/∂β, ∂L/∂γ, ∂L/∂bias) and float32 ``[2, C]`` coefficients ``(b, e)``:
         the gradient reaching the conv output ``z`` through batch statistics is ``b·z + e`` (zero without)."""
         channels = bias.numel()
-        self._check_norm(channels, beta, beta, gamma, bias)
+        self._check_norm(channels, None, beta, gamma, bias)
         if stats.dtype != torch.float64 or not stats.is_contiguous() or tuple(stats.shape) != (2, channels):
             raise ValueError(f"stats must be a contiguous float64 tensor of shape (2, {channels})")
         for name, t in (("grad_scale", grad_scale), ("grad_offset", grad_offset)):
@@ -583,6 +584,7 @@ class CpuKernels:
         if n_out and self._strided_conv(x.data_ptr(), n_out, c_in, c_out, stride, k, taps.data_ptr(), bias.data_ptr(),
                                         float(negative_slope), out.data_ptr()):  # fmt: skip
             raise MemoryError("dfl_strided_conv: out of memory")
+
 
 def mean_var(parts: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and (biased) variance of the union of parts ``(rows, moments)``, ``moments`` the
