@@ -215,6 +215,36 @@ def bench_inference(name: str, config: dict, args, gemm: float, cuda_gemm: dict 
     return result
 
 
+def cpu_description(cpuinfo: str | None = None) -> dict:
+    """The CPU the figures came from: model name, family and model numbers, widest vector ISA.
+
+    Figures from different sessions are comparable only on the same CPU (``/proc/cpuinfo``'s first
+    processor; on other systems, what :mod:`platform` knows)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.split("\n\n")[0].splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", fields.get("Features", "")).split())
+    isa = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("asimd", "NEON"),
+                                        ("sse2", "SSE2")) if flag in flags), None)  # fmt: skip
+    return {
+        "model": fields.get("model name") or platform.processor() or platform.machine(),
+        "family": fields.get("cpu family"),
+        "model_number": fields.get("model"),
+        "vector_isa": isa,
+    }
+
+
+def _cpu_line(cpu: dict) -> str:
+    ids = ", ".join(f"{k} {cpu[v]}" for k, v in (("family", "family"), ("model", "model_number")) if cpu[v])
+    return cpu["model"] + (f" ({ids})" if ids else "") + (f", {cpu['vector_isa']}" if cpu["vector_isa"] else "")
+
+
 def _train_step(model, optimizer, loss_fn, noisy, clean) -> None:
     optimizer.zero_grad(set_to_none=True)
     loss, _ = loss_fn(model(noisy), clean)
@@ -464,13 +494,15 @@ def main(argv: list[str] | None = None) -> int:
 
     cpu = torch.device("cpu")
     gemm = max(gemm_gflops(cpu) for _ in range(3))  # a fresh process's first GEMMs can run well below peak
-    print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
+    cpu_info = cpu_description()
+    print(f"CPU: {_cpu_line(cpu_info)}, {torch.get_num_threads()} torch threads of {os.cpu_count()} cores; "
           f"2048³ fp32 GEMM {gemm:.1f} GFLOP/s")  # fmt: skip
     native = cpu_kernels() is not None
     print("compiled CPU kernels (dfl.native): " + ("yes" if native else "NO, the fast paths run on PyTorch alone"))
     results: dict = {
         "machine": {
             "platform": platform.platform(),
+            "cpu": cpu_info,
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,

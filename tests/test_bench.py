@@ -82,3 +82,23 @@ def test_epoch_bench_runs_only_the_selected_runs(tmp_path):
     with pytest.raises(SystemExit):  # argparse names the bad choice
         main(["--epoch-runs", "no_such_run", "-o", str(tmp_path / "b.json")])
     assert not (tmp_path / "b.json").exists()
+
+
+def test_cpu_description_names_the_machine():
+    from dfl.bench import _cpu_line, cpu_description
+
+    amd = (
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
+        "flags\t\t: fpu sse2 avx avx2 fma avx512f avx512vl\n\n"
+        "processor\t: 1\ncpu family\t: 99\nmodel name\t: other\nflags\t\t: sse2\n"
+    )
+    cpu = cpu_description(amd)  # the first processor's fields
+    assert cpu == {"model": "AMD EPYC", "family": "25", "model_number": "17", "vector_isa": "AVX-512"}
+    assert _cpu_line(cpu) == "AMD EPYC (family 25, model 17), AVX-512"
+    intel = "cpu family\t: 6\nmodel\t\t: 85\nmodel name\t: Intel(R) Xeon(R)\nflags\t\t: sse2 avx avx2 fma\n"
+    assert cpu_description(intel)["vector_isa"] == "AVX2"
+    arm = "processor\t: 0\nFeatures\t: fp asimd evtstrm\nCPU implementer\t: 0x41\n"
+    assert cpu_description(arm)["vector_isa"] == "NEON"
+    bare = cpu_description("")  # no /proc/cpuinfo: what platform knows, and no made-up numbers
+    assert bare["model"] and bare["family"] is None and bare["vector_isa"] is None
+    assert "family" not in _cpu_line(bare)
