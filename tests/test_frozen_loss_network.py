@@ -135,14 +135,20 @@ def test_feature_loss_distances_in_one_op_match_the_module(layers, compiled, mon
     original = frozen_loss_network._FrozenDistances.apply
     monkeypatch.setattr(frozen_loss_network._FrozenDistances, "apply", lambda *a: seen.append(1) or original(*a))
 
+    saved = []
+
     def run():
         x = est.clone().requires_grad_()
         dist = loss.distances(x, ref)
+        if not saved:  # the one op's
+            saved.append(len(dist.grad_fn.saved_tensors))
         (weights * dist).sum().backward()
         return dist.detach(), x.grad
 
     fast, fast_grad = run()
     assert seen == [1] and fast.shape == (len(layers),)
+    # kept for the backward: every layer's features, and the reference's (or the difference) only where a loss is
+    assert saved == [max(layers) + 1 + (len(set(layers)) if compiled else len(layers))]
     monkeypatch.setattr(frozen_loss_network, "applies", lambda *a: False)
     plain, plain_grad = run()
     assert seen == [1]

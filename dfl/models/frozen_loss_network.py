@@ -196,7 +196,8 @@ class _FrozenDistances(torch.autograd.Function):
         if kernels is not None:
             # Σ|est − ref| per layer in one pass each, the difference never written; the backward redoes the sign
             sums = [sum(kernels.abs_diff_sum(feats[i][b], refs[i][b]) for b in range(estimate.shape[0])) for i in selected]
-            ctx.save_for_backward(*feats, *refs)
+            ctx.ref_layers = tuple(sorted(set(selected)))  # only these refs are needed again
+            ctx.save_for_backward(*feats, *(refs[i] for i in ctx.ref_layers))
             return torch.tensor([t / feats[i].numel() for t, i in zip(sums, selected)], dtype=estimate.dtype)
         diffs = [torch.sub(feats[i], refs[i]) for i in selected]
         # Σ|est − ref| / count per layer, with no autograd graph for the subtraction and the sum
@@ -218,7 +219,8 @@ class _FrozenDistances(torch.autograd.Function):
                 return signs[i].mul_(float(weights[i])) if i in signs else None
 
             return _input_grad(_leaky_relu_grad(feats, outside, slope), ctx.cfg, ctx.lengths, ctx.pads), None, None, None
-        feats, refs = saved[: len(saved) // 2], saved[len(saved) // 2 :]
+        depth = len(saved) - len(ctx.ref_layers)
+        feats, refs = saved[:depth], dict(zip(ctx.ref_layers, saved[depth:]))
 
         def activation_grad(i, dh):  # the sign term, the gradient from above and the leaky ReLU in one pass
             if i not in weights:
