@@ -28,7 +28,7 @@ from torch import nn
 
 from dfl.models import AdaptiveBatchNorm, BatchNorm, ContextAggregationNet, winograd
 from dfl.models.fused_layer import channels_last_batch_stats
-from dfl.native import channel_mean_var, cpu_kernels, mean_var
+from dfl.native import channel_mean_var, cpu_kernels
 
 
 def _norm_coefficients(norm: nn.Module, channels: int):
@@ -190,8 +190,8 @@ class FastContextAggregationNet(nn.Module):
 
     def _batch_norm_act_native(self, layer: _Layer, z: torch.Tensor, kernels, parts: list) -> None:
         """Norm with the statistics of ``z [batch, rows, C]`` + leaky ReLU, in place: from the conv's
-        moments ``parts`` (see :func:`dfl.native.mean_var`) when it has them, else in one more pass."""
-        mean, var = mean_var(parts) if parts else channel_mean_var(kernels, z)
+        moments ``parts`` (see :meth:`dfl.native.CpuKernels.merge_moments`) when it has them, else in one more pass."""
+        mean, var = kernels.merge_moments(parts) if parts else channel_mean_var(kernels, z)
         scale, offset = layer.batch_affine(mean.float(), torch.rsqrt(var + layer.eps).float())
         for zb in z:
             kernels.affine_leaky_relu(zb, scale.contiguous(), offset.contiguous(), self.negative_slope)

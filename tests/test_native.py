@@ -84,7 +84,7 @@ def test_conv_reads_the_previous_layers_activation_through_its_norm(kernels, d):
 @pytest.mark.parametrize("d", [1, 3, 5, 16])
 def test_conv_moments_are_those_of_its_outputs(kernels, d):
     """The conv's batch-norm moments: mean and squared deviations of the rows it wrote, in float64, without
-    cancellation for a mean far from zero; batch items merge pairwise (``mean_var``)."""
+    cancellation for a mean far from zero; batch items merge pairwise (``merge_moments``)."""
     x, weight, margin, length = _conv_case(d)
     bias = 1e4 + torch.randn(weight.shape[0])  # the mean ~10⁴ standard deviations from zero
     weights = kernels.winograd_weights(weight * 1e-3)
@@ -97,7 +97,7 @@ def test_conv_moments_are_those_of_its_outputs(kernels, d):
         parts.append((rows, moments))
         torch.testing.assert_close(moments[0], ys[-1].mean(0), rtol=1e-9, atol=0)
         torch.testing.assert_close(moments[1], (ys[-1] - ys[-1].mean(0)).square().sum(0), rtol=1e-3, atol=0)
-    mean, var = native.mean_var(parts)
+    mean, var = kernels.merge_moments(parts)
     both = torch.cat(ys)
     torch.testing.assert_close(mean, both.mean(0), rtol=1e-9, atol=0)
     torch.testing.assert_close(var, both.var(0, unbiased=False), rtol=1e-3, atol=0)
@@ -377,7 +377,7 @@ def test_direct_conv_and_its_weight_gradient(kernels, d):
     expected = reference_layer(x[d : d + rows], weight, torch.zeros(c_out), d, None)
     torch.testing.assert_close(y[:rows].double(), expected, atol=1e-5 * expected.abs().max().item(), rtol=0)
     assert y[rows:].isnan().all()
-    mean, var = native.mean_var([(rows, moments)])
+    mean, var = kernels.merge_moments([(rows, moments)])
     torch.testing.assert_close(mean, expected.mean(0), atol=1e-6 * expected.abs().max().item(), rtol=0)
     torch.testing.assert_close(var, expected.var(0, unbiased=False), rtol=1e-4, atol=0)
 
@@ -548,3 +548,27 @@ def test_one_openmp_runtime_in_the_process(kernels):
     # OpenMP in the kernels shares the libgomp PyTorch loaded: one runtime in the process
     maps = {line.split()[-1] for line in open(f"/proc/{os.getpid()}/maps") if "libgomp" in line}
     assert len(maps) <= 1, maps
+
+
+def test_merge_moments_is_the_norms_merge(kernels):
+    """merge_moments and norm_forward's batch statistics are one merge: the same bits; and bad parts are refused."""
+    gen = torch.Generator().manual_seed(7)
+    c = 16
+    parts = [(100, torch.stack([torch.randn(c, generator=gen, dtype=torch.float64) + 50,
+                                torch.rand(c, generator=gen, dtype=torch.float64) * 100])) for _ in range(3)]  # fmt: skip
+    mean, var = kernels.merge_moments(parts)
+    one = torch.ones(1)
+    _, stats = kernels.norm_forward(torch.stack([m for _, m in parts]), 100, one, one, None, torch.zeros(c), 1e-5,
+                                    torch.zeros(c), torch.ones(c))  # fmt: skip
+    assert torch.equal(stats[0], mean) and torch.equal(stats[1], var)
+    rows = torch.tensor([100.0] * 3, dtype=torch.float64)
+    means, m2 = torch.stack([m[0] for _, m in parts]), torch.stack([m[1] for _, m in parts])
+    torch.testing.assert_close(mean, means.mean(0), rtol=1e-12, atol=0)
+    total_var = (m2.sum(0) + (rows[:, None] * (means - means.mean(0)).square()).sum(0)) / rows.sum()
+    torch.testing.assert_close(var, total_var, rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match="at least one part"):
+        kernels.merge_moments([])
+    with pytest.raises(ValueError, match="float64"):
+        kernels.merge_moments([(10, torch.zeros(2, c))])
+    with pytest.raises(ValueError, match="every part needs rows"):
+        kernels.merge_moments([(0, torch.zeros(2, c, dtype=torch.float64))])

@@ -178,6 +178,9 @@ class CpuKernels:
         self._norm = lib.dfl_norm_forward
         self._norm.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_double, ctypes.c_double, ptr, ptr, ptr, ptr]
         self._norm.restype = None
+        self._merge_moments = lib.dfl_merge_moments
+        self._merge_moments.argtypes = [ptr, ptr, i64, i64, ptr]
+        self._merge_moments.restype = None
         self._norm_backward = lib.dfl_norm_backward
         self._norm_backward.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ctypes.c_double, ctypes.c_int, ptr, ptr, ptr, ptr]
         self._norm_backward.restype = None
@@ -269,7 +272,7 @@ class CpuKernels:
         ``x`` holds the conv's zero padding (``d`` rows each side), or is read through ``x_norm`` (see
         :meth:`_conv_source`); ``weights``: :meth:`winograd_weights` ``[6, Cin, Cout]``; ``act`` is a leaky ReLU
         unless ``negative_slope`` is None; no ``bias``: zero. ``moments`` (float64 ``(2, Cout)``) receives
-        the written rows' per-channel mean and sum of squared deviations (see :func:`mean_var`).
+        the written rows' per-channel mean and sum of squared deviations (see :meth:`merge_moments`).
         """
         source = self._conv_source(x, x_row, rows, dilation, x_norm, "y", y, y_row)
         self._check_winograd("weights", weights, x.shape[1], y.shape[1])
@@ -484,7 +487,7 @@ class CpuKernels:
         """A layer's norm ``α·z + β·(γ·(z − mean)/√(var + eps) + bias)`` as per-channel ``scale·z + offset``.
 
         ``mean``, ``var``: those of the batch items' ``moments`` (float64 ``[B, 2, C]`` as :meth:`winograd_conv`
-        writes them, ``rows`` rows each), or with ``moments`` None the running statistics. With ``momentum``,
+        writes them, ``rows`` rows each, merged as :meth:`merge_moments` does), or with ``moments`` None the running statistics. With ``momentum``,
         the running statistics are updated as ``BatchNorm`` does in training. ``gamma`` None: γ = 1.
         Returns float32 ``[3, C]`` (scale, offset, mean) and float64 ``[2, C]`` (mean, var) for
         :meth:`norm_backward`."""
@@ -510,6 +513,25 @@ class CpuKernels:
                    -1.0 if momentum is None else float(momentum), running_mean.data_ptr(), running_var.data_ptr(),
                    out.data_ptr(), stats.data_ptr())  # fmt: skip
         return out, stats
+
+    def merge_moments(self, parts: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel float64 mean and (biased) variance of the union of parts ``(rows, moments)``, ``moments``
+        the ``(2, C)`` mean and sum of squared deviations of :meth:`winograd_conv` or :meth:`direct_conv`.
+
+        Merged pairwise (Chan et al.) as :meth:`norm_forward` merges batch items: no cancellation however far
+        the mean is from zero."""
+        if not parts:
+            raise ValueError("merge_moments needs at least one part")
+        moments = torch.stack([m for _, m in parts])
+        channels = moments.shape[-1]
+        if moments.dtype != torch.float64 or moments.shape[1] != 2:
+            raise ValueError(f"moments must be float64 tensors of shape (2, C), got {tuple(moments.shape[1:])}")
+        rows = torch.tensor([r for r, _ in parts], dtype=torch.int64)
+        if (rows <= 0).any():
+            raise ValueError(f"every part needs rows, got {rows.tolist()}")
+        stats = torch.empty(2, channels, dtype=torch.float64)
+        self._merge_moments(moments.data_ptr(), rows.data_ptr(), len(parts), channels, stats.data_ptr())
+        return stats[0], stats[1]
 
     def norm_backward(self, stats, count: int, beta, gamma, bias, eps: float, batch_stats: bool, grad_scale,
                       grad_offset) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -584,21 +606,6 @@ class CpuKernels:
         if n_out and self._strided_conv(x.data_ptr(), n_out, c_in, c_out, stride, k, taps.data_ptr(), bias.data_ptr(),
                                         float(negative_slope), out.data_ptr()):  # fmt: skip
             raise MemoryError("dfl_strided_conv: out of memory")
-
-
-def mean_var(parts: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and (biased) variance of the union of parts ``(rows, moments)``, ``moments`` the
-    float64 ``(2, C)`` mean and sum of squared deviations of :meth:`CpuKernels.winograd_conv`.
-
-    Parts are merged pairwise (Chan et al.), which does not cancel however far the mean is from zero.
-    """
-    count, (mean, m2) = parts[0][0], parts[0][1].clone()
-    for rows, (mean_b, m2_b) in parts[1:]:
-        delta = mean_b - mean
-        mean += delta * (rows / (count + rows))
-        m2 += m2_b + delta.square() * (count * rows / (count + rows))
-        count += rows
-    return mean, (m2 / count).clamp_min(0)
 
 
 def channel_mean_var(kernels: CpuKernels, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

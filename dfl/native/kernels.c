@@ -662,6 +662,24 @@ int dfl_channel_moments(const float *z, const float *shift, int64_t rows, int64_
     return 0;
 }
 
+/* Mean and (biased) variance of B parts' moments ([B][2][C] as dfl_wino43_conv writes them; rows[b] rows
+ * each, or `each` rows with rows NULL), merged in order by the pairwise update, into stats [2][C]. Returns
+ * the row count. */
+static double merge_moments(const double *parts, const int64_t *rows, int64_t each, int64_t B, int64_t C,
+                            double *stats) {
+    double *var = stats + C;
+    moments_t m = {0, stats, var}; /* var holds the squared deviations until divided */
+    memset(stats, 0, sizeof(double) * 2 * C);
+    for (int64_t b = 0; b < B; b++)
+        moments_add(&m, (double)(rows ? rows[b] : each), parts + b * 2 * C, parts + b * 2 * C + C, C);
+    for (int64_t c = 0; c < C; c++) var[c] = var[c] > 0 ? var[c] / m.count : 0;
+    return m.count;
+}
+
+void dfl_merge_moments(const double *parts, const int64_t *rows, int64_t B, int64_t C, double *stats) {
+    merge_moments(parts, rows, 0, B, C, stats);
+}
+
 /* A layer's norm α·z + β·(γ·(z − mean)/√(var + eps) + bias) as scale·z + offset per channel. mean and var:
  * those of `parts` (B batch items' moments as dfl_wino43_conv writes them, [B][2][C], `rows` rows each,
  * merged in order), or with parts NULL the running statistics. With momentum ≥ 0, the running statistics
@@ -672,16 +690,12 @@ void dfl_norm_forward(const double *parts, int64_t B, int64_t rows, int64_t C, c
                       float *running_var, float *out, double *stats) {
     double *mean = stats, *var = stats + C;
     if (parts) {
-        moments_t m = {0, mean, var};  /* var holds the squared deviations until divided */
-        memset(stats, 0, sizeof(double) * 2 * C);
-        for (int64_t b = 0; b < B; b++) moments_add(&m, (double)rows, parts + b * 2 * C, parts + b * 2 * C + C, C);
-        for (int64_t c = 0; c < C; c++) {
-            var[c] = var[c] > 0 ? var[c] / m.count : 0;
-            if (momentum >= 0) {
+        const double count = merge_moments(parts, NULL, rows, B, C, stats);
+        if (momentum >= 0)
+            for (int64_t c = 0; c < C; c++) {
                 running_mean[c] = (float)((1 - momentum) * running_mean[c] + momentum * mean[c]);
-                running_var[c] = (float)((1 - momentum) * running_var[c] + momentum * var[c] * m.count / (m.count - 1));
+                running_var[c] = (float)((1 - momentum) * running_var[c] + momentum * var[c] * count / (count - 1));
             }
-        }
     } else
         for (int64_t c = 0; c < C; c++) mean[c] = running_mean[c], var[c] = running_var[c];
     for (int64_t c = 0; c < C; c++) {
