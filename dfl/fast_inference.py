@@ -189,8 +189,8 @@ class FastContextAggregationNet(nn.Module):
         out[:, margin + length : margin + n_rows] = 0  # the cut tail must read as zero padding
 
     def _batch_norm_act_native(self, layer: _Layer, z: torch.Tensor, kernels, parts: list) -> None:
-        """Norm with the statistics of ``z [batch, rows, C]`` + leaky ReLU, in place: from the conv's
-        moments ``parts`` (see :meth:`dfl.native.CpuKernels.merge_moments`) when it has them, else in one more pass."""
+        """Norm with the statistics of ``z [batch, rows, C]`` + leaky ReLU, in place: from the conv's moments
+        ``parts`` (see :meth:`dfl.native.CpuKernels.merge_moments`) when it has them, else in one more pass."""
         mean, var = kernels.merge_moments(parts) if parts else channel_mean_var(kernels, z)
         scale, offset = layer.batch_affine(mean.float(), torch.rsqrt(var + layer.eps).float())
         for zb in z:

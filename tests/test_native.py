@@ -570,5 +570,7 @@ def test_merge_moments_is_the_norms_merge(kernels):
         kernels.merge_moments([])
     with pytest.raises(ValueError, match="float64"):
         kernels.merge_moments([(10, torch.zeros(2, c))])
+    with pytest.raises(ValueError, match=r"shape \(2, C\)"):
+        kernels.merge_moments([(10, torch.zeros(2, dtype=torch.float64))])
     with pytest.raises(ValueError, match="every part needs rows"):
         kernels.merge_moments([(0, torch.zeros(2, c, dtype=torch.float64))])

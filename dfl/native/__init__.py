@@ -487,8 +487,9 @@ class CpuKernels:
         """A layer's norm ``α·z + β·(γ·(z − mean)/√(var + eps) + bias)`` as per-channel ``scale·z + offset``.
 
         ``mean``, ``var``: those of the batch items' ``moments`` (float64 ``[B, 2, C]`` as :meth:`winograd_conv`
-        writes them, ``rows`` rows each, merged as :meth:`merge_moments` does), or with ``moments`` None the running statistics. With ``momentum``,
-        the running statistics are updated as ``BatchNorm`` does in training. ``gamma`` None: γ = 1.
+        writes them, ``rows`` rows each, merged as :meth:`merge_moments` does), or with ``moments`` None the
+        running statistics. With ``momentum``, the running statistics are updated as ``BatchNorm`` does in
+        training. ``gamma`` None: γ = 1.
         Returns float32 ``[3, C]`` (scale, offset, mean) and float64 ``[2, C]`` (mean, var) for
         :meth:`norm_backward`."""
         channels = bias.numel()
@@ -524,7 +525,7 @@ class CpuKernels:
             raise ValueError("merge_moments needs at least one part")
         moments = torch.stack([m for _, m in parts])
         channels = moments.shape[-1]
-        if moments.dtype != torch.float64 or moments.shape[1] != 2:
+        if moments.dtype != torch.float64 or moments.dim() != 3 or moments.shape[1] != 2:
             raise ValueError(f"moments must be float64 tensors of shape (2, C), got {tuple(moments.shape[1:])}")
         rows = torch.tensor([r for r, _ in parts], dtype=torch.int64)
         if (rows <= 0).any():
