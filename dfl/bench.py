@@ -462,10 +462,12 @@ def bench_long_file(minutes: float, args) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dfl-bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-o", "--output", type=Path, default=Path("bench_results/bench.json"))
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("-o", "--output", type=Path, default=Path("bench_results/bench.json"),
+                        help="JSON file for the results (default bench_results/bench.json)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS),
+                        help="denoisers to time (default: all)")
     parser.add_argument("--seconds", type=float, default=10.0, help="input length (default 10 s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the minimum counts")
     parser.add_argument("--train-repeats", type=int, default=10,
@@ -475,9 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--return-freed-memory", action="store_true",
                         help="leave glibc's defaults (dfl-train's keep_freed_memory=false) instead of keeping "
                         "freed buffers for reuse")  # fmt: skip
-    parser.add_argument("--skip-onnxruntime", action="store_true")
-    parser.add_argument("--skip-cuda", action="store_true")
-    parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--skip-onnxruntime", action="store_true", help="no ONNX Runtime inference rows")
+    parser.add_argument("--skip-cuda", action="store_true", help="no CUDA rows even when a GPU is present")
+    parser.add_argument("--skip-training", action="store_true", help="no training-throughput rows")
     parser.add_argument("--skip-cpu", action="store_true", help="only the CUDA rows (the CPU reference still runs)")
     parser.add_argument("--epoch-utterances", type=int, default=0,
                         help="also time whole dfl-train epochs on this many generated utterances (0: skip)")
@@ -488,6 +490,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--long-file-minutes", type=float, default=0.0, help="also check memory on a file this long (e.g. 60)"
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -4,14 +4,18 @@ Each output keeps its input's path relative to the folder (or glob prefix) it
 came from, its sample rate, channel count, format and subtype. Models with
 running BN statistics stream each file in blocks (memory independent of its
 length); batch-statistics models read it whole. Outputs are
-written atomically; a bad input is reported with its path and skipped, and
-the exit code is 1 when any file failed (2 for unusable arguments).
+written atomically and never replace an input; outputs that already exist are
+the user's, so the run is refused unless --overwrite (replace them) or
+--skip-existing (keep them: resumes an interrupted run) is given. A bad input
+is reported with its path and skipped, and the exit code is 1 when any file
+failed (2 for unusable arguments).
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -21,6 +25,7 @@ import numpy as np
 import soundfile as sf
 
 from dfl.audio import AudioError, atomic_write, read_audio, read_blocks, write_audio
+from dfl.cli import add_overwrite_flag
 
 AUDIO_SUFFIXES = {f".{ext.lower()}" for ext in sf.available_formats()} | {".ogg", ".opus", ".mp3"}
 FLOAT_SUBTYPES = {"FLOAT", "DOUBLE", "VORBIS", "OPUS", "MPEG_LAYER_III"}
@@ -79,6 +84,11 @@ def check_outputs(jobs: list[Job], outdir: Path) -> str | None:
             return f"{seen[target]} and {job.source} would both be written to {target}"
         seen[target] = job.source
     return None
+
+
+def existing_outputs(jobs: list[Job], outdir: Path) -> list[Job]:
+    """The jobs whose output is already there (the user's, unless they say otherwise)."""
+    return [job for job in jobs if os.path.lexists(outdir / job.relative)]
 
 
 def denoise_file(denoiser, job: Job, outdir: Path, progress, block_frames: int | None = None) -> float:
@@ -152,18 +162,30 @@ def _total_seconds(jobs: list[Job]) -> float:
     return total
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dfl-denoise", description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="audio files, folders or globs")
-    parser.add_argument("-o", "--outdir", required=True, type=Path)
+    parser.add_argument("-o", "--outdir", required=True, type=Path,
+                        help="folder for the outputs, each at its input's relative path")  # fmt: skip
     parser.add_argument("--model", required=True, type=Path, help="dfl model file, dfl-train checkpoint or .onnx")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs (default cpu)")
     parser.add_argument("--batch-size", type=int, default=1, help="chunks processed together (default 1)")
     parser.add_argument(
         "--chunk-seconds", type=float, default=20.0, help="chunk length; 0 = whole files (default 20)"
     )
-    parser.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"))
+    parser.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"),
+                        help="torch, or onnxruntime for a dfl-export .onnx model (default torch)")  # fmt: skip
+    existing = parser.add_mutually_exclusive_group()
+    add_overwrite_flag(existing, "every output")
+    existing.add_argument("--skip-existing", action="store_true",
+                          help="keep outputs that already exist and denoise only the other inputs (outputs are "
+                          "written atomically, so an existing one is complete: this resumes an interrupted run)")  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -183,6 +205,19 @@ def main(argv: list[str] | None = None) -> int:
     if refusal:
         print(f"dfl-denoise: refusing to run: {refusal}", file=sys.stderr)
         return 2
+    present = existing_outputs(jobs, args.outdir)
+    if present and not (args.overwrite or args.skip_existing):
+        print(f"dfl-denoise: refusing to run: {len(present)} output(s) already exist, e.g. "
+              f"{args.outdir / present[0].relative}; pass --overwrite to replace them or --skip-existing to keep "
+              "them and denoise the other inputs", file=sys.stderr)  # fmt: skip
+        return 2
+    skipped = len(present) if args.skip_existing else 0
+    if skipped:
+        kept = set(present)
+        jobs = [job for job in jobs if job not in kept]
+        if not jobs:
+            print(f"nothing to denoise: all {skipped} output(s) already exist in {args.outdir}")
+            return 1 if errors else 0
     try:
         denoiser = Denoiser.from_checkpoint(
             args.model,
@@ -225,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     rtf = elapsed / seconds if seconds else float("nan")
     print(
         f"denoised {done} file(s), {seconds / 3600:.3f} h of audio in {elapsed:.1f} s "
-        f"(real-time factor {rtf:.3f}); {len(failed)} failed; outputs in {args.outdir}"
+        f"(real-time factor {rtf:.3f}); {len(failed)} failed; "
+        + (f"{skipped} skipped (output already there); " if skipped else "")
+        + f"outputs in {args.outdir}"
     )
     for message in failed:
         print(f"  failed: {message}")

@@ -25,6 +25,7 @@ import torch
 
 from dfl import SAMPLE_RATE
 from dfl.audio import atomic_write
+from dfl.cli import add_overwrite_flag, refuse_existing_output
 from dfl.fast_inference import FastContextAggregationNet
 
 FORMATS = ("onnx", "torchscript")
@@ -104,17 +105,26 @@ def load_onnx_session(path: str | os.PathLike, device="cpu"):
     return session, {"receptive_field": int(props["receptive_field"]), "batch_stats": json.loads(props["batch_stats"])}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dfl-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path, help="dfl model file or dfl-train checkpoint")
-    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--format", required=True, choices=FORMATS,
+                        help="onnx (for ONNX Runtime and dfl-denoise --backend onnxruntime) or torchscript "
+                        "(torch.jit.load, no dfl needed)")  # fmt: skip
     parser.add_argument("-o", "--output", required=True, type=Path, help="file to write")
+    add_overwrite_flag(parser, "--output if it")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     from dfl.checkpoints import CheckpointError, load_model
 
     if args.output.resolve() == args.checkpoint.resolve():
         parser.error(f"--output {args.output} would overwrite the checkpoint")
+    refuse_existing_output(parser, "--output", args.output, args.overwrite)
     try:
         model = load_model(args.checkpoint, "denoiser")
     except CheckpointError as exc:

@@ -88,6 +88,44 @@ def test_refuses_to_overwrite_inputs(tree, model_path, capsys, outdir):
     assert snapshot(tree) == before
 
 
+def test_existing_outputs_are_kept_unless_the_user_says_otherwise(tree, tmp_path, model_path, capsys):
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "sub" / "b.flac").write_bytes(b"the user's own file")
+    mine = snapshot(out)
+    args = [str(tree), "-o", str(out), "--model", str(model_path), "--quiet"]
+
+    assert main(args) == 2  # refused: nothing written, the user's file untouched
+    err = capsys.readouterr().err
+    assert "1 output(s) already exist" in err and str(out / "sub" / "b.flac") in err and "--overwrite" in err
+    assert snapshot(out) == mine
+
+    # --skip-existing keeps it and denoises the rest (resuming an interrupted run)
+    assert main([*args, "--skip-existing"]) == 0
+    assert "denoised 3 file(s)" in capsys.readouterr().out
+    assert (out / "sub" / "b.flac").read_bytes() == b"the user's own file"
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(TREE)
+    first = snapshot(out)
+
+    # all there: nothing to do, nothing rewritten
+    assert main([*args, "--skip-existing"]) == 0
+    assert "nothing to denoise: all 4 output(s) already exist" in capsys.readouterr().out
+    assert snapshot(out) == first
+
+    # --overwrite replaces them all, the user's file with a real denoised FLAC
+    assert main([*args, "--overwrite"]) == 0
+    assert "denoised 4 file(s)" in capsys.readouterr().out
+    assert sf.info(out / "sub" / "b.flac").format == "FLAC"
+    for rel in TREE:  # the others written again with the same audio (Ogg streams get new serial numbers)
+        assert (out / rel).read_bytes() != b"the user's own file"
+        if rel != "sub/b.flac" and not rel.endswith(".ogg"):
+            assert (out / rel).read_bytes() == first[rel]
+
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--overwrite", "--skip-existing"])
+    assert exc.value.code == 2
+
+
 def test_bad_files_are_reported_and_skipped(tree, tmp_path, model_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from dfl.checkpoints import save_model
+from dfl.cli import add_overwrite_flag, refuse_existing_output
 from dfl.tf_import.bundle import CheckpointFormatError, TFCheckpoint
 from dfl.tf_import.mapping import TFImportError, import_denoiser, import_lossnet
 
@@ -41,12 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="TF checkpoint prefix, e.g. models/se_model.ckpt (the .index and .data-00000-of-00001 "
         "files must be next to it)",
     )
-    p.add_argument("-o", "--output", required=True, help="dfl model file to write, e.g. se_model.pt")
+    p.add_argument("-o", "--output", required=True, type=Path, help="dfl model file to write, e.g. se_model.pt")
+    add_overwrite_flag(p, "--output if it")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    refuse_existing_output(parser, "--output", args.output, args.overwrite)
     try:
         path = convert(args.kind, args.prefix, args.output)
     except (FileNotFoundError, CheckpointFormatError, TFImportError, OSError) as exc:
