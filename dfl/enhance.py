@@ -25,7 +25,6 @@ import numpy as np
 import soundfile as sf
 
 from dfl.audio import AudioError, atomic_write, read_audio, read_blocks, write_audio
-from dfl.cli import add_overwrite_flag
 
 AUDIO_SUFFIXES = {f".{ext.lower()}" for ext in sf.available_formats()} | {".ogg", ".opus", ".mp3"}
 FLOAT_SUBTYPES = {"FLOAT", "DOUBLE", "VORBIS", "OPUS", "MPEG_LAYER_III"}
@@ -176,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"),
                         help="torch, or onnxruntime for a dfl-export .onnx model (default torch)")  # fmt: skip
     existing = parser.add_mutually_exclusive_group()
-    add_overwrite_flag(existing, "every output")
+    existing.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
     existing.add_argument("--skip-existing", action="store_true",
                           help="keep outputs that already exist and denoise only the other inputs (outputs are "
                           "written atomically, so an existing one is complete: this resumes an interrupted run)")  # fmt: skip

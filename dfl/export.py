@@ -25,7 +25,7 @@ import torch
 
 from dfl import SAMPLE_RATE
 from dfl.audio import atomic_write
-from dfl.cli import add_overwrite_flag, refuse_existing_output
+from dfl.cli import refuse_existing_output
 from dfl.fast_inference import FastContextAggregationNet
 
 FORMATS = ("onnx", "torchscript")
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="onnx (for ONNX Runtime and dfl-denoise --backend onnxruntime) or torchscript "
                         "(torch.jit.load, no dfl needed)")  # fmt: skip
     parser.add_argument("-o", "--output", required=True, type=Path, help="file to write")
-    add_overwrite_flag(parser, "--output if it")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it already exists")
     return parser
 
 
@@ -131,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dfl-export: {exc}", file=sys.stderr)
         return 2
     exporter = export_onnx if args.format == "onnx" else export_torchscript
-    path = exporter(model, args.output)
+    try:
+        path = exporter(model, args.output)
+    except OSError as exc:
+        print(f"dfl-export: cannot write --output {args.output}: {exc}", file=sys.stderr)
+        return 1
     print(f"wrote {args.format} model to {path} (input 'waveform' [batch, time] at {SAMPLE_RATE} Hz)")
     return 0
 

@@ -51,8 +51,12 @@ def test_export_keeps_an_existing_output_unless_overwrite(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         export.main(args)
     assert exc.value.code == 2
-    assert f"--output {target} is a file that already exists; pass --overwrite" in capsys.readouterr().err
+    assert f"--output {target} already exists; pass --overwrite" in capsys.readouterr().err
     assert target.read_bytes() == b"the user's file"
+    blocked = tmp_path / "not_a_folder"
+    blocked.write_text("")
+    assert export.main([str(ckpt), "--format", "torchscript", "-o", str(blocked / "model.ts")]) == 1
+    assert f"cannot write --output {blocked / 'model.ts'}" in capsys.readouterr().err
     assert export.main([*args, "--overwrite"]) == 0
     scripted = torch.jit.load(str(target))
     x = torch.randn(1, 800)
@@ -62,12 +66,21 @@ def test_export_keeps_an_existing_output_unless_overwrite(tmp_path, capsys):
 
 def test_import_tf_keeps_an_existing_output_unless_overwrite(tmp_path, capsys):
     target = tmp_path / "se_model.pt"
-    target.mkdir()
+    target.write_bytes(b"the user's file")
+    missing = str(tmp_path / "nope.ckpt")
     # refused before the (missing) checkpoint is even read: the output check comes first
     with pytest.raises(SystemExit) as exc:
-        tf_cli.main(["denoiser", str(tmp_path / "nope.ckpt"), "-o", str(target)])
+        tf_cli.main(["denoiser", missing, "-o", str(target)])
     assert exc.value.code == 2
-    assert f"--output {target} is a folder that already exists" in capsys.readouterr().err
-    assert target.is_dir() and not any(target.iterdir())
-    assert tf_cli.main(["denoiser", str(tmp_path / "nope.ckpt"), "-o", str(target), "--overwrite"]) == 1
+    assert f"--output {target} already exists; pass --overwrite" in capsys.readouterr().err
+    assert tf_cli.main(["denoiser", missing, "-o", str(target), "--overwrite"]) == 1
     assert "TF checkpoint index not found" in capsys.readouterr().err
+    assert target.read_bytes() == b"the user's file"  # a failed import leaves it as it was
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit) as exc:
+            tf_cli.main(["denoiser", missing, "-o", str(folder), *extra])
+        assert exc.value.code == 2
+        assert f"--output {folder} is a folder" in capsys.readouterr().err

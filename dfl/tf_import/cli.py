@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from dfl.checkpoints import save_model
-from dfl.cli import add_overwrite_flag, refuse_existing_output
+from dfl.cli import refuse_existing_output
 from dfl.tf_import.bundle import CheckpointFormatError, TFCheckpoint
 from dfl.tf_import.mapping import TFImportError, import_denoiser, import_lossnet
 
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         "files must be next to it)",
     )
     p.add_argument("-o", "--output", required=True, type=Path, help="dfl model file to write, e.g. se_model.pt")
-    add_overwrite_flag(p, "--output if it")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it already exists")
     return p
 
 
