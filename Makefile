@@ -4,15 +4,31 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lint pretrain-demo clean
+LOCK := requirements/lock.txt
+UV_VERSION := 0.13.9
+
+.PHONY: install lock smoke demo test test-full bench lint pretrain-demo clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Every dependency at the exact version and hash of the lock, then dfl itself (editable, no deps),
+# then a smoke check that loads every compiled extension.
+$(STAMP): $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m dfl.smoke
 	touch $(STAMP)
+
+# Re-resolve the lock from pyproject.toml's ranges (see CONTRIBUTING.md, "Dependencies").
+lock:
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet uv==$(UV_VERSION)
+	$(BIN)/uv pip compile pyproject.toml requirements/build.in --extra test --universal \
+		--python-version 3.10 --generate-hashes --upgrade -o $(LOCK)
+
+smoke: install
+	$(BIN)/python -m dfl.smoke
 
 DEMO_LOSSNET := models/lossnet_synthetic.pt
 

@@ -28,7 +28,7 @@ from dfl.metrics import METRIC_NAMES, compute_many
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = hydra_resolvers.CONF_DIR
 hydra_resolvers.register()  # the shared hydra/logger configs use dfl's resolvers (before @hydra.main runs)
 EVAL_KEYS = ("task_name", "checkpoint", "enhanced_dir", "data_dir", "split", "sample_rate", "max_files", "metrics")
 

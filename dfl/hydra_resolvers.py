@@ -6,6 +6,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+# The Hydra configs ship inside the package (``dfl/conf`` links to the top-level ``conf/``, their
+# source; a wheel holds a copy), so the entry points work from any directory and from a wheel.
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+
 
 def _hydra_config():
     from hydra.core.hydra_config import HydraConfig

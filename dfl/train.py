@@ -15,7 +15,7 @@ from dfl import hydra_resolvers
 log = logging.getLogger(__name__)
 hydra_resolvers.register()
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = hydra_resolvers.CONF_DIR
 
 
 def instantiate_group(cfg: DictConfig | None) -> list:
