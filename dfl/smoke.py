@@ -96,10 +96,12 @@ def check_kernels() -> str:
     from dfl.native import CpuKernels, build, channel_mean_var
 
     kernels = CpuKernels(build())
-    z = torch.randn(2, 100, 8)
+    z = torch.randn(2, 100, 8, generator=torch.Generator().manual_seed(0))
     mean, var = channel_mean_var(kernels, z)
     flat = z.reshape(-1, 8).double()
-    if not (torch.allclose(mean, flat.mean(0)) and torch.allclose(var, flat.var(0, unbiased=False))):
+    # float32 partial sums inside the kernel: agreement to ~1e-6, not float64's 1e-15
+    close = torch.allclose(mean, flat.mean(0), atol=1e-5) and torch.allclose(var, flat.var(0, unbiased=False), rtol=1e-4)
+    if not close:
         raise RuntimeError("the compiled channel moments differ from PyTorch's")
     return "dfl CPU kernels (compiled, channel moments checked)"
 
