@@ -263,7 +263,8 @@ class PairedFolderDataModule(SplitDataModule):
     ``crop_seconds`` for batching, or (``bucket=True``) batches of whole utterances of similar
     length (:class:`~datamodules.bucketing.BucketBatchSampler`), the padding masked out of the loss;
     validation and test always use whole utterances, one per batch. ``manifest_dir`` caches the
-    file lists with their lengths (:mod:`datamodules.manifest`).
+    file lists with their lengths (:mod:`datamodules.manifest`). ``val_split="test"`` validates on
+    ``testset_*`` (the authors' protocol, for a training set prepared with every speaker).
 
     ``pad_to_multiple`` zero-pads training batches to a multiple of that many samples (masked out of
     the loss like any padding). On a GPU, cuDNN builds a plan for every new input length (~70 ms a
@@ -285,8 +286,11 @@ class PairedFolderDataModule(SplitDataModule):
         bucket_window: int = 50,
         manifest_dir: str | Path | None = None,
         pad_to_multiple: int = 1,
+        val_split: str = "val",
     ) -> None:
         super().__init__()
+        if val_split not in ("val", "test"):
+            raise ValueError(f"data.val_split must be 'val' (valset_*) or 'test' (testset_*), got {val_split!r}")
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if pad_to_multiple < 1:
@@ -306,9 +310,12 @@ class PairedFolderDataModule(SplitDataModule):
         self.bucket_window = bucket_window
         self.manifest_dir = manifest_dir
         self.pad_to_multiple = pad_to_multiple
+        self.val_split = val_split
         self.datasets: dict[str, PairedAudioDataset] = {}
 
     def split_dirs(self, split: str) -> tuple[Path, Path]:
+        if split == "val":
+            split = self.val_split
         prefix = SPLITS[split]
         return self.root / f"{prefix}_noisy", self.root / f"{prefix}_clean"
 
@@ -317,6 +324,10 @@ class PairedFolderDataModule(SplitDataModule):
             if not self.root.is_dir():
                 raise DataError(f"data.root={self.root}: directory not found")
             crop = self.crop_samples if split == "train" else None
+            noisy_dir = self.split_dirs(split)[0]
+            if split == "val" and self.val_split == "val" and not any(noisy_dir.glob("*.*")):
+                raise DataError(f"{noisy_dir}: no validation pairs (prepared with --val-speakers none?); "
+                                "set data.val_split=test to validate on the test set")  # fmt: skip
             self.datasets[split] = PairedAudioDataset(
                 *self.split_dirs(split),
                 sample_rate=self.sample_rate,

@@ -117,6 +117,31 @@ def test_voicebank_layout_resampling_and_speaker_split(tmp_path, voicebank_archi
         assert len(server.requests) == before
 
 
+def test_voicebank_all_speakers_train_and_the_test_set_validates(tmp_path, voicebank_archives, capsys):
+    """The authors' protocol: every training speaker trains (--val-speakers none), the test set validates."""
+    from datamodules.paired_folder import PairedFolderDataModule
+    from datamodules.manifest import DataError
+
+    served, sums, _ = voicebank_archives
+    root = tmp_path / "vb"
+    with serve(served) as server:
+        assert run_voicebank(server.url, root, sums) == 0  # first with the default held-out speakers
+        assert run_voicebank(server.url, root, sums, "--val-speakers", "none") == 0  # re-split: all train
+    out = capsys.readouterr().out
+    assert "valset: 0 pairs, 0 speakers" in out and "data.val_split=test" in out
+    for kind in ("noisy", "clean"):
+        assert {f.stem for f in (root / f"trainset_{kind}").glob("*.wav")} == set(VB_TRAIN)
+        assert not list((root / f"valset_{kind}").glob("*.wav"))
+    dm = PairedFolderDataModule(root, val_split="test")
+    dm.setup()
+    assert [len(dm.dataset(s)) for s in ("train", "val", "test")] == [6, 2, 2]
+    assert sorted(p[0].name for p in dm.dataset("val").pairs) == [f"{n}.wav" for n in VB_TEST]
+    with pytest.raises(DataError, match="data.val_split=test"):
+        PairedFolderDataModule(root).setup()
+    with pytest.raises(ValueError, match="data.val_split"):
+        PairedFolderDataModule(root, val_split="dev")
+
+
 def test_voicebank_builtin_checksums_reject_other_files(tmp_path, voicebank_archives, capsys):
     served, _, _ = voicebank_archives
     root = tmp_path / "vb"

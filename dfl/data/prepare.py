@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     voicebank = commands.add_parser("voicebank", help="VoiceBank-DEMAND 28 speakers (Edinburgh DataShare)")
     common(voicebank)
     voicebank.add_argument("--val-speakers", default="p226,p287",
-                           help="comma-separated training speakers held out for validation (default: p226,p287)")
+                           help="comma-separated training speakers held out for validation (default: p226,p287), "
+                                "or 'none': all 28 speakers train (validate with data.val_split=test, as the authors)")
 
     dcase = commands.add_parser("dcase2016", help="TUT Acoustic Scenes 2016 + CHiME-Home (loss-network pretraining)")
     common(dcase)
@@ -41,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     dcase.add_argument("--tut-eval-url", help="mirror for the TUT 2016 evaluation archives")
     dcase.add_argument("--chime-url", help="mirror for chime_home.tar.gz")
     return parser
+
+
+def parse_val_speakers(text: str) -> list[str]:
+    """``--val-speakers``: comma-separated speakers, or ``none`` (every speaker trains)."""
+    return [] if text.strip().lower() == "none" else text.split(",")
 
 
 def run(args: argparse.Namespace) -> str:
@@ -51,7 +57,7 @@ def run(args: argparse.Namespace) -> str:
 
         archives = with_checksums(voicebank.ARCHIVES, sums, args.checksums) if sums else voicebank.ARCHIVES
         return voicebank.prepare_voicebank(
-            args.root, base_url=args.base_url, val_speakers=args.val_speakers.split(","),
+            args.root, base_url=args.base_url, val_speakers=parse_val_speakers(args.val_speakers),
             archives=archives, **options,
         )
     from dfl.data import dcase2016

@@ -69,6 +69,8 @@ def prepare_voicebank(
             prep.finish(unpacked, files=files)
     _split_by_speaker(root, val_speakers)
     counts = _check_pairs(root)
+    if not val_speakers:
+        prep.notes.append("valset: none (--val-speakers none); validate on the test set with data.val_split=test")
     for split in SPLITS:
         speakers = sorted({speaker_of(p) for p in (root / f"{split}_clean").glob("*.wav")})
         prep.notes.append(f"{split}: {counts[split]} pairs, {len(speakers)} speakers, 16 kHz float32 "

@@ -15,6 +15,9 @@ from dfl.models.fused_layer import conv_norm_act, lazy_conv, lazy_project
 from dfl.models.padding import pad_to_multiple
 
 
+INITS = ("default", "xavier", "identity")
+
+
 class ContextAggregationNet(nn.Module):
     """Stack of 3-tap dilated convs, each followed by (adaptive) BN and leaky ReLU, then a 1×1 conv.
 
@@ -26,7 +29,8 @@ class ContextAggregationNet(nn.Module):
         batch_stats_at_eval: BN always uses the batch's own statistics (the authors' release).
         bn_eps, bn_scale: BN epsilon and whether BN has a γ (TF-slim: 1e-3, no γ).
         negative_slope: leaky ReLU slope.
-        init: ``default`` (PyTorch's conv initialisation) or ``identity``: two channels carry
+        init: ``default`` (PyTorch's conv initialisation), ``xavier`` (TF-slim's default, as in the
+            authors' release: Xavier-uniform weights, zero biases) or ``identity``: two channels carry
             +x and −x through every layer (so leaky ReLU loses nothing) and the output conv
             recombines them, so the untrained network outputs its input; the other channels
             start random. Training then starts from "no processing" instead of from silence,
@@ -61,8 +65,8 @@ class ContextAggregationNet(nn.Module):
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         if padding not in ("same", "tf_authors"):
             raise ValueError(f"padding must be 'same' or 'tf_authors', got {padding!r}")
-        if init not in ("default", "identity"):
-            raise ValueError(f"init must be 'default' or 'identity', got {init!r}")
+        if init not in INITS:
+            raise ValueError(f"model.init must be one of {INITS}, got {init!r}")
         if not dilations or any(int(d) < 1 for d in dilations):
             raise ValueError(f"dilations must be a non-empty list of positive integers, got {list(dilations)}")
         self.config = dict(
@@ -95,6 +99,17 @@ class ContextAggregationNet(nn.Module):
         self.output = Conv1d(channels, 1, 1, bias=True)
         if init == "identity":
             self._identity_init()
+        elif init == "xavier":
+            self._xavier_init()
+
+    @torch.no_grad()
+    def _xavier_init(self) -> None:
+        # TF-slim conv2d's defaults: xavier_initializer() (uniform, fan_in = taps·c_in, fan_out = taps·c_out),
+        # zeros for biases; PyTorch's fan computation for [c_out, c_in, taps] weights is the same.
+        for conv in [*self.convs, self.output]:
+            nn.init.xavier_uniform_(conv.weight)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
 
     @torch.no_grad()
     def _identity_init(self) -> None:
