@@ -93,6 +93,16 @@ class LossWeightBalancer(Callback):
         # A resumed run: the loss buffer is restored with the model, but re-apply to be sure.
         if self.frozen:
             self._loss(pl_module).weights.copy_(self.frozen_weights.to(pl_module.device))
+            return
+        max_epochs = trainer.max_epochs
+        if max_epochs is not None and 0 <= max_epochs < self.epochs and hasattr(getattr(pl_module, "loss", None), "weights"):
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(
+                f"trainer.max_epochs={max_epochs} ends the run before the loss-weight balancer freezes the weights "
+                f"(after callbacks.loss_weight_balancer.epochs={self.epochs}): every layer keeps weight 1. Lower "
+                "callbacks.loss_weight_balancer.epochs or raise trainer.max_epochs."
+            )
 
     def state_dict(self) -> dict:
         return {

@@ -189,22 +189,36 @@ class CropCollate:
     ``random=True`` (training, the authors' scheme): one length per batch, drawn
     log-uniformly between ``min_length`` (the loss network's minimum input length)
     and the shortest clip of the batch (capped at ``max_length`` if set); each clip
-    is cropped at a random offset. A clip shorter than ``min_length`` is used whole.
+    is cropped at a random offset. When the clips are shorter than ``min_length`` (the
+    15-layer network's 65 535 samples against CHiME-Home's 64 000-sample chunks), the
+    lower bound becomes ``short_clip_fraction`` of the shortest clip, so those clips are
+    still cropped at random lengths and offsets instead of always used whole.
     ``random=False`` (validation): centre crops to the shortest clip of the batch.
     """
 
-    def __init__(self, min_length: int = 1, max_length: int | None = None, random: bool = True) -> None:
+    def __init__(
+        self, min_length: int = 1, max_length: int | None = None, random: bool = True, short_clip_fraction: float = 0.5
+    ) -> None:
         if min_length < 1:
             raise ValueError(f"min_length must be >= 1, got {min_length}")
         if max_length is not None and max_length < min_length:
             raise ValueError(f"max_length ({max_length}) must be >= min_length ({min_length})")
+        if not 0 < short_clip_fraction <= 1:
+            raise ValueError(f"short_clip_fraction must be in (0, 1], got {short_clip_fraction}")
         self.min_length, self.max_length, self.random = min_length, max_length, random
+        self.short_clip_fraction = short_clip_fraction
+
+    def length_bounds(self, shortest: int) -> tuple[int, int]:
+        """The range training crop lengths are drawn from for a batch whose shortest clip has ``shortest`` samples."""
+        longest = shortest if self.max_length is None else min(shortest, self.max_length)
+        if longest >= self.min_length:
+            return self.min_length, longest
+        return max(1, int(self.short_clip_fraction * longest)), longest
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         shortest = min(len(e["wav"]) for e in examples)
         if self.random:
-            longest = shortest if self.max_length is None else min(shortest, self.max_length)
-            length = log_uniform_length(min(self.min_length, longest), longest)
+            length = log_uniform_length(*self.length_bounds(shortest))
         else:
             length = shortest
         crops = []
@@ -254,6 +268,7 @@ class DCASE2016DataModule(L.LightningDataModule):
         max_crop_length: int | None = None,
         num_workers: int = 0,
         sample_rate: int = 16_000,
+        short_clip_fraction: float = 0.5,
     ) -> None:
         super().__init__()
         if mode not in self.MODES:
@@ -269,7 +284,8 @@ class DCASE2016DataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
         self.sample_rate = sample_rate
-        self.train_collate = CropCollate(min_crop_length, max_crop_length, random=True)
+        self.train_collate = CropCollate(min_crop_length, max_crop_length, random=True,
+                                         short_clip_fraction=short_clip_fraction)  # fmt: skip
         self.val_collate = CropCollate(random=False)
         self.train_sets: dict[str, Dataset] | None = None
         self.val_sets: dict[str, Dataset] | None = None

@@ -30,6 +30,20 @@ def summarize(metrics: dict[str, float], tag_names) -> dict:
     }
 
 
+def reestimation_clips(datamodule, limit: int | None = None):
+    """Whole training clips of every task, interleaved (scene, tag, scene, ...), at most ``limit`` in all."""
+    import itertools
+
+    if getattr(datamodule, "train_sets", None) is None:
+        datamodule.setup("fit")
+    def clips(dataset):
+        return (dataset[i]["wav"] for i in range(len(dataset)))
+
+    tasks = [clips(ds) for ds in datamodule.train_sets.values()]
+    interleaved = (clip for group in itertools.zip_longest(*tasks) for clip in group if clip is not None)
+    return itertools.islice(interleaved, limit)
+
+
 def pretrain(cfg: DictConfig) -> dict:
     """Fit, validate the exported checkpoint, write ``lossnet.pt`` + ``metrics.json``; returns the metrics."""
     L = import_lightning()
@@ -37,6 +51,7 @@ def pretrain(cfg: DictConfig) -> dict:
 
     from dfl.audio import atomic_write
     from dfl.checkpoints import save_model
+    from dfl.systems.pretrain import reestimate_bn_statistics
 
     if cfg.export_from not in ("best", "last"):
         raise ValueError(f"export_from must be 'best' or 'last', got {cfg.export_from!r}")
@@ -74,6 +89,12 @@ def pretrain(cfg: DictConfig) -> dict:
         source = "final weights"
         if system.last_val_step != trainer.global_step:
             trainer.validate(system, datamodule=datamodule, verbose=False)
+
+    if cfg.get("reestimate_bn"):
+        clips = reestimation_clips(datamodule, cfg.get("reestimate_bn_clips"))
+        n = reestimate_bn_statistics(system.net, clips)
+        log.info("BN running statistics re-estimated over %d training clips (whole clips, all frames)", n)
+        trainer.validate(system, datamodule=datamodule, verbose=False)  # the metrics of the exported network
 
     tag_names = list(getattr(datamodule, "tag_names", system.tag_names))
     metrics = summarize(system.last_val_metrics, tag_names)

@@ -107,7 +107,8 @@ def import_lightning():
 
 
 def train(cfg: DictConfig) -> dict:
-    """Fit, then test the best checkpoint; returns the test metrics (written to metrics.json)."""
+    """Fit, then test the best checkpoint (or the final weights: ``test_checkpoint=last``); returns the test
+    metrics (written to metrics.json)."""
     L = import_lightning()
     from hydra.utils import instantiate
 
@@ -118,6 +119,8 @@ def train(cfg: DictConfig) -> dict:
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")  # Lightning internals vs torch 2.11
 
     check_required(cfg)
+    if cfg.get("test_checkpoint", "best") not in ("best", "last"):
+        raise ValueError(f"test_checkpoint must be 'best' or 'last', got {cfg.test_checkpoint!r}")
     if cfg.get("num_threads"):  # small convs on a busy CPU often run faster on fewer threads
         import torch
 
@@ -166,9 +169,11 @@ def fit_and_test(cfg: DictConfig, trainer, system, datamodule, out_dir: Path) ->
     if cfg.get("test", True):
         ckpt_cb = getattr(trainer, "checkpoint_callback", None)
         best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb else ""
+        if cfg.get("test_checkpoint", "best") == "last":
+            best = ""  # the final weights, in memory (the authors reported their final model)
         trainer.test(system, datamodule=datamodule, ckpt_path=best or None)
         results = collect_test_metrics(trainer.callback_metrics)
-        results["checkpoint"] = best or None
+        results["checkpoint"] = best or "final weights"
         if trainer.is_global_zero:
             atomic_write(out_dir / "metrics.json", lambda p: p.write_text(json.dumps(results, indent=2)))
             print_metrics_table(results)

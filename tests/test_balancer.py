@@ -35,12 +35,20 @@ def test_weights_are_inverse_means_after_n_epochs(tmp_path, data, window):
     assert len(record.rows) == 3 * 4
 
 
-def test_weights_stay_one_before_n(tmp_path, data):
+def test_weights_stay_one_before_n_and_the_run_is_warned_at_start(tmp_path, data):
     system = make_system()
-    make_trainer(tmp_path, 2, [LossWeightBalancer(epochs=3)], enable_checkpointing=False).fit(
-        system, datamodule=datamodule(data)
-    )
+    with pytest.warns(UserWarning, match=r"max_epochs=2 ends the run before .*loss_weight_balancer.epochs=3"):
+        make_trainer(tmp_path, 2, [LossWeightBalancer(epochs=3)], enable_checkpointing=False).fit(
+            system, datamodule=datamodule(data)
+        )
     assert torch.equal(system.loss.weights, torch.ones(3))
+
+
+def test_no_warning_when_the_balancer_freezes_within_the_run(tmp_path, data, recwarn):
+    make_trainer(tmp_path, 2, [LossWeightBalancer(epochs=2)], enable_checkpointing=False).fit(
+        make_system(), datamodule=datamodule(data)
+    )
+    assert not [w for w in recwarn if "balancer" in str(w.message)]
 
 
 def test_resume_matches_uninterrupted_run(tmp_path, data):

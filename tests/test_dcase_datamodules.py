@@ -170,8 +170,24 @@ def test_random_crop_lengths_are_log_uniform_within_bounds():
 
 def test_crop_bounds_short_clips_cap_and_validation_centre():
     torch.manual_seed(0)
-    short = CropCollate(min_length=500)(_examples([300, 400]))
-    assert short["wav"].shape == (2, 300)  # clips shorter than the minimum are used whole
+    # clips shorter than the minimum (the 15-layer network's 65 535 samples vs CHiME-Home's 64 000) are still
+    # cropped: lengths log-uniform in [fraction·shortest, shortest], at random offsets
+    collate = CropCollate(min_length=65_535)
+    assert collate.length_bounds(64_000) == (32_000, 64_000)
+    assert CropCollate(min_length=65_535, short_clip_fraction=0.25).length_bounds(64_000) == (16_000, 64_000)
+    assert collate.length_bounds(100_000) == (65_535, 100_000)
+    lengths, starts = set(), set()
+    for _ in range(200):
+        batch = CropCollate(min_length=500)(_examples([300, 400]))
+        length = batch["wav"].shape[1]
+        assert 150 <= length <= 300
+        start = int(batch["wav"][1, 0])
+        torch.testing.assert_close(batch["wav"][1], torch.arange(start, start + length, dtype=torch.float32))
+        lengths.add(length)
+        starts.add(start)
+    assert len(lengths) > 50 and len(starts) > 50 and min(lengths) < 170 and max(lengths) > 280
+    with pytest.raises(ValueError, match="short_clip_fraction"):
+        CropCollate(10, short_clip_fraction=0)
     for _ in range(50):
         assert 100 <= CropCollate(100, max_length=200)(_examples([1000]))["wav"].shape[1] <= 200
     val = CropCollate(random=False)(_examples([10, 14]))

@@ -92,3 +92,52 @@ def test_sweep_runs_get_their_own_directory_and_a_shared_wandb_group():
     assert "${hydra.job.num}" in OmegaConf.to_container(cfg.hydra.sweep)["subdir"]
     raw = OmegaConf.to_container(cfg.logger.wandb)
     assert raw["group"] == "${dfl_sweep_group:}" and raw["name"].startswith("${dfl_run_name:")
+
+
+def test_authors_fl_is_the_authors_released_recipe():
+    cfg = compose_train("experiment=authors_fl", "lossnet.checkpoint=models/loss_model.pt")
+    check_required(cfg)
+    with pytest.raises(ValueError, match="lossnet.checkpoint must be set"):
+        check_required(compose_train("experiment=authors_fl"))
+    # senet_train.py: 13 dilated layers 2^0..2^12, one more 3-tap layer, 64 channels, their norm and padding
+    assert list(cfg.model.dilations) == [2**i for i in range(13)] + [1] and cfg.model.channels == 64
+    assert cfg.model.padding == "tf_authors" and cfg.model.batch_stats_at_eval is True
+    assert (cfg.model.bn_eps, cfg.model.bn_scale, cfg.model.init) == (1e-3, False, "xavier")
+    # their 14-layer loss network, first 6 layers, each branch with its own batch statistics
+    assert (cfg.lossnet.n_layers, cfg.lossnet.base_channels, cfg.lossnet.channel_block) == (14, 32, 5)
+    assert cfg.lossnet.batch_stats_at_eval is True and cfg.loss.layers == 6
+    # balancing on epoch 10 alone, Adam 1e-4, batch 1 whole utterances, 320 epochs
+    assert (cfg.callbacks.loss_weight_balancer.epochs, cfg.callbacks.loss_weight_balancer.window) == (10, "last")
+    assert cfg.system.lr == pytest.approx(1e-4) and tuple(cfg.system.betas) == (0.9, 0.999)
+    assert cfg.data.batch_size == 1 and cfg.data.crop_seconds is None and not cfg.data.bucket
+    assert cfg.trainer.max_epochs == 320
+    # all 28 speakers train, the test set validates (loss only, every 10 epochs), the final model is reported
+    assert cfg.data.val_split == "test" and list(cfg.system.val_metrics) == []
+    assert cfg.trainer.check_val_every_n_epoch == 10
+    assert cfg.callbacks.model_checkpoint.monitor is None and cfg.test_checkpoint == "last"
+
+
+def test_the_authors_loss_network_is_never_used_whole_by_accident(tmp_path):
+    from dfl.checkpoints import save_model
+    from dfl.losses import FeatureLoss, build_loss_network
+    from dfl.models import LossNetwork
+
+    imported = tmp_path / "loss_model.pt"
+    save_model(imported, "lossnet", LossNetwork(n_layers=14, base_channels=4), {"source": "tensorflow"})
+    with pytest.raises(ValueError, match=r"first 6 layers: use loss=fl_authors .* or loss.layers=all"):
+        FeatureLoss(build_loss_network(str(imported)))  # what paper_fl's loss=fl would do
+    assert len(FeatureLoss(build_loss_network(str(imported)), layers="all").layers) == 14  # said on purpose
+    assert FeatureLoss(build_loss_network(str(imported)), layers=6).layers == list(range(6))
+    own = tmp_path / "lossnet.pt"  # a dfl-pretrain network: every layer by default, as the paper says
+    save_model(own, "lossnet", LossNetwork(n_layers=5, base_channels=4), {"trained_by": "dfl-pretrain"})
+    assert len(FeatureLoss(build_loss_network(str(own))).layers) == 5
+
+
+def test_pretrain_authors_is_the_authors_pretraining():
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("pretrain", overrides=["pretrain/experiment=authors", "pretrain/data=dcase2016"])
+    assert (cfg.net.n_layers, cfg.net.base_channels, cfg.net.channel_block) == (14, 32, 5)
+    assert cfg.mode == "alternate" and cfg.system.optimizer_per_task is True
+    assert cfg.system.lr == pytest.approx(1e-4) and cfg.system.lr_schedule == "constant"
+    assert cfg.data.batch_size == 1 and cfg.data.max_crop_length is None
+    assert cfg.trainer.max_epochs == 2500 and cfg.trainer.check_val_every_n_epoch == 25

@@ -1,4 +1,6 @@
+import math
 import pytest
+import math
 import torch
 
 from dfl.models import AdaptiveBatchNorm, ContextAggregationNet, LossNetwork
@@ -133,3 +135,23 @@ def test_identity_init_outputs_the_input(mode):
     assert (default(x) - x).abs().max() > 0.1
     with pytest.raises(ValueError, match="init"):
         ContextAggregationNet(init="zeros")
+
+
+def test_xavier_init_is_tf_slims_default():
+    torch.manual_seed(0)
+    net = ContextAggregationNet(channels=64, init="xavier", normalization="none")  # biases exist without BN
+    for conv in [*net.convs, net.output]:
+        c_out, c_in, taps = conv.weight.shape
+        bound = math.sqrt(6 / (taps * c_in + taps * c_out))  # glorot_uniform, fans as TF counts them
+        assert conv.weight.abs().max() <= bound
+        if conv.weight.numel() > 1000:  # uniform on [-bound, bound]: std bound/sqrt(3)
+            assert conv.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+        assert torch.equal(conv.bias, torch.zeros_like(conv.bias))
+    # the untrained authors' network passes far more of its input than PyTorch's default init does
+    x = torch.randn(1, 16_000)
+    authors = dict(dilations=[2**i for i in range(13)] + [1], bn_eps=1e-3, bn_scale=False, batch_stats_at_eval=True,
+                   padding="tf_authors")  # fmt: skip
+    with torch.no_grad():
+        ratio = {init: (ContextAggregationNet(**authors, init=init).eval()(x).std() / x.std()).item()
+                 for init in ("default", "xavier")}  # fmt: skip
+    assert ratio["xavier"] > 10 * ratio["default"]

@@ -102,3 +102,32 @@ def test_bad_data_root_is_a_clear_error(tmp_path):
     )
     assert proc.returncode != 0
     assert f"data.root={tmp_path / 'missing'}: directory not found" in proc.stderr
+
+
+def test_authors_recipe_runs_end_to_end_on_a_tiny_set(tmp_path):
+    """experiment=authors_fl, narrowed: no validation speakers (the test set validates, loss only),
+    checkpoints by epoch, the final weights tested, an imported-style loss network on its first layers."""
+    from dfl.checkpoints import save_model
+    from dfl.models import LossNetwork
+    from tests.conftest import write_pair_tree
+
+    data = write_pair_tree(tmp_path / "pairs", splits=("train", "test"), n=2, seconds=0.5)
+    lossnet = tmp_path / "loss_model.pt"
+    torch.manual_seed(0)
+    save_model(lossnet, "lossnet", LossNetwork(n_layers=7, base_channels=4, bn_eps=1e-3, bn_scale=False,
+                                               batch_stats_at_eval=True), {"source": "tensorflow"})  # fmt: skip
+    run_dir = tmp_path / "run"
+    dfl_train(
+        "experiment=authors_fl", f"data.root={data}", f"lossnet.checkpoint={lossnet}", f"hydra.run.dir={run_dir}",
+        "data.manifest_dir=null", "data.num_workers=0", "model.channels=4", "model.dilations=[1,2,1]",
+        "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=1", "trainer.log_every_n_steps=1",
+        "callbacks.loss_weight_balancer.epochs=1",
+        "callbacks.model_checkpoint.every_n_epochs=2", "system.metrics=[si_sdr]",
+        "~callbacks.rich_progress_bar", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
+    )  # fmt: skip
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["checkpoint"] == "final weights" and set(metrics["enhanced"]) == {"si_sdr"}
+    header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "val/loss" in header and not [c for c in header if c.startswith("val/enhanced")]  # loss only
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("epoch_*")) == ["epoch_001.ckpt"]
+    assert {f"train/feature/layer_{i}" for i in range(6)} <= set(header) and "train/feature/layer_6" not in header

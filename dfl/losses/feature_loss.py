@@ -27,9 +27,12 @@ def build_loss_network(checkpoint: str | None = None, **config) -> LossNetwork:
     A checkpoint carries its own architecture; it wins over ``config`` (differences are logged).
     """
     if checkpoint:
-        from dfl.checkpoints import load_model
+        from dfl.checkpoints import build_model, load_record
 
-        net = load_model(os.path.expanduser(str(checkpoint)), "lossnet")
+        path = os.path.expanduser(str(checkpoint))
+        record = load_record(path, "lossnet")
+        net = build_model(record, path)
+        net.meta = dict(record.get("meta") or {})
         differs = {k: (v, net.config.get(k)) for k, v in config.items() if k in net.config and net.config[k] != v}
         if differs:
             log.info("lossnet.checkpoint=%s defines the architecture; config values ignored: %s", checkpoint, differs)
@@ -53,7 +56,9 @@ class FeatureLoss(nn.Module):
 
     Args:
         loss_network: the network φ; ``forward`` must return a list of activations.
-        layers: ``None`` = every layer, an int ``k`` = the first ``k`` layers, or a list of indices.
+        layers: ``None`` or ``"all"`` = every layer, an int ``k`` = the first ``k`` layers, or a list of
+            indices. ``None`` is refused for the authors' imported loss network, which their training
+            uses with its first 6 layers (``"all"`` says every layer on purpose).
         weights: initial per-layer weights (default 1); usually set by ``LossWeightBalancer``.
 
     ``forward`` returns ``(total, per_layer)`` where ``per_layer`` holds the raw (unweighted)
@@ -69,6 +74,14 @@ class FeatureLoss(nn.Module):
         super().__init__()
         self.loss_network = loss_network
         n_total = len(loss_network.convs) if hasattr(loss_network, "convs") else None
+        if layers is None and getattr(loss_network, "meta", {}).get("source") == "tensorflow":
+            raise ValueError(
+                f"loss.layers is unset (every layer) but lossnet.checkpoint={loss_network.pretrained_from} is the "
+                "authors' imported loss network, which their training uses with its first 6 layers: use "
+                "loss=fl_authors (or loss.layers=6), or loss.layers=all to use all its layers on purpose"
+            )
+        if layers == "all":
+            layers = None
         if layers is None:
             if n_total is None:
                 raise ValueError("layers must be given for a loss network without a .convs list")

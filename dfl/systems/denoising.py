@@ -45,12 +45,15 @@ class DenoisingSystem(L.LightningModule):
         metrics: Sequence[str] = DEFAULT_METRICS,
         sample_rate: int = 16_000,
         compile: bool = False,
+        val_metrics: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["denoiser", "loss"])
         self.denoiser = torch.compile(denoiser) if compile else denoiser
         self.loss = loss
         self.metric_names = list(metrics)
+        # validation's metrics (None: the same as the test's); [] validates the loss alone
+        self.val_metric_names = self.metric_names if val_metrics is None else list(val_metrics)
         self._noisy_scored: set[str] = set()
         self._unchecked_losses: list[tuple[int, torch.Tensor]] = []  # (batch, loss) not yet read: see _check_finite
         self._written_step = True  # this step's values go to the loggers: see _loggers_write_this_step
@@ -157,14 +160,15 @@ class DenoisingSystem(L.LightningModule):
         self.log(f"{stage}/loss", total, batch_size=noisy.shape[0], sync_dist=True)
         lengths = batch.get("lengths", torch.full((noisy.shape[0],), noisy.shape[-1]))
         score_noisy = stage not in self._noisy_scored
-        for i in range(noisy.shape[0]):
+        names = self.val_metric_names if stage == "val" else self.metric_names
+        for i in range(noisy.shape[0]) if names else ():
             n = int(lengths[i])
             ref = clean[i, :n].float().cpu().numpy().astype(np.float64)
             for kind, signal in (("enhanced", enhanced), ("noisy", noisy)):
                 if kind == "noisy" and not score_noisy:
                     continue
                 est = signal[i, :n].float().cpu().numpy().astype(np.float64)
-                for name, value in compute_many(self.metric_names, ref, est, self.hparams.sample_rate).items():
+                for name, value in compute_many(names, ref, est, self.hparams.sample_rate).items():
                     if isinstance(value, MetricFailure):
                         continue  # recorded as missing, never as 0
                     self.log(f"{stage}/{kind}/{name}", float(value), batch_size=1, sync_dist=True)

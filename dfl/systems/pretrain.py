@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import lightning as L
 import torch
@@ -17,7 +17,64 @@ from dfl.checkpoints import model_record
 from dfl.metrics.eer import EqualErrorRate
 
 MODES = ("alternate", "mixed")
+TASKS = ("scene", "tags")
 LR_SCHEDULES = ("constant", "cosine")
+
+
+@torch.no_grad()
+def reestimate_bn_statistics(net: nn.Module, clips: Iterable[torch.Tensor]) -> int:
+    """Set every BN layer's running statistics to those of ``clips``, pooled over all their frames.
+
+    Training leaves running statistics that are an exponential average over the last few batches
+    (momentum 0.1: about ten), and the frozen feature loss then normalises with them. This pass
+    replaces them with the mean and (unbiased) variance of each BN input over every frame of every
+    clip. Each clip runs whole and alone through ``net`` in training mode, so the layers above a BN
+    are normalised as in training, with the clip's own statistics. Parameters never change.
+
+    Args:
+        net: the network (e.g. a :class:`~dfl.models.LossNetwork`); its BN layers are the modules
+            with ``running_mean``/``running_var`` buffers.
+        clips: 1-D waveforms.
+
+    Returns:
+        The number of clips used (0 leaves the statistics as they were).
+    """
+    norms = [m for m in net.modules() if isinstance(getattr(m, "running_mean", None), torch.Tensor)]
+    moments = {m: [0, None, None] for m in norms}  # frames, Σx, Σx² per channel (float64)
+
+    def record(module, inputs):
+        x = inputs[0].detach().to(torch.float64)
+        dims = [d for d in range(x.dim()) if d != 1]
+        entry = moments[module]
+        entry[0] += x.numel() // x.shape[1]
+        s, ss = x.sum(dims), x.square().sum(dims)
+        entry[1] = s if entry[1] is None else entry[1] + s
+        entry[2] = ss if entry[2] is None else entry[2] + ss
+
+    saved = {m: (m.running_mean.clone(), m.running_var.clone()) for m in norms}
+    hooks = [m.register_forward_pre_hook(record) for m in norms]
+    was_training = net.training
+    net.train()
+    n = 0
+    try:
+        for clip in clips:
+            net(torch.as_tensor(clip, dtype=torch.float32).reshape(1, -1))
+            n += 1
+    finally:
+        for h in hooks:
+            h.remove()
+        net.train(was_training)
+    for m in norms:
+        count, s, ss = moments[m]
+        if not count:
+            m.running_mean.copy_(saved[m][0])
+            m.running_var.copy_(saved[m][1])
+            continue
+        mean = s / count
+        var = (ss / count - mean.square()).clamp_min(0) * (count / max(count - 1, 1))
+        m.running_mean.copy_(mean.to(m.running_mean.dtype))
+        m.running_var.copy_(var.to(m.running_var.dtype))
+    return n
 
 
 class PretrainSystem(L.LightningModule):
@@ -28,6 +85,9 @@ class PretrainSystem(L.LightningModule):
     "tags": batch}`` and makes one optimiser update per task in turn.
     ``mode="mixed"``: each batch mixes both tasks' examples (``is_scene``/``is_tags``
     flags); one update on the weighted sum of both losses.
+
+    ``optimizer_per_task`` (default: on in alternate mode): each task updates the network with its own
+    Adam (its own moment estimates), as the authors' ``lossnet_train.py`` did; off, both tasks share one.
 
     ``lr_schedule``: ``constant`` (the authors) or ``cosine`` decay to 0 over the run.
 
@@ -48,10 +108,15 @@ class PretrainSystem(L.LightningModule):
         grad_clip: float | None = None,
         lr_schedule: str = "constant",
         tag_names: Sequence[str] = ("c", "m", "f", "v", "p", "b", "o"),
+        optimizer_per_task: bool | None = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"system.mode must be one of {MODES}, got {mode!r}")
+        if optimizer_per_task is None:
+            optimizer_per_task = mode == "alternate"
+        if optimizer_per_task and mode != "alternate":
+            raise ValueError("system.optimizer_per_task=true needs system.mode=alternate (one update per task)")
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"system.lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         heads = getattr(net, "heads", {})
@@ -66,6 +131,7 @@ class PretrainSystem(L.LightningModule):
         self.save_hyperparameters(ignore=["net"])
         self.net = net
         self.mode = mode
+        self.tasks = TASKS if optimizer_per_task else ("shared",)
         self.tag_names = list(tag_names)
         self.automatic_optimization = False  # alternate = two updates per step; one code path for both
         self.train_acc = MulticlassAccuracy(num_classes=n_scenes, average="micro")
@@ -97,16 +163,20 @@ class PretrainSystem(L.LightningModule):
         weights = {"scene": self.hparams.scene_weight, "tags": self.hparams.tags_weight}
         return sum(weights[task] * loss for task, loss in losses.items())
 
-    def _update(self, loss: torch.Tensor) -> None:
+    def _optimizer_index(self, losses: dict[str, torch.Tensor]) -> int:
+        return self.tasks.index(next(iter(losses))) if len(self.tasks) > 1 else 0
+
+    def _update(self, loss: torch.Tensor, index: int = 0) -> None:
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite pretraining loss {loss.item()} at step {self.global_step}")
-        opt = self.optimizers()
+        optimizers, schedulers = self.optimizers(), self.lr_schedulers()
+        opt = optimizers[index] if isinstance(optimizers, list) else optimizers
+        scheduler = schedulers[index] if isinstance(schedulers, list) else schedulers
         opt.zero_grad(set_to_none=True)  # the other task's head keeps None grads: Adam skips it
         self.manual_backward(loss)
         if self.hparams.grad_clip:
             self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
-        scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
 
@@ -119,7 +189,7 @@ class PretrainSystem(L.LightningModule):
         batches = list(batch.values()) if self.mode == "alternate" else [batch]
         for b in batches:
             losses, logits = self._losses(b)
-            self._update(self._weighted(losses))
+            self._update(self._weighted(losses), self._optimizer_index(losses))
             n = len(b["wav"])
             for task, loss in losses.items():
                 self.log(f"train/{task}_loss", loss.detach(), batch_size=n, prog_bar=True)
@@ -129,22 +199,28 @@ class PretrainSystem(L.LightningModule):
                 self.log("train/scene_acc", self.train_acc, batch_size=int(sel.sum()))
 
     def configure_optimizers(self):
-        opt = torch.optim.Adam(
-            self.net.parameters(),
-            lr=self.hparams.lr,
-            betas=tuple(self.hparams.betas),
-            weight_decay=self.hparams.weight_decay,
-        )
+        # One Adam per task (the authors) or one shared; each over every parameter, since the other
+        # task's head gets no gradient (None) and Adam leaves it alone.
+        optimizers = [
+            torch.optim.Adam(
+                self.net.parameters(),
+                lr=self.hparams.lr,
+                betas=tuple(self.hparams.betas),
+                weight_decay=self.hparams.weight_decay,
+            )
+            for _ in self.tasks
+        ]
         if self.hparams.lr_schedule == "constant":
-            return opt
-        # cosine decay to 0 over the run's optimiser updates (two per step in alternate mode)
+            return optimizers if len(optimizers) > 1 else optimizers[0]
+        # cosine decay to 0 over each optimiser's updates (alternate mode: two per step, one per task)
         updates = self.trainer.max_steps
         if updates is None or updates < 0:
             updates = self.trainer.estimated_stepping_batches * (2 if self.mode == "alternate" else 1)
-        return {
-            "optimizer": opt,
-            "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, int(updates)),
-        }
+        updates = int(updates) // len(optimizers)
+        return [
+            {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, updates))}
+            for opt in optimizers
+        ]
 
     # -- validation ---------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
