@@ -1,6 +1,6 @@
 import math
+
 import pytest
-import math
 import torch
 
 from dfl.models import AdaptiveBatchNorm, ContextAggregationNet, LossNetwork

@@ -119,8 +119,8 @@ def test_voicebank_layout_resampling_and_speaker_split(tmp_path, voicebank_archi
 
 def test_voicebank_all_speakers_train_and_the_test_set_validates(tmp_path, voicebank_archives, capsys):
     """The authors' protocol: every training speaker trains (--val-speakers none), the test set validates."""
-    from datamodules.paired_folder import PairedFolderDataModule
     from datamodules.manifest import DataError
+    from datamodules.paired_folder import PairedFolderDataModule
 
     served, sums, _ = voicebank_archives
     root = tmp_path / "vb"

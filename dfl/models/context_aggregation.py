@@ -14,7 +14,6 @@ from dfl.models.conv import Conv1d
 from dfl.models.fused_layer import conv_norm_act, lazy_conv, lazy_project
 from dfl.models.padding import pad_to_multiple
 
-
 INITS = ("default", "xavier", "identity")
 
 
