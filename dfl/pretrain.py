@@ -30,18 +30,20 @@ def summarize(metrics: dict[str, float], tag_names) -> dict:
     }
 
 
-def reestimation_clips(datamodule, limit: int | None = None):
-    """Whole training clips of every task, interleaved (scene, tag, scene, ...), at most ``limit`` in all."""
+def reestimation_clips(datamodule, limit: int | None = None, seed: int = 0):
+    """A function returning the same whole training clips on every call: each task's clips in a seeded
+    random order, interleaved (scene, tag, scene, ...), at most ``limit`` in all."""
     import itertools
+
+    import numpy as np
 
     if getattr(datamodule, "train_sets", None) is None:
         datamodule.setup("fit")
-    def clips(dataset):
-        return (dataset[i]["wav"] for i in range(len(dataset)))
-
-    tasks = [clips(ds) for ds in datamodule.train_sets.values()]
-    interleaved = (clip for group in itertools.zip_longest(*tasks) for clip in group if clip is not None)
-    return itertools.islice(interleaved, limit)
+    rng = np.random.default_rng(seed)
+    per_task = [[(ds, int(i)) for i in rng.permutation(len(ds))] for ds in datamodule.train_sets.values()]
+    picks = [pick for group in itertools.zip_longest(*per_task) for pick in group if pick is not None]
+    picks = picks[:limit] if limit else picks
+    return lambda: (ds[i]["wav"] for ds, i in picks)
 
 
 def pretrain(cfg: DictConfig) -> dict:
@@ -93,7 +95,7 @@ def pretrain(cfg: DictConfig) -> dict:
     if cfg.get("reestimate_bn"):
         clips = reestimation_clips(datamodule, cfg.get("reestimate_bn_clips"))
         n = reestimate_bn_statistics(system.net, clips)
-        log.info("BN running statistics re-estimated over %d training clips (whole clips, all frames)", n)
+        log.info("BN running statistics re-estimated layer by layer over %d training clips (whole clips, all frames)", n)
         trainer.validate(system, datamodule=datamodule, verbose=False)  # the metrics of the exported network
 
     tag_names = list(getattr(datamodule, "tag_names", system.tag_names))

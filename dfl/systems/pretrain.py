@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import lightning as L
 import torch
@@ -22,59 +22,52 @@ LR_SCHEDULES = ("constant", "cosine")
 
 
 @torch.no_grad()
-def reestimate_bn_statistics(net: nn.Module, clips: Iterable[torch.Tensor]) -> int:
-    """Set every BN layer's running statistics to those of ``clips``, pooled over all their frames.
+def reestimate_bn_statistics(net: nn.Module, clips: Callable[[], Iterable[torch.Tensor]]) -> int:
+    """Set every BN layer's running statistics of a :class:`~dfl.models.LossNetwork` to those of ``clips``.
 
     Training leaves running statistics that are an exponential average over the last few batches
-    (momentum 0.1: about ten), and the frozen feature loss then normalises with them. This pass
-    replaces them with the mean and (unbiased) variance of each BN input over every frame of every
-    clip. Each clip runs whole and alone through ``net`` in training mode, so the layers above a BN
-    are normalised as in training, with the clip's own statistics. Parameters never change.
+    (momentum 0.1: about ten), and the frozen feature loss then normalises with them. This replaces
+    them, layer by layer, with the mean and (unbiased) variance of that layer's conv output over every
+    frame of every clip, as the network in evaluation mode computes it: layer ``l`` is measured with
+    layers ``0 … l−1`` already normalised by their new statistics, so the result is exactly what the
+    exported network sees (one pass over the clips per layer). Each clip runs whole and alone.
+    Parameters never change; the network's mode is restored.
 
     Args:
-        net: the network (e.g. a :class:`~dfl.models.LossNetwork`); its BN layers are the modules
-            with ``running_mean``/``running_var`` buffers.
-        clips: 1-D waveforms.
+        net: a ``LossNetwork`` (``convs``, ``norms``, ``strides``, ``kernel_size``, ``negative_slope``).
+        clips: returns a fresh iterable of 1-D waveforms each time it is called (one call per layer).
 
     Returns:
         The number of clips used (0 leaves the statistics as they were).
     """
-    norms = [m for m in net.modules() if isinstance(getattr(m, "running_mean", None), torch.Tensor)]
-    moments = {m: [0, None, None] for m in norms}  # frames, Σx, Σx² per channel (float64)
+    from dfl.models.padding import tf_same_padding
 
-    def record(module, inputs):
-        x = inputs[0].detach().to(torch.float64)
-        dims = [d for d in range(x.dim()) if d != 1]
-        entry = moments[module]
-        entry[0] += x.numel() // x.shape[1]
-        s, ss = x.sum(dims), x.square().sum(dims)
-        entry[1] = s if entry[1] is None else entry[1] + s
-        entry[2] = ss if entry[2] is None else entry[2] + ss
-
-    saved = {m: (m.running_mean.clone(), m.running_var.clone()) for m in norms}
-    hooks = [m.register_forward_pre_hook(record) for m in norms]
     was_training = net.training
-    net.train()
-    n = 0
+    net.eval()
+    n_clips = 0
     try:
-        for clip in clips:
-            net(torch.as_tensor(clip, dtype=torch.float32).reshape(1, -1))
-            n += 1
+        for layer, norm in enumerate(net.norms):
+            if not isinstance(getattr(norm, "running_mean", None), torch.Tensor):
+                continue  # no normalisation in this layer
+            frames, total, total_sq, n_clips = 0, 0.0, 0.0, 0
+            for clip in clips():
+                x = torch.as_tensor(clip, dtype=torch.float32).reshape(1, 1, -1)
+                for conv, upstream, s in zip(net.convs[: layer + 1], net.norms, net.strides):
+                    z = conv(F.pad(x, tf_same_padding(x.shape[-1], net.kernel_size, s)))
+                    x = F.leaky_relu(upstream(z), net.negative_slope)
+                z = z[0].to(torch.float64)  # [channels, frames] of this layer's conv output
+                frames += z.shape[1]
+                total, total_sq = total + z.sum(1), total_sq + z.square().sum(1)
+                n_clips += 1
+            if not frames:
+                return 0
+            mean = total / frames
+            var = (total_sq / frames - mean.square()).clamp_min(0) * (frames / max(frames - 1, 1))
+            norm.running_mean.copy_(mean.to(norm.running_mean.dtype))
+            norm.running_var.copy_(var.to(norm.running_var.dtype))
     finally:
-        for h in hooks:
-            h.remove()
         net.train(was_training)
-    for m in norms:
-        count, s, ss = moments[m]
-        if not count:
-            m.running_mean.copy_(saved[m][0])
-            m.running_var.copy_(saved[m][1])
-            continue
-        mean = s / count
-        var = (ss / count - mean.square()).clamp_min(0) * (count / max(count - 1, 1))
-        m.running_mean.copy_(mean.to(m.running_mean.dtype))
-        m.running_var.copy_(var.to(m.running_var.dtype))
-    return n
+    return n_clips
 
 
 class PretrainSystem(L.LightningModule):
