@@ -55,7 +55,10 @@ def score_file(job: tuple) -> dict:
                 f"{path}: {x.size} samples but its clean reference {clean_path} has {clean.size}; "
                 "enhanced and clean files must have the same length"
             )
-        row[kind] = compute_many(metrics, clean, x, sample_rate)
+        try:
+            row[kind] = compute_many(metrics, clean, x, sample_rate)
+        except ValueError as exc:  # bad input (e.g. an empty file): name it
+            raise ValueError(f"{path} (clean {clean_path}): {exc}") from exc
     return row
 
 
@@ -184,10 +187,15 @@ def evaluate(cfg: DictConfig) -> dict:
     summary = eval_report.summarize(rows, metrics)
     eval_report.write_summaries(out_dir, summary, len(rows), source, bool(cfg.paper_table))
 
-    plots = []
+    plots, notes = [], []
     for name, noisy, clean in pairs[: int(cfg.plots.num_spectrograms)]:
         signals = {"noisy": _load_checked(noisy, sr), "enhanced": _load_checked(enhanced_dir / name, sr),
                    "clean": _load_checked(clean, sr)}
+        frames = min(x.size for x in signals.values())
+        if frames < eval_report.SPECTROGRAM_FRAME:
+            notes.append(f"spectrogram of {name} skipped: {frames} samples, shorter than one "
+                         f"{eval_report.SPECTROGRAM_FRAME}-sample analysis frame")  # fmt: skip
+            continue
         plots.append(eval_report.spectrogram_png(out_dir / "plots" / f"spectrogram_{Path(name).stem}.png",
                                                  signals, sr, name))
     if "pesq" in metrics:
@@ -195,6 +203,12 @@ def evaluate(cfg: DictConfig) -> dict:
                  if all(isinstance(r[k]["pesq"], float) for k in ("noisy", "enhanced"))]
         if gains:
             plots.append(eval_report.improvement_histogram_png(out_dir / "plots" / "pesq_improvement.png", gains))
+        else:
+            notes.append("pesq_improvement.png skipped: PESQ is missing for every file (see summary.md)")
+    if notes:
+        eval_report.write_plot_notes(out_dir / "plots" / "NOTES.txt", notes)
+        for note in notes:
+            log.warning("dfl-eval: %s", note)
 
     logger = _wandb_logger(cfg)
     if logger is not None:

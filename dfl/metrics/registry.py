@@ -91,5 +91,8 @@ def compute_many(
             values = _run_family(fam, c, e, sample_rate)
         except MetricError as exc:
             values = {n: MetricFailure(n, str(exc)) for n in FAMILIES[fam][0]}
+        except (ValueError, IndexError, ArithmeticError) as exc:  # a library's own error: inputs are checked above
+            reason = f"{fam}: {type(exc).__name__}: {exc} ({np.size(e)} samples)"
+            values = {n: MetricFailure(n, reason) for n in FAMILIES[fam][0]}
         results.update({n: v for n, v in values.items() if n in names})
     return {n: results[n] for n in names}
