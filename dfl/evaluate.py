@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dfl import hydra_resolvers
 from dfl.audio import read_audio, write_audio
-from dfl.metrics import METRIC_NAMES, compute_many
+from dfl.metrics import compute_many, expand_metric_names
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +160,7 @@ def evaluate(cfg: DictConfig) -> dict:
     from dfl import eval_report
 
     out_dir = Path(cfg.paths.output_dir)
-    metrics = list(cfg.metrics)
-    unknown = [m for m in metrics if m not in METRIC_NAMES]
-    if unknown:
-        raise ValueError(f"metrics: unknown {unknown}; known: {', '.join(METRIC_NAMES)}")
+    metrics = expand_metric_names(cfg.metrics, "metrics")
     if (cfg.get("checkpoint") is None) == (cfg.get("enhanced_dir") is None):
         raise ValueError("give exactly one of checkpoint=PATH (a dfl model/checkpoint) or enhanced_dir=DIR")
     if cfg.get("data_dir") is None:

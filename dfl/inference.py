@@ -127,6 +127,11 @@ class Denoiser:
             return cls.from_onnx(export_onnx_for_session(load_model(path, "denoiser")), device=device, **kwargs)
         if backend != "torch":
             raise ValueError(f"backend must be 'torch' or 'onnxruntime', got {backend!r}")
+        if Path(path).suffix.lower() == ".onnx":
+            raise ValueError(
+                f"{path}: an ONNX model runs with ONNX Runtime, not torch: add --backend onnxruntime "
+                "(Python: Denoiser.from_checkpoint(path, backend='onnxruntime'))"
+            )
         return cls.from_model(load_model(path, "denoiser"), device, **kwargs)
 
     @classmethod

@@ -132,7 +132,7 @@ def test_mismatched_rate_or_length_are_errors(dataset, tmp_path):
         evaluate(_cfg(tmp_path / "o3", f"data_dir={root}", "metrics=[snr]"))
     with pytest.raises(ValueError, match="enhanced file missing"):
         evaluate(_cfg(tmp_path / "o4", f"data_dir={root}", f"enhanced_dir={tmp_path}", "metrics=[snr]"))
-    with pytest.raises(ValueError, match="metrics: unknown"):
+    with pytest.raises(ValueError, match=r"metrics: unknown metric 'nope'; valid: pesq, .*dnsmos \(= dnsmos_sig/"):
         evaluate(_cfg(tmp_path / "o5", f"data_dir={root}", f"enhanced_dir={enhanced}", "metrics=[nope]"))
 
 
@@ -219,3 +219,15 @@ def test_a_file_too_short_for_some_metrics_does_not_abort_the_run(dataset, tmp_p
     pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
     assert pngs == ["pesq_improvement.png", "spectrogram_u0.png"]  # the short file's spectrogram skipped
     assert "spectrogram of a_short.wav skipped: 300 samples" in (out / "plots" / "NOTES.txt").read_text()
+
+
+def test_metric_families_are_accepted_by_name(dataset, tmp_path):
+    from dfl.metrics import expand_metric_names
+
+    assert expand_metric_names(["pesq", "dnsmos"]) == ["pesq", "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl"]
+    assert expand_metric_names(["composite", "csig"]) == ["csig", "cbak", "covl"]
+    root, enhanced = dataset
+    summary = evaluate(_cfg(tmp_path / "run", f"data_dir={root}", f"enhanced_dir={enhanced}", "metrics=[dnsmos,snr]",
+                            "num_workers=0", "max_files=1", "plots.num_spectrograms=0"))
+    assert list(summary) == ["dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "snr"]
+    assert 1.0 < summary["dnsmos_ovrl"]["enhanced"]["mean"] < 5.0
