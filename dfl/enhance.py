@@ -7,8 +7,11 @@ length); batch-statistics models read it whole. Outputs are
 written atomically and never replace an input; outputs that already exist are
 the user's, so the run is refused unless --overwrite (replace them) or
 --skip-existing (keep them: resumes an interrupted run) is given. A bad input
-is reported with its path and skipped, and the exit code is 1 when any file
-failed (2 for unusable arguments).
+is reported with its input and output path and skipped, and the exit code is 1
+when any file failed (2 for unusable arguments, checked before the model
+loads). ``**`` globs enter each real folder once (link loops end); files below
+OUTDIR are never inputs. Ctrl-C and SIGTERM stop with one line, and the
+``.NAME.XXXXXXXX.part`` files of a killed run are removed by the next one.
 """
 
 from __future__ import annotations
