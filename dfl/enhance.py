@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
               "rerun with --skip-existing to go on", file=sys.stderr)  # fmt: skip
         return 130 if isinstance(exc, KeyboardInterrupt) else 143
     finally:
-        if in_main_thread:
+        if in_main_thread and previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
 
