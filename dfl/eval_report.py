@@ -16,6 +16,7 @@ from dfl.metrics import MetricFailure
 
 KINDS = ("noisy", "enhanced")
 # The method paper's table (Germain et al. 2019): SNR and the composite measures, plus PESQ/STOI.
+SPECTROGRAM_FRAME = 512  # samples per STFT frame of the spectrogram plots
 PAPER_COLUMNS = (("SNR", "snr"), ("SIG", "csig"), ("BAK", "cbak"), ("OVL", "covl"), ("PESQ", "pesq"), ("STOI", "stoi"))
 
 
@@ -152,9 +153,21 @@ def _save_png(fig, path: Path) -> Path:
         plt.close(fig)
 
 
+def write_plot_notes(path: Path, notes: list[str]) -> Path:
+    """Why plots were left out (e.g. a file shorter than one spectrogram frame), one line each."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _write_text(path, "".join(f"{note}\n" for note in notes))
+
+
 def spectrogram_png(path: Path, signals: dict[str, np.ndarray], sample_rate: int, title: str,
                     dynamic_range_db: float = 80.0) -> Path:
-    """Stacked log-magnitude spectrograms on one shared colour scale (top dB - dynamic range)."""
+    """Stacked log-magnitude spectrograms on one shared colour scale (top dB - dynamic range).
+
+    Every signal needs at least ``SPECTROGRAM_FRAME`` samples (ValueError otherwise).
+    """
+    short = {k: x.size for k, x in signals.items() if x.size < SPECTROGRAM_FRAME}
+    if short:
+        raise ValueError(f"{title}: {short} samples, a spectrogram needs {SPECTROGRAM_FRAME}")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,7 +176,7 @@ def spectrogram_png(path: Path, signals: dict[str, np.ndarray], sample_rate: int
 
     specs = {}
     for name, x in signals.items():
-        f, t, z = stft(x, fs=sample_rate, nperseg=512, noverlap=384)
+        f, t, z = stft(x, fs=sample_rate, nperseg=SPECTROGRAM_FRAME, noverlap=SPECTROGRAM_FRAME * 3 // 4)
         specs[name] = 20 * np.log10(np.abs(z) + 1e-10)
     vmax = max(float(s.max()) for s in specs.values())
     vmin = vmax - dynamic_range_db

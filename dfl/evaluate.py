@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dfl import hydra_resolvers
 from dfl.audio import read_audio, write_audio
-from dfl.metrics import METRIC_NAMES, compute_many
+from dfl.metrics import compute_many, expand_metric_names
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,10 @@ def score_file(job: tuple) -> dict:
                 f"{path}: {x.size} samples but its clean reference {clean_path} has {clean.size}; "
                 "enhanced and clean files must have the same length"
             )
-        row[kind] = compute_many(metrics, clean, x, sample_rate)
+        try:
+            row[kind] = compute_many(metrics, clean, x, sample_rate)
+        except ValueError as exc:  # bad input (e.g. an empty file): name it
+            raise ValueError(f"{path} (clean {clean_path}): {exc}") from exc
     return row
 
 
@@ -157,10 +160,7 @@ def evaluate(cfg: DictConfig) -> dict:
     from dfl import eval_report
 
     out_dir = Path(cfg.paths.output_dir)
-    metrics = list(cfg.metrics)
-    unknown = [m for m in metrics if m not in METRIC_NAMES]
-    if unknown:
-        raise ValueError(f"metrics: unknown {unknown}; known: {', '.join(METRIC_NAMES)}")
+    metrics = expand_metric_names(cfg.metrics, "metrics")
     if (cfg.get("checkpoint") is None) == (cfg.get("enhanced_dir") is None):
         raise ValueError("give exactly one of checkpoint=PATH (a dfl model/checkpoint) or enhanced_dir=DIR")
     if cfg.get("data_dir") is None:
@@ -184,10 +184,15 @@ def evaluate(cfg: DictConfig) -> dict:
     summary = eval_report.summarize(rows, metrics)
     eval_report.write_summaries(out_dir, summary, len(rows), source, bool(cfg.paper_table))
 
-    plots = []
+    plots, notes = [], []
     for name, noisy, clean in pairs[: int(cfg.plots.num_spectrograms)]:
         signals = {"noisy": _load_checked(noisy, sr), "enhanced": _load_checked(enhanced_dir / name, sr),
                    "clean": _load_checked(clean, sr)}
+        frames = min(x.size for x in signals.values())
+        if frames < eval_report.SPECTROGRAM_FRAME:
+            notes.append(f"spectrogram of {name} skipped: {frames} samples, shorter than one "
+                         f"{eval_report.SPECTROGRAM_FRAME}-sample analysis frame")  # fmt: skip
+            continue
         plots.append(eval_report.spectrogram_png(out_dir / "plots" / f"spectrogram_{Path(name).stem}.png",
                                                  signals, sr, name))
     if "pesq" in metrics:
@@ -195,6 +200,12 @@ def evaluate(cfg: DictConfig) -> dict:
                  if all(isinstance(r[k]["pesq"], float) for k in ("noisy", "enhanced"))]
         if gains:
             plots.append(eval_report.improvement_histogram_png(out_dir / "plots" / "pesq_improvement.png", gains))
+        else:
+            notes.append("pesq_improvement.png skipped: PESQ is missing for every file (see summary.md)")
+    if notes:
+        eval_report.write_plot_notes(out_dir / "plots" / "NOTES.txt", notes)
+        for note in notes:
+            log.warning("dfl-eval: %s", note)
 
     logger = _wandb_logger(cfg)
     if logger is not None:

@@ -26,6 +26,33 @@ from dfl.audio import StreamResampler, resample
 CROSSFADE = 1024  # samples at 16 kHz; both chunks are exact there, the fade only hides float noise
 
 
+# integer PCM → float, as soundfile reads it: (offset, full scale)
+PCM_SCALES = {np.dtype(np.int16): (0, 32768.0), np.dtype(np.int32): (0, 2.0**31), np.dtype(np.uint8): (128, 128.0)}
+
+
+def as_float_audio(data: np.ndarray) -> np.ndarray:
+    """Samples as floats at full scale 1.0: floats kept, int16/int32/uint8 PCM scaled like soundfile.
+
+    Raises:
+        ValueError: a dtype that is not audio (bool, complex, object, ...) or an integer type without a
+            PCM convention; the message says how to convert.
+    """
+    if data.dtype.kind == "f":
+        return data
+    if data.dtype in PCM_SCALES:
+        offset, scale = PCM_SCALES[data.dtype]
+        return ((data.astype(np.float64) - offset) / scale).astype(np.float32)
+    if data.dtype.kind in "iu":
+        raise ValueError(
+            f"waveform has dtype {data.dtype}, which has no PCM convention here; give float samples "
+            "in [-1, 1] (or int16, int32 or uint8 PCM, which are scaled like soundfile reads them)"
+        )
+    raise ValueError(
+        f"waveform has dtype {data.dtype}, which is not audio; give float samples in [-1, 1] "
+        "(or int16, int32 or uint8 PCM)"
+    )
+
+
 class Denoiser:
     """Apply a denoiser to ``[time]`` or ``[channels, time]`` audio (numpy or torch).
 
@@ -100,6 +127,11 @@ class Denoiser:
             return cls.from_onnx(export_onnx_for_session(load_model(path, "denoiser")), device=device, **kwargs)
         if backend != "torch":
             raise ValueError(f"backend must be 'torch' or 'onnxruntime', got {backend!r}")
+        if Path(path).suffix.lower() == ".onnx":
+            raise ValueError(
+                f"{path}: an ONNX model runs with ONNX Runtime, not torch: add --backend onnxruntime "
+                "(Python: Denoiser.from_checkpoint(path, backend='onnxruntime'))"
+            )
         return cls.from_model(load_model(path, "denoiser"), device, **kwargs)
 
     @classmethod
@@ -124,11 +156,28 @@ class Denoiser:
 
     # ------------------------------------------------------------------ processing
     def __call__(self, waveform: np.ndarray | torch.Tensor, sample_rate: int) -> np.ndarray | torch.Tensor:
-        """Denoise ``[time]`` or ``[channels, time]`` audio at ``sample_rate``; returns the same type and shape."""
+        """Denoise ``[time]`` or ``[channels, time]`` audio at ``sample_rate``.
+
+        Float samples are taken as they are (full scale = 1.0); integer PCM is
+        scaled the way soundfile reads it (int16 / 32768, int32 / 2**31, uint8
+        as (x - 128) / 128). Other dtypes (bool, complex, object, other
+        integers) and a 2-D array that looks like ``[time, channels]`` are
+        refused with ValueError.
+
+        Returns:
+            float32 audio of the same shape, as a numpy array or a tensor on the input's device.
+        """
         is_tensor = isinstance(waveform, torch.Tensor)
         data = waveform.detach().cpu().numpy() if is_tensor else np.asarray(waveform)
         if data.ndim not in (1, 2):
             raise ValueError(f"expected a [time] or [channels, time] waveform, got shape {data.shape}")
+        data = as_float_audio(data)
+        if data.ndim == 2 and data.shape[0] > 16 * data.shape[1] and data.shape[0] > 64:
+            raise ValueError(
+                f"expected [channels, time], got [time, channels]? shape {data.shape} would be "
+                f"{data.shape[0]} channels of {data.shape[1]} samples; pass waveform.T "
+                "(soundfile.read returns [time, channels])"
+            )
         if data.shape[-1] == 0:
             raise ValueError("cannot denoise an empty waveform (0 samples)")
         if not np.isfinite(data).all():

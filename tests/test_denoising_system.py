@@ -1,9 +1,15 @@
 """DenoisingSystem: a non-finite training loss stops the run with an error naming the batch."""
 
+import lightning as L
+import numpy as np
 import pytest
-from lightning.pytorch.callbacks import Callback
+import soundfile as sf
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from callbacks import LossWeightBalancer
+from dfl.losses import WaveformL1Loss as L1Loss
+from dfl.models import ContextAggregationNet
 from dfl.systems import DenoisingSystem
 from tests.conftest import write_pair_tree
 from tests.helpers.tiny_training import datamodule, make_system, make_trainer
@@ -31,9 +37,10 @@ class PoisonBatch(Callback):
 def test_nan_loss_on_the_cpu_stops_at_that_batch(tmp_path, data):
     poison = PoisonBatch(epoch=1, batch=2)
     trainer = make_trainer(tmp_path, 3, [poison], enable_checkpointing=False)
-    with pytest.raises(FloatingPointError, match=r"training loss became nan at epoch 1, batch 2"):
+    with pytest.raises(FloatingPointError, match=r"training loss became nan at epoch 1, batch 2") as err:
         trainer.fit(make_system(), datamodule=datamodule(data))
     assert poison.ran[-1] == (1, 1)  # raised inside batch 2's step: its end never came
+    assert "lower system.lr (now 0.01)" in str(err.value)  # the setting's real name
 
 
 @pytest.mark.parametrize("log_every, last_ran", [(2, (1, 3)), (50, (1, 5))], ids=["every_2_steps", "epoch_end"])
@@ -107,3 +114,71 @@ def test_adam_is_fused_on_the_cpu_with_the_same_updates():
     assert not torch.equal(results[0][0], start[0])  # it moved
     meta = torch.zeros(2, device="meta", requires_grad=True)
     assert not adam([meta], lr=1e-3).defaults["fused"]  # where PyTorch has no fused kernel: the loop
+
+
+# messages that name the setting and say what to do (issue 26.7)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(lr="abc"), r"system.lr='abc': expected a positive number, e.g. system.lr=1e-4"),
+        (dict(lr=-1.0), r"system.lr=-1.0: expected a positive number"),
+        (dict(lr=float("nan")), r"system.lr=nan"),
+        (dict(weight_decay="x"), r"system.weight_decay='x': expected a number >= 0"),
+        (dict(betas=[0.9]), r"system.betas=\[0.9\]: expected two numbers"),
+        (dict(betas=[0.9, 1.5]), r"system.betas=\[0.9, 1.5\]: each must be in \[0, 1\)"),
+        (dict(metrics=["pesq", "mosnet"]), r"system.metrics: unknown metric 'mosnet'; valid: .*dnsmos \(= dnsmos_sig/"),
+    ],
+)
+def test_bad_system_settings_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DenoisingSystem(ContextAggregationNet(dilations=[1], channels=4), L1Loss(), **kwargs)
+
+
+def test_bad_lr_from_the_command_line_names_the_setting():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from dfl.train import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["system.lr=abc"])
+    with pytest.raises(Exception, match=r"system.lr='abc': expected a positive number"):
+        instantiate(cfg.system, denoiser=ContextAggregationNet(dilations=[1], channels=4), loss=L1Loss())
+
+
+def test_metric_families_expand():
+    system = DenoisingSystem(ContextAggregationNet(dilations=[1], channels=4), L1Loss(), metrics=["pesq", "dnsmos"])
+    assert system.metric_names == ["pesq", "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl"]
+    assert list(system.hparams.metrics) == system.metric_names  # what checkpoints record
+
+
+def validating_trainer(root, checkpoint, **kw):
+    return L.Trainer(default_root_dir=root, max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, limit_train_batches=2, num_sanity_val_steps=0,
+                     callbacks=[checkpoint], **kw)
+
+
+def test_pesq_undefined_for_every_validation_file_is_a_clear_error(tmp_path, data):
+    silent = write_pair_tree(tmp_path / "silent", splits=("train", "val"), n=2)
+    for clean in (silent / "valset_clean").glob("*.wav"):
+        sf.write(clean, np.zeros(8000, np.float32), 16_000, subtype="FLOAT")  # PESQ: no utterance to score
+    torch.manual_seed(0)
+    system = DenoisingSystem(ContextAggregationNet(dilations=[1, 2, 1], channels=4), L1Loss(), metrics=["pesq", "si_sdr"])
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/enhanced/pesq", mode="max")
+    trainer = validating_trainer(tmp_path, checkpoint)
+    with pytest.raises(ValueError, match="pesq is undefined for every validation file") as err:
+        trainer.fit(system, datamodule=datamodule(silent))
+    message = str(err.value)
+    assert "ModelCheckpoint has no val/enhanced/pesq to monitor" in message
+    assert "all zeros" in message and "(2 files)" in message and "callbacks.model_checkpoint.monitor=" in message
+
+
+def test_monitoring_a_metric_that_is_not_computed_is_a_clear_error(tmp_path, data):
+    torch.manual_seed(0)
+    system = DenoisingSystem(ContextAggregationNet(dilations=[1, 2, 1], channels=4), L1Loss(), metrics=["si_sdr"])
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/enhanced/pesq", mode="max")
+    trainer = validating_trainer(tmp_path, checkpoint, limit_val_batches=1)
+    with pytest.raises(ValueError, match=r"does not compute pesq; add it to system.metrics"):
+        trainer.fit(system, datamodule=datamodule(data))

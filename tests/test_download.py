@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import tarfile
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,3 +227,137 @@ def test_corrupt_archives_raise_archive_error(tmp_path):
     junk.write_bytes(b"<html>not an archive</html>")
     with pytest.raises(ArchiveError, match="not a zip or tar archive"):
         extract(junk, tmp_path / "o3", progress=False)
+
+
+# hostile archives: links that lead out only once followed (issue 26)
+
+
+def make_archive(path, entries):
+    """A tar.gz or zip from ordered ``(name, kind, value)`` entries: kind file/dir/sym/hard."""
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path, "w") as zf:
+            for name, kind, value in entries:
+                if kind == "dir":
+                    zf.writestr(zipfile.ZipInfo(name.rstrip("/") + "/"), b"")
+                elif kind == "sym":
+                    info = zipfile.ZipInfo(name)
+                    info.create_system, info.external_attr = 3, 0o120777 << 16
+                    zf.writestr(info, value)
+                else:
+                    zf.writestr(name, value)
+        return path
+    with tarfile.open(path, "w:gz") as tf:
+        for name, kind, value in entries:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size = len(value)
+                tf.addfile(info, io.BytesIO(value))
+                continue
+            info.type = {"dir": tarfile.DIRTYPE, "sym": tarfile.SYMTYPE, "hard": tarfile.LNKTYPE}[kind]
+            info.linkname = value or ""
+            tf.addfile(info)
+    return path
+
+
+def climb_to_root(depth):
+    """Links each lexically inside the target whose chain really climbs ``depth`` levels above it."""
+    entries = [("a/lnk", "sym", ".."), ("up1", "sym", "a/lnk/..")]  # a/lnk -> target, up1 -> its parent
+    entries += [(f"up{k}", "sym", f"up{k - 1}/..") for k in range(2, depth + 1)]
+    return entries
+
+
+def tree_listing(root, skip):
+    return sorted(str(p) for p in Path(root).rglob("*") if not str(p).startswith(str(skip)))
+
+
+HOSTILE = {
+    # directory members created through a chain of links (each lexically inside)
+    "dirs through a chain": [("a/lnk", "sym", ".."), ("up", "sym", "a/lnk/.."), ("up/escaped", "dir", None),
+                             ("up/escaped/deeper", "dir", None)],
+    "file through a chain": [("a/lnk", "sym", ".."), ("up", "sym", "a/lnk/.."), ("up/escaped.txt", "file", b"x")],
+    "link to the target's parent": [("a/lnk", "sym", ".."), ("up", "sym", "a/lnk/..")],
+    "link redirected by a later link": [("x", "sym", "b/.."), ("b", "sym", ".")],
+    "link loop": [("loop", "sym", "loop")],
+    "link loop then a file under it": [("l1", "sym", "l2"), ("l2", "sym", "l1"), ("l1/f.txt", "file", b"x")],
+}
+
+
+@pytest.mark.parametrize("suffix", [".tar.gz", ".zip"])
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_extract_refuses_links_that_lead_out_when_followed(tmp_path, suffix, case):
+    target = tmp_path / "deep" / "out"
+    target.mkdir(parents=True)
+    archive = make_archive(tmp_path / f"bad{suffix}", [("ok.txt", "file", b"1")] + HOSTILE[case])
+    before = tree_listing(tmp_path, target)
+    with pytest.raises(UnsafeArchiveError, match="refusing to extract") as err:
+        extract(archive, target, progress=False)
+    assert archive.name in str(err.value)
+    assert tree_listing(tmp_path, target) == before  # nothing created outside the target
+    assert list(target.iterdir()) == []  # and what was written inside is undone
+
+
+@pytest.mark.parametrize("suffix", [".tar.gz", ".zip"])
+def test_extract_refuses_chain_of_links_up_to_root(tmp_path, suffix):
+    target = tmp_path / "out"
+    depth = len(target.resolve().parts)  # enough links to climb from the target to /
+    escaped = tmp_path.resolve() / "escaped"  # reached from / through the links
+    archive = make_archive(tmp_path / f"bad{suffix}", climb_to_root(depth) + [(f"up{depth}{escaped}", "dir", None)])
+    with pytest.raises(UnsafeArchiveError, match="points outside"):
+        extract(archive, target, progress=False)
+    assert not os.path.lexists(escaped)
+    assert list(target.iterdir()) == []  # no link resolving to / (or above the target) is left behind
+
+
+def test_extract_hard_link_through_chain_reads_nothing_outside(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"not yours")
+    target = tmp_path / "out"
+    entries = [("ok.txt", "file", b"1"), ("a/lnk", "sym", ".."), ("up", "sym", "a/lnk/.."),
+               ("stolen.txt", "hard", "up/secret.txt")]
+    with pytest.raises(UnsafeArchiveError, match="outside"):
+        extract(make_archive(tmp_path / "bad.tar.gz", entries), target, progress=False)
+    assert not any(p.is_file() and p.read_bytes() == b"not yours" for p in target.rglob("*"))
+
+    depth = len(target.resolve().parts)
+    if not Path("/etc/hostname").is_file():
+        return
+    entries = climb_to_root(depth) + [("hostname", "hard", f"up{depth}/etc/hostname")]
+    with pytest.raises(UnsafeArchiveError, match="outside"):
+        extract(make_archive(tmp_path / "bad2.tar.gz", entries), target, progress=False)
+    assert not (target / "hostname").exists() and list(target.iterdir()) == []
+
+
+@pytest.mark.parametrize("suffix", [".tar.gz", ".zip"])
+def test_extract_keeps_links_that_stay_inside(tmp_path, suffix):
+    entries = [("d/real.txt", "file", b"r"), ("d/sub/up", "sym", ".."), ("alias", "sym", "d/sub/up/real.txt"),
+               ("d/sub/up/more.txt", "file", b"m"), ("self", "sym", ".")]
+    target = tmp_path / "out"
+    written = extract(make_archive(tmp_path / f"ok{suffix}", entries), target, progress=False)
+    assert (target / "alias").read_bytes() == b"r"
+    assert (target / "d/more.txt").read_bytes() == b"m"  # written through the link, still inside
+    assert (target / "self").resolve() == target.resolve()
+    assert target / "d/sub/up/more.txt" in written
+    if suffix == ".tar.gz":
+        hard = make_archive(tmp_path / "hard.tar.gz", [("d/real.txt", "file", b"r"), ("d/sub", "sym", "."),
+                                                       ("copy.txt", "hard", "d/sub/real.txt")])
+        extract(hard, tmp_path / "out2", progress=False)
+        assert (tmp_path / "out2/copy.txt").read_bytes() == b"r"
+
+
+def test_extract_refuses_device_files(tmp_path):
+    for kind in (tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE):
+        path = tmp_path / f"dev{kind!r}.tar"
+        with tarfile.open(path, "w") as tf:
+            info = tarfile.TarInfo("null")
+            info.type = kind
+            tf.addfile(info)
+        with pytest.raises(UnsafeArchiveError, match="special file"):
+            extract(path, tmp_path / "out", progress=False)
+        assert not os.path.lexists(tmp_path / "out/null")
+    zpath = tmp_path / "dev.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        info = zipfile.ZipInfo("null")
+        info.create_system, info.external_attr = 3, (stat.S_IFCHR | 0o666) << 16
+        zf.writestr(info, b"")
+    with pytest.raises(UnsafeArchiveError, match="special file"):
+        extract(zpath, tmp_path / "zout", progress=False)

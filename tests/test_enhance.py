@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +16,9 @@ import soundfile as sf
 from dfl import Denoiser, enhance
 from dfl.enhance import main
 from tests.helpers.small_denoisers import BATCH_STATS, saved_denoiser
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
 def noise(frames: int, channels: int, seed: int) -> np.ndarray:
@@ -220,3 +228,121 @@ def test_bad_arguments(tree, tmp_path, capsys):
     assert main([str(tree), "-o", str(tmp_path / "out"), "--model", str(tmp_path / "nope.pt")]) == 2
     assert "nope.pt" in capsys.readouterr().err
     assert main([str(tmp_path / "empty_dir_missing"), "-o", str(tmp_path / "out"), "--model", "x"]) == 2
+
+
+# careless input (issue 26): link loops, outputs inside inputs, output targets, interruptions
+
+
+@pytest.mark.timeout(60)
+def test_recursive_glob_visits_each_real_folder_once(tmp_path, model_path):
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    sf.write(root / "x.wav", noise(800, 1, 1), 16_000)
+    sf.write(root / "sub" / "y.wav", noise(800, 1, 2), 16_000)
+    (root / "self").symlink_to(".")  # one loop
+    jobs, errors = enhance.collect_jobs([str(root / "**" / "*.wav")])
+    assert errors == [] and [job.relative.as_posix() for job in jobs] == ["sub/y.wav", "x.wav"]
+
+    out = tmp_path / "out"
+    assert main([str(root / "**" / "*.wav"), "-o", str(out), "--model", str(model_path), "--quiet"]) == 0
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == ["sub/y.wav", "x.wav"]
+
+    (root / "sub" / "back").symlink_to("..")  # a second loop: glob.glob never ends here
+    (root / "also").symlink_to("sub")  # a second way into sub: listed once
+    jobs, errors = enhance.collect_jobs([str(root / "**" / "*.wav"), str(root)])
+    assert errors == []
+    assert [job.relative.as_posix() for job in jobs] == ["also/y.wav", "x.wav", "sub/y.wav", "x.wav"]
+    assert len({job.source.resolve() for job in jobs[:2]}) == 2
+
+
+@pytest.mark.timeout(60)
+def test_glob_follows_links_to_other_folders_and_keeps_glob_rules(tmp_path):
+    data, root = tmp_path / "data", tmp_path / "in"
+    (data / "deep").mkdir(parents=True)
+    root.mkdir()
+    for rel in ("deep/a.wav", "deep/.hidden.wav", "b.flac"):
+        sf.write(data / rel, noise(400, 1, 3), 16_000)
+    (root / "linked").symlink_to(data)
+    (data / "deep" / "loop").symlink_to(root)
+    got = [p.relative_to(root).as_posix() for p in enhance.expand_glob(str(root / "**" / "*.wav"))]
+    assert got == ["linked/deep/a.wav"]  # hidden names skipped, as glob does
+    got = [p.relative_to(root).as_posix() for p in enhance.expand_glob(str(root / "linked" / "**"))]
+    assert got == ["linked/b.flac", "linked/deep/a.wav"]
+    assert enhance.expand_glob(str(root / "*" / "*.flac")) == [root / "linked" / "b.flac"]
+
+
+def test_output_folder_inside_the_input_folder_is_never_read_as_input(tree, model_path, capsys):
+    out = tree / "denoised"
+    args = [str(tree), "-o", str(out), "--model", str(model_path), "--quiet"]
+    assert main(args) == 0
+    first = snapshot(out)
+    assert sorted(first) == sorted(TREE)
+    assert main([*args, "--skip-existing"]) == 0  # resumes: the outputs are not inputs
+    assert "nothing to denoise: all 4 output(s) already exist" in capsys.readouterr().out
+    assert snapshot(out) == first
+    glob_args = [str(tree / "**" / "*.wav"), "-o", str(out), "--model", str(model_path), "--quiet", "--skip-existing"]
+    assert main(glob_args) == 0 and snapshot(out) == first
+
+
+@pytest.mark.parametrize("where", ["file", "under a file", "output folder is a file"])
+def test_unusable_output_targets_are_refused_before_the_model_loads(tree, tmp_path, model_path, monkeypatch, capsys, where):
+    monkeypatch.setattr(Denoiser, "from_checkpoint", lambda *a, **k: pytest.fail("the model was loaded"))
+    blocker = tmp_path / "blocker"
+    blocker.write_text("the user's file")
+    out = {"file": blocker, "under a file": blocker / "out", "output folder is a file": tmp_path / "out"}[where]
+    if where == "output folder is a file":
+        out.mkdir()
+        (out / "sub").write_text("not a folder")  # sub/b.flac cannot go here
+    assert main([str(tree), "-o", str(out), "--model", str(model_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to run" in err and str(out) in err
+    assert (tree / "sub" / "b.flac").as_posix() in err if where == "output folder is a file" else str(blocker) in err
+    assert blocker.read_text() == "the user's file"
+
+
+def test_failures_name_the_input_and_the_output(tree, tmp_path, model_path, monkeypatch, capsys):
+    def fail(*args, **kwargs):
+        raise OSError(20, "Not a directory")
+
+    monkeypatch.setattr(enhance, "atomic_write", fail)
+    monkeypatch.setattr(enhance, "write_audio", fail)
+    out = tmp_path / "out"
+    assert main([str(tree / "a.wav"), str(tree / "d.wav"), "-o", str(out), "--model", str(model_path), "--quiet"]) == 1
+    report = capsys.readouterr().out
+    for name in ("a.wav", "d.wav"):
+        assert f"{tree / name}: [Errno 20] Not a directory (output {out / name})" in report
+
+
+def test_stale_part_files_of_a_killed_run_are_removed(tree, tmp_path, model_path):
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    stale = [out / ".a.wav.k3j_9xq0.part", out / "sub" / ".b.flac.abcdefgh.part"]
+    foreign = [out / ".notes.txt.abcdefgh.part", out / "a.wav.abcdefgh.part", out / ".a.wav.part"]
+    for path in stale + foreign:
+        path.write_bytes(b"half a file")
+    assert main([str(tree), "-o", str(out), "--model", str(model_path), "--quiet"]) == 0
+    assert not any(p.exists() for p in stale)
+    assert all(p.read_bytes() == b"half a file" for p in foreign)  # not ours: kept
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("signum, code, what", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_sigterm_and_ctrl_c_stop_cleanly(tmp_path, model_path, signum, code, what):
+    source = tmp_path / "long.wav"
+    sf.write(source, noise(16_000 * 60, 1, 4), 16_000)  # about 4 s of work with 20 ms chunks
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "dfl.enhance", str(source), "-o", str(out), "--model", str(model_path),
+           "--quiet", "--chunk-seconds", "0.02"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.monotonic() + 240
+    while not list(out.glob(".long.wav.*.part")):  # wait until it is writing
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no .part file appeared"
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and what in lines[0] and "--skip-existing" in lines[0]
+    assert list(out.iterdir()) == []  # neither the .part nor a partial output

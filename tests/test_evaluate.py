@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from dfl.audio import write_audio
 from dfl.evaluate import CONF_DIR, evaluate, score_all
+from dfl.metrics import MetricFailure
 from tests.helpers.metric_signals import noisy_version, speech_like
 
 SR = 16_000
@@ -131,7 +132,7 @@ def test_mismatched_rate_or_length_are_errors(dataset, tmp_path):
         evaluate(_cfg(tmp_path / "o3", f"data_dir={root}", "metrics=[snr]"))
     with pytest.raises(ValueError, match="enhanced file missing"):
         evaluate(_cfg(tmp_path / "o4", f"data_dir={root}", f"enhanced_dir={tmp_path}", "metrics=[snr]"))
-    with pytest.raises(ValueError, match="metrics: unknown"):
+    with pytest.raises(ValueError, match=r"metrics: unknown metric 'nope'; valid: pesq, .*dnsmos \(= dnsmos_sig/"):
         evaluate(_cfg(tmp_path / "o5", f"data_dir={root}", f"enhanced_dir={enhanced}", "metrics=[nope]"))
 
 
@@ -177,3 +178,56 @@ def test_cli_with_wandb_offline(dataset, tmp_path):
     media = [p.name for p in runs[0].rglob("*") if p.is_file()]
     assert any(n.endswith(".png") for n in media), media
     assert any("per_file" in n and n.endswith(".table.json") for n in media), media
+
+
+@pytest.mark.parametrize("frames", [1, 100, 400])
+def test_stoi_of_a_very_short_signal_is_missing_with_its_reason(frames):
+    from dfl.metrics import compute_many
+
+    clean = speech_like(1.0, seed=1)[:frames]
+    got = compute_many(["stoi", "estoi", "snr"], clean, noisy_version(clean, 10.0, seed=2), SR)
+    for name in ("stoi", "estoi"):
+        assert isinstance(got[name], MetricFailure) and "shorter than one analysis frame" in got[name].reason
+        assert f"{frames} samples" in got[name].reason
+    assert isinstance(got["snr"], float)
+
+
+def test_a_file_too_short_for_some_metrics_does_not_abort_the_run(dataset, tmp_path):
+    root, enhanced = dataset
+    data = tmp_path / "data"
+    for kind in ("clean", "noisy"):
+        (data / f"testset_{kind}").mkdir(parents=True)
+        for i in range(2):
+            (data / f"testset_{kind}" / f"u{i}.wav").symlink_to(root / f"testset_{kind}" / f"u{i}.wav")
+    enh = tmp_path / "enhanced"
+    enh.mkdir()
+    for i in range(2):
+        (enh / f"u{i}.wav").symlink_to(enhanced / f"u{i}.wav")
+    clean = speech_like(1.0, seed=5)[:300]  # 19 ms: too short for STOI, PESQ and the spectrogram
+    write_audio(data / "testset_clean" / "a_short.wav", clean, SR, subtype="FLOAT")
+    write_audio(data / "testset_noisy" / "a_short.wav", noisy_version(clean, 5.0, seed=6), SR, subtype="FLOAT")
+    write_audio(enh / "a_short.wav", noisy_version(clean, 20.0, seed=7), SR, subtype="FLOAT")
+    out = tmp_path / "run"
+    summary = evaluate(_cfg(out, f"data_dir={data}", f"enhanced_dir={enh}", _metrics_arg(["pesq", "stoi", "snr"]),
+                            "num_workers=0", "plots.num_spectrograms=2"))
+    with open(out / "per_file.csv", newline="") as f:
+        rows = {r["file"]: r for r in csv.DictReader(f)}
+    assert rows["a_short.wav"]["enhanced_stoi"] == "" and rows["a_short.wav"]["enhanced_pesq"] == ""
+    assert "shorter than one analysis frame" in rows["a_short.wav"]["missing"]
+    assert float(rows["a_short.wav"]["enhanced_snr"]) == pytest.approx(20.0, abs=1e-3)
+    assert summary["stoi"]["enhanced"]["n"] == 2 and summary["stoi"]["enhanced"]["missing"] == 1
+    pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
+    assert pngs == ["pesq_improvement.png", "spectrogram_u0.png"]  # the short file's spectrogram skipped
+    assert "spectrogram of a_short.wav skipped: 300 samples" in (out / "plots" / "NOTES.txt").read_text()
+
+
+def test_metric_families_are_accepted_by_name(dataset, tmp_path):
+    from dfl.metrics import expand_metric_names
+
+    assert expand_metric_names(["pesq", "dnsmos"]) == ["pesq", "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl"]
+    assert expand_metric_names(["composite", "csig"]) == ["csig", "cbak", "covl"]
+    root, enhanced = dataset
+    summary = evaluate(_cfg(tmp_path / "run", f"data_dir={root}", f"enhanced_dir={enhanced}", "metrics=[dnsmos,snr]",
+                            "num_workers=0", "max_files=1", "plots.num_spectrograms=0"))
+    assert list(summary) == ["dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "snr"]
+    assert 1.0 < summary["dnsmos_ovrl"]["enhanced"]["mean"] < 5.0

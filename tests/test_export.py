@@ -59,7 +59,7 @@ def test_torchscript_parity(exported, length):
         np.testing.assert_allclose(scripted(x).numpy(), reference(model, x), atol=1e-4, rtol=0)
 
 
-def test_onnxruntime_backend_of_dfl_denoise(exported, tmp_path):
+def test_onnxruntime_backend_of_dfl_denoise(exported, tmp_path, capsys):
     model, ckpt, onnx_path, _ = exported
     (tmp_path / "in").mkdir()
     stereo = (0.3 * np.random.default_rng(0).standard_normal((9000, 2))).astype(np.float32)
@@ -67,6 +67,10 @@ def test_onnxruntime_backend_of_dfl_denoise(exported, tmp_path):
     common = [str(tmp_path / "in"), "--quiet", "--chunk-seconds", "0.15"]
     assert denoise_main([*common, "-o", str(tmp_path / "torch"), "--model", str(ckpt)]) == 0
     assert denoise_main([*common, "-o", str(tmp_path / "ort"), "--model", str(onnx_path), "--backend", "onnxruntime"]) == 0
+    # an .onnx model without --backend onnxruntime: told what to add, nothing written
+    assert denoise_main([*common, "-o", str(tmp_path / "forgot"), "--model", str(onnx_path)]) == 2
+    assert f"{onnx_path}: an ONNX model runs with ONNX Runtime, not torch: add --backend onnxruntime" in capsys.readouterr().err
+    assert not (tmp_path / "forgot").exists()
     torch_out, _ = sf.read(tmp_path / "torch" / "x.wav")
     ort_out, sr = sf.read(tmp_path / "ort" / "x.wav")
     assert sr == 22_050 and ort_out.shape == (9000, 2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 from dfl import Denoiser
@@ -190,3 +191,54 @@ def test_chunk_stream_refuses_a_wrong_length():
         stream.finish()
     with pytest.raises(ValueError, match="announced 5000"):
         stream.push(np.zeros(2001, np.float32))
+
+
+@pytest.mark.parametrize(
+    "dtype, to_int",
+    [
+        (np.int16, lambda x: np.round(x * 32768).astype(np.int16)),
+        (np.int32, lambda x: np.round(x * 2.0**31).astype(np.int32)),
+        (np.uint8, lambda x: np.round(x * 128 + 128).astype(np.uint8)),
+    ],
+)
+def test_integer_pcm_is_scaled_like_soundfile(tmp_path, dtype, to_int):
+    den = Denoiser.from_model(small_denoiser())
+    x = np.clip(0.3 * np.random.default_rng(7).standard_normal((2, 3000)), -0.99, 0.99)
+    pcm = to_int(x)
+    # what soundfile would give for the same samples: written as PCM and read back as float32
+    subtype = {np.int16: "PCM_16", np.int32: "PCM_32", np.uint8: "PCM_U8"}[dtype]
+    # (soundfile writes no uint8 arrays: 8-bit files are written from the exact float values of the codes)
+    sf.write(tmp_path / "x.wav", pcm.T if dtype != np.uint8 else (pcm.T - 128.0) / 128, 16_000, subtype=subtype)
+    if dtype == np.uint8:
+        assert (tmp_path / "x.wav").read_bytes()[-pcm.size:] == pcm.T.tobytes()  # the file holds these codes
+    as_read, _ = sf.read(tmp_path / "x.wav", dtype="float32", always_2d=True)
+    got = den(pcm, 16_000)
+    assert got.dtype == np.float32 and got.shape == pcm.shape
+    np.testing.assert_allclose(got, den(as_read.T.copy(), 16_000), atol=1e-6)
+    assert np.abs(got).max() < 2  # on the float scale, not 32768x off
+    np.testing.assert_allclose(den(torch.from_numpy(pcm[0].copy()), 16_000).numpy(), got[0], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.zeros(100, np.complex64), "complex64, which is not audio"),
+        (np.ones(100, bool), "bool, which is not audio"),
+        (np.array([0.1] * 100, dtype=object), "object, which is not audio"),
+        (np.zeros(100, np.int64), "int64, which has no PCM convention"),
+        (torch.ones(100, dtype=torch.bool), "bool"),
+        (np.zeros((48_000, 2), np.float32), r"expected \[channels, time\], got \[time, channels\]\?"),
+        (torch.zeros(16_000, 1), r"got \[time, channels\]\?"),
+    ],
+)
+def test_non_audio_dtypes_and_time_major_arrays_are_refused(bad, message):
+    den = Denoiser.from_model(small_denoiser())
+    den.run_batch = lambda x: pytest.fail("the model ran")
+    with pytest.raises(ValueError, match=message):
+        den(bad, 16_000)
+
+
+def test_few_long_channels_are_still_channels():
+    den = Denoiser.from_model(small_denoiser())
+    x = (0.3 * np.random.default_rng(8).standard_normal((8, 2000))).astype(np.float32)
+    assert den(x, 16_000).shape == (8, 2000)

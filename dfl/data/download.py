@@ -203,6 +203,17 @@ def _reuse_existing(url: str, dest: Path, md5: str | None, size: int | None, pro
 
 
 # ---------------------------------------------------------------- extraction
+#
+# Rules (Python's tarfile "data" filter, applied to zip too): a member's name is
+# relative without "..", and its destination -- resolved the way the OS resolves
+# it, following every link already on disk, directories included -- lies inside
+# the target; a link (symbolic or hard) must resolve inside the target as well,
+# checked when it is made and again over the finished tree (a later link can
+# change where an earlier one leads); no device files, FIFOs or sockets.
+# Everything is written through the resolved, link-free path, so what the check
+# saw is what the OS does.
+
+MAX_LINK_FOLLOWS = 40  # the Linux kernel's limit (ELOOP)
 
 
 def extract(
@@ -215,32 +226,40 @@ def extract(
     """Unpack a zip or tar(.gz/.bz2/.xz) archive into ``target_dir``; return the files written.
 
     Refuses (:class:`UnsafeArchiveError`) absolute member names, ``..``
-    components, links pointing outside ``target_dir`` and special files; never
-    overwrites an existing file. ``include(name)`` picks members by their
-    archive name. Zip CRCs and gzip checksums are verified while reading; a
-    corrupt archive raises :class:`ArchiveError`. On any error, what this call
-    already wrote is removed again.
+    components, members whose destination resolves outside ``target_dir``
+    through links (symbolic links are followed as the OS would), symbolic or
+    hard links that resolve outside it, and special files; never overwrites an
+    existing file. ``include(name)`` picks members by their archive name. Zip
+    CRCs and gzip checksums are verified while reading; a corrupt archive raises
+    :class:`ArchiveError`. On any error, what this call already wrote is
+    removed again.
+
+    Args:
+        archive: the zip or tar file.
+        target_dir: where to unpack (created if missing).
+        include: optional filter on member names.
+        progress: show a progress bar.
+
+    Returns:
+        The files and links written, as ``target_dir / member name``.
     """
     archive, target = Path(archive), Path(target_dir)
     if not archive.is_file():
         raise ArchiveError(f"{archive}: archive not found")
     target.mkdir(parents=True, exist_ok=True)
-    created: list[Path] = []
+    job = _Extraction(archive, target)
     try:
         if zipfile.is_zipfile(archive):
-            _extract_zip(archive, target, include, progress, created)
+            _extract_zip(job, include, progress)
         elif _is_tar(archive):
-            _extract_tar(archive, target, include, progress, created)
+            _extract_tar(job, include, progress)
         else:
             raise ArchiveError(f"{archive}: not a zip or tar archive (corrupt or truncated download?)")
+        job.check_links_again()
     except BaseException:
-        for path in reversed(created):
-            if path.is_symlink() or path.is_file():
-                path.unlink()
-            elif path.is_dir() and not any(path.iterdir()):
-                path.rmdir()
+        job.undo()
         raise
-    return [p for p in created if not p.is_dir() or p.is_symlink()]
+    return job.written
 
 
 def _is_tar(archive: Path) -> bool:
@@ -261,71 +280,223 @@ def _member_path(archive: Path, name: str) -> PurePosixPath:
     return PurePosixPath(*parts) if parts else PurePosixPath(".")
 
 
-def _check_link(archive: Path, name: str, link_from: PurePosixPath, link_target: str) -> None:
-    """Refuse a link whose target resolves outside the extraction root."""
-    target = link_target.replace("\\", "/")
-    resolved = os.path.normpath(str(link_from / target)) if not target.startswith("/") else "/"
-    if target.startswith("/") or re.match(r"^[A-Za-z]:", target) or resolved == ".." or resolved.startswith("../"):
-        raise UnsafeArchiveError(
-            f"{archive}: link {name!r} -> {link_target!r} points outside the target directory; refusing to extract"
+class _Unresolvable(OSError):
+    """A path the OS itself could not resolve (link loop, name too long, ...)."""
+
+
+def resolve_path(path: str | os.PathLike) -> str:
+    """Resolve an absolute ``path`` the way the OS does: every symbolic link followed.
+
+    Components that do not exist are kept as written (the OS would refuse to
+    go through them, so nothing is reached that way). Unlike
+    ``os.path.realpath`` any other failure -- a link loop, more than
+    ``MAX_LINK_FOLLOWS`` links, a name too long -- raises instead of silently
+    stopping the resolution where the OS would carry on differently.
+
+    Args:
+        path: an absolute path.
+
+    Returns:
+        The absolute resolved path.
+
+    Raises:
+        OSError: the path cannot be resolved.
+    """
+    pending = [p for p in reversed(os.fspath(path).split("/"))]
+    resolved, follows = "/", 0
+    while pending:
+        part = pending.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            resolved = os.path.dirname(resolved)
+            continue
+        candidate = os.path.join(resolved, part)
+        try:
+            mode = os.lstat(candidate).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            resolved = candidate
+            continue
+        except OSError as exc:
+            raise _Unresolvable(f"{candidate}: {exc.strerror or exc}") from exc
+        if not stat.S_ISLNK(mode):
+            resolved = candidate
+            continue
+        follows += 1
+        if follows > MAX_LINK_FOLLOWS:
+            raise _Unresolvable(f"{path}: more than {MAX_LINK_FOLLOWS} links (a link loop?)")
+        link = os.readlink(candidate)
+        if link.startswith("/"):
+            resolved = "/"
+        pending.extend(reversed(link.split("/")))
+    return resolved
+
+
+class _Extraction:
+    """One extraction: where things went (for undo) and the safety checks."""
+
+    def __init__(self, archive: Path, target: Path):
+        self.archive, self.target = archive, target
+        self.root = resolve_path(os.path.abspath(target))
+        self.made: list[str] = []  # resolved paths this call created, in order (for undo)
+        self.links: list[tuple[str, str]] = []  # (member name, resolved path of the link)
+        self.written: list[Path] = []  # files and links, as target / member name
+
+    def inside(self, resolved: str) -> bool:
+        return resolved == self.root or resolved.startswith(self.root.rstrip("/") + "/")
+
+    def resolve(self, path: str, name: str, what: str) -> str:
+        try:
+            return resolve_path(path)
+        except OSError as exc:
+            raise UnsafeArchiveError(
+                f"{self.archive}: {what} {name!r} cannot be resolved ({exc}); refusing to extract"
+            ) from exc
+
+    def destination(self, rel: PurePosixPath, name: str) -> str:
+        """The resolved, link-free path ``rel`` is written to; refuses anything outside the target."""
+        dest = self.resolve(os.path.join(self.root, str(rel)), name, "member")
+        if not self.inside(dest):
+            raise UnsafeArchiveError(
+                f"{self.archive}: member {name!r} would be written outside {self.target} "
+                f"(to {dest}, through a link); refusing to extract"
+            )
+        return dest
+
+    def make_dirs(self, resolved: str) -> None:
+        """Create ``resolved`` (inside the target, link-free) and its missing parents."""
+        missing = []
+        path = resolved
+        while not os.path.lexists(path):
+            missing.append(path)
+            path = os.path.dirname(path)
+        if not os.path.isdir(path) or os.path.islink(path):
+            raise ArchiveError(f"{self.archive}: {path} is not a directory; cannot extract into it")
+        for p in reversed(missing):
+            os.mkdir(p)
+            self.made.append(p)
+
+    def directory(self, rel: PurePosixPath, name: str) -> None:
+        self.make_dirs(self.destination(rel, name))
+
+    def new_file(self, rel: PurePosixPath, name: str) -> str:
+        """Resolve the destination of a file or link member and create its parent folders."""
+        parent = self.destination(rel.parent, name)
+        self.make_dirs(parent)
+        dest = os.path.join(parent, rel.name)
+        if os.path.lexists(dest):
+            raise ArchiveError(f"{self.archive}: member {name!r}: {dest} already exists; refusing to overwrite it")
+        return dest
+
+    def write(self, rel: PurePosixPath, name: str, source) -> None:
+        dest = self.new_file(rel, name)
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        self.made.append(dest)
+        self.written.append(self.target / rel)
+        with os.fdopen(fd, "wb") as dst:
+            shutil.copyfileobj(source, dst, CHUNK)
+
+    def symlink(self, rel: PurePosixPath, name: str, link_target: str) -> None:
+        target_text = link_target.replace("\\", "/")
+        if target_text.startswith("/") or re.match(r"^[A-Za-z]:", target_text) or not target_text:
+            raise self.link_outside(name, link_target)
+        dest = self.new_file(rel, name)
+        self.check_link(name, dest, target_text, link_target)
+        os.symlink(link_target, dest)
+        self.made.append(dest)
+        self.links.append((name, dest))
+        self.written.append(self.target / rel)
+
+    def check_link(self, name: str, dest: str, target_text: str, link_target: str) -> None:
+        leads_to = self.resolve(os.path.join(os.path.dirname(dest), target_text), name, "link")
+        if not self.inside(leads_to):
+            raise self.link_outside(name, link_target, leads_to)
+
+    def hardlink(self, rel: PurePosixPath, name: str, link_target: str) -> None:
+        target_text = link_target.replace("\\", "/")  # relative to the archive's root, not the link's folder
+        if target_text.startswith("/") or re.match(r"^[A-Za-z]:", target_text) or not target_text:
+            raise self.link_outside(name, link_target)
+        source = self.resolve(os.path.join(self.root, target_text), name, "hard link")
+        if not self.inside(source):
+            raise self.link_outside(name, link_target, source)
+        if not os.path.isfile(source) or os.path.islink(source):
+            raise ArchiveError(f"{self.archive}: hard link {name!r} -> {link_target!r} has no extracted target")
+        with open(source, "rb") as src:  # a copy: no inode shared with anything
+            self.write(rel, name, src)
+
+    def link_outside(self, name: str, link_target: str, leads_to: str | None = None) -> UnsafeArchiveError:
+        where = f" (it resolves to {leads_to})" if leads_to else ""
+        return UnsafeArchiveError(
+            f"{self.archive}: link {name!r} -> {link_target!r} points outside the target directory{where}; "
+            "refusing to extract"
         )
 
+    def check_links_again(self) -> None:
+        """Every link of the finished tree still resolves inside (a later link can redirect an earlier one)."""
+        for name, dest in self.links:
+            leads_to = self.resolve(dest, name, "link")
+            if not self.inside(leads_to):
+                raise self.link_outside(name, os.readlink(dest), leads_to)
 
-def _destination(archive: Path, target: Path, rel: PurePosixPath, name: str) -> Path:
-    dest = target / rel
-    real_root, real_parent = os.path.realpath(target), os.path.realpath(dest.parent)
-    if real_parent != real_root and not real_parent.startswith(real_root + os.sep):
-        raise UnsafeArchiveError(f"{archive}: member {name!r} would be written outside {target} (through a link)")
-    if dest.exists() or dest.is_symlink():
-        raise ArchiveError(f"{archive}: member {name!r}: {dest} already exists; refusing to overwrite it")
-    return dest
-
-
-def _make_dirs(path: Path, created: list[Path]) -> None:
-    missing = []
-    while not path.exists():
-        missing.append(path)
-        path = path.parent
-    for p in reversed(missing):
-        p.mkdir()
-        created.append(p)
+    def undo(self) -> None:
+        for path in reversed(self.made):
+            try:
+                if os.path.islink(path) or not os.path.isdir(path):
+                    os.unlink(path)
+                elif not os.listdir(path):
+                    os.rmdir(path)
+            except FileNotFoundError:
+                pass
 
 
-def _extract_zip(archive, target, include, progress, created) -> None:
+def _zip_kind(info: zipfile.ZipInfo) -> str:
+    mode = info.external_attr >> 16
+    if info.create_system == 3 and stat.S_IFMT(mode):  # unix mode bits present
+        if stat.S_ISLNK(mode):
+            return "link"
+        if stat.S_ISDIR(mode):
+            return "dir"
+        if not stat.S_ISREG(mode):
+            return "special"
+    if stat.S_ISLNK(mode):
+        return "link"
+    return "dir" if info.is_dir() else "file"
+
+
+def _extract_zip(job: _Extraction, include, progress) -> None:
+    archive = job.archive
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as exc:
         raise ArchiveError(f"{archive}: cannot open zip archive ({exc})") from exc
     with zf:
         members = zf.infolist()
-        links = {}
         for info in members:  # check every name before writing anything
-            rel = _member_path(archive, info.filename)
-            if stat.S_ISLNK(info.external_attr >> 16):
-                links[info.filename] = zf.read(info).decode("utf-8", "replace")
-                _check_link(archive, info.filename, rel.parent, links[info.filename])
+            _member_path(archive, info.filename)
+            if _zip_kind(info) == "special":
+                raise UnsafeArchiveError(f"{archive}: member {info.filename!r} is a special file; refusing to extract")
         for info in tqdm(members, desc=f"extract {archive.name}", unit="file", disable=not progress, leave=False):
             if include is not None and not include(info.filename):
                 continue
-            rel = _member_path(archive, info.filename)
-            if info.is_dir():
-                _make_dirs(target / rel, created)
-                continue
-            _make_dirs((target / rel).parent, created)
-            dest = _destination(archive, target, rel, info.filename)
-            if info.filename in links:
-                os.symlink(links[info.filename], dest)
-                created.append(dest)
-                continue
-            created.append(dest)
+            rel, kind = _member_path(archive, info.filename), _zip_kind(info)
             try:
-                with zf.open(info) as src, open(dest, "wb") as dst:
-                    shutil.copyfileobj(src, dst, CHUNK)
-            except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
+                if kind == "dir":
+                    job.directory(rel, info.filename)
+                elif kind == "link":
+                    job.symlink(rel, info.filename, zf.read(info).decode("utf-8", "replace"))
+                else:
+                    with zf.open(info) as src:
+                        job.write(rel, info.filename, src)
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
                 raise ArchiveError(f"{archive}: member {info.filename!r} is corrupt ({exc})") from exc
+            except OSError as exc:
+                if isinstance(exc, ArchiveError):
+                    raise
+                raise ArchiveError(f"{archive}: member {info.filename!r}: {exc}") from exc
 
 
-def _extract_tar(archive, target, include, progress, created) -> None:
+def _extract_tar(job: _Extraction, include, progress) -> None:
+    archive = job.archive
     try:
         tf = tarfile.open(archive, mode="r|*")  # streaming: one pass over a multi-GB .tar.gz
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
@@ -335,32 +506,20 @@ def _extract_tar(archive, target, include, progress, created) -> None:
             for member in tf:
                 bar.update()
                 rel = _member_path(archive, member.name)
-                if member.issym():
-                    _check_link(archive, member.name, rel.parent, member.linkname)
-                elif member.islnk():
-                    _check_link(archive, member.name, PurePosixPath("."), member.linkname)
-                elif not (member.isfile() or member.isdir()):
+                if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
                     raise UnsafeArchiveError(f"{archive}: member {member.name!r} is a special file; refusing to extract")
                 if include is not None and not include(member.name):
                     continue
                 if member.isdir():
-                    _make_dirs(target / rel, created)
-                    continue
-                _make_dirs((target / rel).parent, created)
-                dest = _destination(archive, target, rel, member.name)
-                if member.issym():
-                    os.symlink(member.linkname, dest)
+                    job.directory(rel, member.name)
+                elif member.issym():
+                    job.symlink(rel, member.name, member.linkname)
                 elif member.islnk():
-                    source = target / _member_path(archive, member.linkname)
-                    if not source.is_file() or source.is_symlink():
-                        raise ArchiveError(f"{archive}: hard link {member.name!r} -> {member.linkname!r} has no extracted target")
-                    shutil.copyfile(source, dest)  # a copy: no inode shared with anything
+                    job.hardlink(rel, member.name, member.linkname)
                 else:
-                    created.append(dest)
-                    src = tf.extractfile(member)
-                    with src, open(dest, "wb") as dst:
-                        shutil.copyfileobj(src, dst, CHUNK)
-                    continue
-                created.append(dest)
+                    with tf.extractfile(member) as src:
+                        job.write(rel, member.name, src)
+    except ArchiveError:
+        raise
     except (tarfile.TarError, zlib.error, EOFError, OSError) as exc:
         raise ArchiveError(f"{archive}: corrupt or truncated tar archive ({exc})") from exc

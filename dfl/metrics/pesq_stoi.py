@@ -10,6 +10,7 @@ from dfl.metrics.base import MetricError
 
 # P.862.2 wide band is only defined at 16 kHz; narrow band (P.862 + P.862.1 mapping) at 8 or 16 kHz.
 PESQ_RATES = {"wb": (16_000,), "nb": (8_000, 16_000)}
+STOI_RATE, STOI_FRAME = 10_000, 256  # pystoi resamples to 10 kHz and analyses 256-sample frames
 
 
 def pesq_score(clean: np.ndarray, estimate: np.ndarray, sample_rate: int, mode: str = "wb") -> float:
@@ -33,11 +34,20 @@ def stoi_score(clean: np.ndarray, estimate: np.ndarray, sample_rate: int, extend
     name = "ESTOI" if extended else "STOI"
     if not np.any(clean):
         raise MetricError(f"{name}: the clean signal is all zeros, intelligibility is undefined")
+    frame = int(np.ceil(STOI_FRAME * sample_rate / STOI_RATE))
+    if clean.size < frame:  # pystoi fails with a bare numpy AxisError here
+        raise MetricError(
+            f"{name}: signal of {clean.size} samples is shorter than one analysis frame "
+            f"({frame} samples = {1000 * STOI_FRAME / STOI_RATE:.1f} ms)"
+        )
     # pystoi only *warns* and returns 1e-5 when too few non-silent frames remain; that
     # number is not a score, so it becomes a failure with pystoi's reason.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        value = float(stoi(clean, estimate, sample_rate, extended=extended))
+        try:
+            value = float(stoi(clean, estimate, sample_rate, extended=extended))
+        except (ValueError, IndexError) as exc:  # numpy/scipy errors on degenerate input
+            raise MetricError(f"{name}: {type(exc).__name__}: {exc} ({clean.size} samples)") from exc
     for w in caught:
         if "Not enough STFT frames" in str(w.message):
             raise MetricError(f"{name}: {w.message}")

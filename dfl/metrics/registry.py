@@ -32,6 +32,26 @@ METRIC_NAMES: tuple[str, ...] = tuple(FAMILY_OF)
 # Higher is better for every metric here (used for "improvement" = enhanced - noisy).
 
 
+def expand_metric_names(names: Iterable[str], setting: str = "metrics") -> list[str]:
+    """Metric names with family names expanded (``dnsmos`` → its three scores, ``composite`` → CSIG/CBAK/COVL).
+
+    Raises:
+        ValueError: an unknown name; the message names ``setting`` and lists the valid names.
+    """
+    out: list[str] = []
+    for name in names:
+        if name in FAMILY_OF:
+            out.append(name)
+        elif name in FAMILIES:
+            out += FAMILIES[name][0]
+        else:
+            families = ", ".join(f"{fam} (= {'/'.join(n)})" for fam, (n, _) in FAMILIES.items() if len(n) > 1)
+            raise ValueError(
+                f"{setting}: unknown metric {name!r}; valid: {', '.join(METRIC_NAMES)}, or a family: {families}"
+            )
+    return list(dict.fromkeys(out))
+
+
 def _family(name: str) -> str:
     try:
         return FAMILY_OF[name]
@@ -91,5 +111,8 @@ def compute_many(
             values = _run_family(fam, c, e, sample_rate)
         except MetricError as exc:
             values = {n: MetricFailure(n, str(exc)) for n in FAMILIES[fam][0]}
+        except (ValueError, IndexError, ArithmeticError) as exc:  # a library's own error: inputs are checked above
+            reason = f"{fam}: {type(exc).__name__}: {exc} ({np.size(e)} samples)"
+            values = {n: MetricFailure(n, reason) for n in FAMILIES[fam][0]}
         results.update({n: v for n, v in values.items() if n in names})
     return {n: results[n] for n in names}

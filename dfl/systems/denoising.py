@@ -25,6 +25,15 @@ def adam(params: list[torch.Tensor], lr: float, betas=(0.9, 0.999), weight_decay
     return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused or None)
 
 
+def _positive_number(setting: str, value, example: str, zero_ok: bool = False) -> float:
+    """``value`` as a float, or a ValueError naming ``setting`` (e.g. ``system.lr=abc``)."""
+    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+    if ok and np.isfinite(value) and (value > 0 or (zero_ok and value == 0)):
+        return float(value)
+    need = "a number >= 0" if zero_ok else "a positive number"
+    raise ValueError(f"{setting}={value!r}: expected {need}, e.g. {setting}={example}")
+
+
 class DenoisingSystem(L.LightningModule):
     """Denoiser + loss (+ its frozen loss network), Adam, and quality metrics.
 
@@ -47,13 +56,28 @@ class DenoisingSystem(L.LightningModule):
         compile: bool = False,
         val_metrics: Sequence[str] | None = None,
     ) -> None:
+        from dfl.metrics import expand_metric_names
+
         super().__init__()
+        lr = _positive_number("system.lr", lr, "1e-4")
+        weight_decay = _positive_number("system.weight_decay", weight_decay, "0.0", zero_ok=True)
+        if not isinstance(betas, Sequence) or len(betas) != 2:
+            raise ValueError(f"system.betas={betas!r}: expected two numbers in [0, 1), e.g. [0.9, 0.999]")
+        betas = [_positive_number("system.betas", b, "[0.9, 0.999]", zero_ok=True) for b in betas]
+        if not all(b < 1 for b in betas):
+            raise ValueError(f"system.betas={list(betas)}: each must be in [0, 1), e.g. [0.9, 0.999]")
+        metrics = expand_metric_names(metrics, "system.metrics")
         self.save_hyperparameters(ignore=["denoiser", "loss"])
+        self.hparams.update(lr=lr, weight_decay=weight_decay, betas=betas, metrics=metrics)
         self.denoiser = torch.compile(denoiser) if compile else denoiser
         self.loss = loss
         self.metric_names = list(metrics)
         # validation's metrics (None: the same as the test's); [] validates the loss alone
-        self.val_metric_names = self.metric_names if val_metrics is None else list(val_metrics)
+        self.val_metric_names = (
+            self.metric_names if val_metrics is None else expand_metric_names(val_metrics, "system.val_metrics")
+        )
+        self._scored: dict[str, int] = {}  # "<stage>/<kind>/<metric>" -> utterances scored this epoch
+        self._missing: dict[str, dict[str, int]] = {}  # same keys -> {reason: utterances}
         self._noisy_scored: set[str] = set()
         self._unchecked_losses: list[tuple[int, torch.Tensor]] = []  # (batch, loss) not yet read: see _check_finite
         self._written_step = True  # this step's values go to the loggers: see _loggers_write_this_step
@@ -134,7 +158,7 @@ class DenoisingSystem(L.LightningModule):
             i = int(bad[0])
             raise FloatingPointError(
                 f"training loss became {values[i].item()} at epoch {self.current_epoch}, batch {batches[i]}; "
-                "lower model.lr / check the data"
+                f"lower system.lr (now {self.hparams.lr}) or check the data"
             )
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -169,9 +193,13 @@ class DenoisingSystem(L.LightningModule):
                     continue
                 est = signal[i, :n].float().cpu().numpy().astype(np.float64)
                 for name, value in compute_many(names, ref, est, self.hparams.sample_rate).items():
-                    if isinstance(value, MetricFailure):
-                        continue  # recorded as missing, never as 0
-                    self.log(f"{stage}/{kind}/{name}", float(value), batch_size=1, sync_dist=True)
+                    key = f"{stage}/{kind}/{name}"
+                    if isinstance(value, MetricFailure):  # recorded as missing, never as 0
+                        reasons = self._missing.setdefault(key, {})
+                        reasons[value.reason] = reasons.get(value.reason, 0) + 1
+                        continue
+                    self._scored[key] = self._scored.get(key, 0) + 1
+                    self.log(key, float(value), batch_size=1, sync_dist=True)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -179,9 +207,45 @@ class DenoisingSystem(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
+    def on_validation_epoch_start(self) -> None:
+        self._scored, self._missing = {}, {}
+
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
+            self._check_monitored_metrics()
             self._noisy_scored.add("val")
+
+    def _check_monitored_metrics(self) -> None:
+        """A metric that a callback monitors but no validation file could be scored with is a clear error.
+
+        (Otherwise ModelCheckpoint / EarlyStopping fail with "could not find the monitored key".)
+        """
+        monitored = {
+            cb.monitor: type(cb).__name__ for cb in self.trainer.callbacks
+            if isinstance(getattr(cb, "monitor", None), str) and cb.monitor.startswith("val/enhanced/")
+        }
+        if not monitored:
+            return
+        keys = sorted(monitored)
+        counts = torch.tensor([float(self._scored.get(k, 0)) for k in keys])
+        if self.trainer.world_size > 1:  # every rank decides on the same totals
+            counts = self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum").cpu()
+        for key, count in zip(keys, counts.tolist()):
+            name = key.rsplit("/", 1)[1]
+            if name not in self.val_metric_names:
+                setting = "system.metrics" if self.hparams.get("val_metrics") is None else "system.val_metrics"
+                raise ValueError(
+                    f"{monitored[key]} monitors {key}, but {setting}={self.val_metric_names} does not compute "
+                    f"{name}; add it to {setting} or monitor another metric (e.g. val/enhanced/"
+                    f"{self.val_metric_names[0] if self.val_metric_names else 'pesq'} or val/loss)"
+                )
+            if count == 0:
+                reasons = "; ".join(f"{r} ({n} files)" for r, n in self._missing.get(key, {}).items()) or "no files"
+                raise ValueError(
+                    f"{name} is undefined for every validation file, so {monitored[key]} has no {key} to monitor "
+                    f"(reasons: {reasons}). Check the validation data (silent or very short files?), or monitor "
+                    "another metric, e.g. callbacks.model_checkpoint.monitor=val/loss callbacks.model_checkpoint.mode=min"
+                )
 
     def on_test_epoch_end(self) -> None:
         self._noisy_scored.add("test")
