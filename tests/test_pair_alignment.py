@@ -107,6 +107,8 @@ def test_every_row_is_its_named_pair_at_one_offset(pair_tree, path):
     crop_lengths = set()
     for split, batch in batches(pair_tree, PATHS[path]):
         assert_rows_are_the_named_pairs(pair_tree, split, batch)
+        # the loss masks what the batch says is padding: every row shorter than the batch
+        assert batch["padded"] == bool((batch["lengths"] < batch["noisy"].shape[-1]).any())
         if split == "train" and "crop_seconds" in PATHS[path]:
             crop_lengths.update(map(int, batch["lengths"]))
     if "crop_seconds" in PATHS[path]:  # crops of the long files, the short ones whole (padded)
