@@ -69,7 +69,7 @@ def test_training_on_files_learns_the_clean_target(tmp_path, data):
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         default_root_dir=tmp_path)
     trainer.fit(system, datamodule=PairedFolderDataModule(root, seed=0, **data))
-    assert float(system.denoiser.g) == pytest.approx(0.3, abs=0.02)
+    assert system.denoiser.g.item() == pytest.approx(0.3, abs=0.02)
 
 
 def _padded_batch(lengths: list[int], seed: int = 0) -> dict:
