@@ -42,7 +42,11 @@ $(DEMO_LOSSNET):
 pretrain-demo: install
 	WANDB_MODE=offline $(BIN)/dfl-pretrain pretrain/experiment=demo
 
+# The fast subset; test-full adds the slow end-to-end trainings (what CI runs).
 test: install
+	WANDB_MODE=offline $(BIN)/python -m pytest -q -m "not slow" tests
+
+test-full: install
 	WANDB_MODE=offline $(BIN)/python -m pytest -q tests
 
 bench: install

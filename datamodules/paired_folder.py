@@ -104,12 +104,14 @@ class PairedAudioDataset(Dataset):
         noisy, clean = load_mono(npath, self.sample_rate), load_mono(cpath, self.sample_rate)
         if noisy.shape != clean.shape:  # both resampled from equal lengths; guard anyway
             raise AudioError(f"{npath}: length differs from {cpath} after resampling")
+        # the true length, before a crop pads a short utterance: the padding is masked like any other
+        length = min(len(noisy), self.crop_samples or len(noisy))
         if self.crop_samples:
             noisy, clean = self._crop(noisy, clean, index, epoch)
         return {
             "noisy": torch.from_numpy(noisy),
             "clean": torch.from_numpy(clean),
-            "length": min(len(noisy), self.crop_samples or len(noisy)),
+            "length": length,
             "name": npath.name,
         }
 
