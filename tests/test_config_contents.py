@@ -215,6 +215,10 @@ FACTS_EXPERIMENT = {
     "demo": dict(data="synthetic", model="can_paper", channels=32, init="identity", batch_size=4, crop=1.0,
                  lr=1e-3, balance_epochs=2, lossnet="paper", loss="fl"),
     "eval_voicebank": dict(eval=True, split="test", data_dir="voicebank", paper_table=True),
+    # the authors' release (senet_train.py; docs/recipes.md): can_authors with TF-slim init, their loss network's
+    # first 6 layers, balanced on epoch 10 alone
+    "authors_fl": dict(data="voicebank", model="can_authors", channels=64, init="xavier", batch_size=1, crop=None,
+                       lr=1e-4, epochs=320, balance_epochs=10, window="last", lossnet="authors", loss="fl_authors"),
 }
 DATA_TARGET = {"voicebank": "datamodules.PairedFolderDataModule", "synthetic": "datamodules.SyntheticSpeechDataModule"}
 
@@ -248,6 +252,7 @@ def test_experiment_config_is_the_documented_recipe(name):
     loss_facts = FACTS_LOSS[facts["loss"]]
     assert cfg.loss._target_.rsplit(".", 1)[1] == loss_facts["kind"].__name__
     if loss_facts["kind"] is FeatureLoss:
-        assert cfg.loss.layers is None and cfg.lossnet.n_layers == FACTS_LOSSNET[facts["lossnet"]]["n_layers"]
+        assert cfg.loss.layers == (None if loss_facts["layers"] == ALL else loss_facts["layers"])
+        assert cfg.lossnet.n_layers == FACTS_LOSSNET[facts["lossnet"]]["n_layers"]
         lossnet_cfg = {k: v for k, v in cfg.lossnet.items() if k != "checkpoint"}
         check_lossnet(build(dict(lossnet_cfg)), FACTS_LOSSNET[facts["lossnet"]])
