@@ -140,11 +140,11 @@ def write_summaries(out_dir: Path, summary: dict, num_files: int, source: str, p
     return written
 
 
-def _save_png(fig, path: Path) -> Path:
+def _save_png(fig, path: Path, dpi: int = 100) -> Path:
     import matplotlib.pyplot as plt
 
     def write(tmp: Path) -> None:
-        fig.savefig(tmp, format="png", dpi=100)
+        fig.savefig(tmp, format="png", dpi=dpi)
 
     try:
         return atomic_write(path, write)
@@ -153,28 +153,13 @@ def _save_png(fig, path: Path) -> Path:
 
 
 def spectrogram_png(path: Path, signals: dict[str, np.ndarray], sample_rate: int, title: str,
-                    dynamic_range_db: float = 80.0) -> Path:
-    """Stacked log-magnitude spectrograms on one shared colour scale (top dB - dynamic range)."""
-    import matplotlib
+                    dpi: int = 100) -> Path:
+    """Stacked spectrograms on one colour scale fixed relative to the clean reference
+    (:func:`dfl.spectrogram.spectrogram_figure`), with a colour bar, as a PNG."""
+    from dfl.spectrogram import spectrogram_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from scipy.signal import stft
-
-    specs = {}
-    for name, x in signals.items():
-        f, t, z = stft(x, fs=sample_rate, nperseg=512, noverlap=384)
-        specs[name] = 20 * np.log10(np.abs(z) + 1e-10)
-    vmax = max(float(s.max()) for s in specs.values())
-    vmin = vmax - dynamic_range_db
-    fig, axes = plt.subplots(len(specs), 1, figsize=(10, 2.6 * len(specs)), sharex=True, squeeze=False)
-    for ax, (name, s) in zip(axes[:, 0], specs.items(), strict=True):
-        mesh = ax.pcolormesh(t, f / 1000, s, vmin=vmin, vmax=vmax, shading="auto", cmap="magma")
-        ax.set_ylabel(f"{name}\nkHz")
-    axes[-1, 0].set_xlabel("time (s)")
-    axes[0, 0].set_title(title)
-    fig.colorbar(mesh, ax=axes[:, 0].tolist(), label="dB")
-    return _save_png(fig, path)
+    fig = spectrogram_figure(signals, sample_rate, title)
+    return _save_png(fig, path, dpi)
 
 
 def improvement_histogram_png(path: Path, improvements: list[float], metric: str = "pesq") -> Path:

@@ -5,7 +5,8 @@
     dfl-eval experiment=eval_voicebank checkpoint=models/denoiser.pt logger=wandb
 
 Writes into the Hydra run directory: ``per_file.csv``, ``summary.json``, ``summary.md``,
-``plots/`` (and ``paper_table.md``, ``enhanced/`` when a model was run).
+``plots/``, ``report.html`` with ``report/`` (players and spectrograms), and ``paper_table.md``,
+``enhanced/`` when a model was run.
 
 The model is ``checkpoint=`` (not ``model=``: that name is the model config group of dfl-train).
 """
@@ -196,11 +197,26 @@ def evaluate(cfg: DictConfig) -> dict:
         if gains:
             plots.append(eval_report.improvement_histogram_png(out_dir / "plots" / "pesq_improvement.png", gains))
 
+    report = None
+    if cfg.report.enabled:
+        from dfl.html_report import write_eval_report
+
+        def signals_of(i: int) -> dict[str, np.ndarray]:
+            name, noisy, clean = pairs[i]
+            return {"noisy": _load_checked(noisy, sr), "enhanced": _load_checked(enhanced[i], sr),
+                    "clean": _load_checked(clean, sr)}
+
+        report = write_eval_report(out_dir, rows, metrics, summary, signals_of, sr, source,
+                                   int(cfg.report.per_group), int(cfg.report.seed),
+                                   [p for p in plots if p.name == "pesq_improvement.png"])
+
     logger = _wandb_logger(cfg)
     if logger is not None:
         _log_wandb(logger, rows, metrics, summary, plots, cfg)
     print((out_dir / "summary.md").read_text())
     log.info("dfl-eval wrote %s", out_dir)
+    if report is not None:
+        print(f"Report (open in a browser): {report.resolve()}")
     return summary
 
 
