@@ -38,7 +38,9 @@ td.better{color:#0b6b1f}td.worse{color:#a3120e}td.na{color:#999}
 .scroll{overflow-x:auto;max-width:100%}
 #files td.name{position:sticky;left:0;background:#fff}
 tr.detail td{text-align:left;background:#fafbfc;white-space:normal}
-.players{display:flex;gap:1.2em;flex-wrap:wrap;margin:.3em 0 .6em}
+.detail-box{display:flex;gap:1.2em;align-items:flex-start;flex-wrap:wrap;margin:.3em 0}
+.players{display:flex;flex-direction:column;gap:.5em}
+img.plot{max-width:420px;height:auto}
 .players label{display:flex;flex-direction:column;font-weight:600}
 .players audio{width:260px}
 img.spec{max-width:100%;height:auto;border:1px solid #ddd}
@@ -186,9 +188,9 @@ def players_html(assets: dict, labels: dict[str, str] | None = None) -> str:
     return f'<div class="players">{"".join(cells)}{note}</div>'
 
 
-def image_html(rel: str, size: tuple[int, int], alt: str) -> str:
+def image_html(rel: str, size: tuple[int, int], alt: str, cls: str = "spec") -> str:
     w, h = size
-    return f'<img class="spec" src="{esc(rel)}" width="{w}" height="{h}" loading="lazy" alt="{esc(alt)}">'
+    return f'<img class="{cls}" src="{esc(rel)}" width="{w}" height="{h}" loading="lazy" alt="{esc(alt)}">'
 
 
 def _value_cell(value, metric: str, delta: bool = False) -> str:
@@ -237,8 +239,8 @@ def files_table_html(rows: list[dict], metrics: list[str], chosen: dict[int, str
         body = f'<tbody data-group="{group}"><tr class="main">{"".join(cells)}</tr>'
         if i in assets:
             a = assets[i]
-            body += (f'<tr class="detail" hidden><td colspan="{ncols}">{players_html(a)}'
-                     f'{image_html(a["spectrogram"], a["size"], "spectrograms of " + row["file"])}</td></tr>')
+            body += (f'<tr class="detail" hidden><td colspan="{ncols}"><div class="detail-box">{players_html(a)}'
+                     f'{image_html(a["spectrogram"], a["size"], "spectrograms of " + row["file"])}</div></td></tr>')
         bodies.append(body + "</tbody>")
     return (f'<div class="scroll"><table id="files" class="sortable"><thead><tr>{"".join(head1)}</tr>'
             f'<tr>{"".join(head2)}</tr></thead>\n' + "\n".join(bodies) + "\n</table></div>")
@@ -273,13 +275,13 @@ def write_eval_report(out_dir: Path, rows: list[dict], metrics: list[str], summa
         name = rows[i]["file"]
         assets[i] = write_listening_assets(out_dir, safe_stem(i, name), signals_of(i), sample_rate, name)
     if len(chosen) == len(rows):
-        listen_note = "every file has players and spectrograms (▶ in the listen column)"
+        listen_note = "Every file has players and spectrograms (▶ in the listen column)"
     else:
-        listen_note = (f"the {per_group} best, {per_group} worst and {per_group} random files by {esc(ranker)} "
+        listen_note = (f"The {per_group} best, {per_group} worst and {per_group} random files by {esc(ranker)} "
                        f"improvement have players and spectrograms (▶ in the listen column); "
                        f"the table holds all {len(rows)} files")
     images = "".join(
-        f'<p>{image_html(p.relative_to(out_dir).as_posix(), png_size(p), p.stem)}</p>' for p in extra_images
+        f'<p>{image_html(p.relative_to(out_dir).as_posix(), png_size(p), p.stem, "plot")}</p>' for p in extra_images
     )
     body = f"""<h1>dfl-eval: {len(rows)} files</h1>
 <p class="meta">enhanced = {esc(source)} · sample rate {sample_rate} Hz</p>
