@@ -129,10 +129,15 @@ def paper_table_markdown(summary: dict, num_files: int, source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summaries(out_dir: Path, summary: dict, num_files: int, source: str, paper_table: bool) -> list[Path]:
+def write_summaries(out_dir: Path, summary: dict, num_files: int, source: str, paper_table: bool,
+                    inputs: dict | None = None) -> list[Path]:
+    """``summary.json`` (with ``inputs``: where the files came from, for ``dfl-compare``), ``summary.md`` and,
+    when asked, ``paper_table.md``."""
+    record = {"num_files": num_files, "enhanced": source, "metrics": summary}
+    if inputs is not None:
+        record["inputs"] = inputs
     written = [
-        _write_text(out_dir / "summary.json", json.dumps({"num_files": num_files, "enhanced": source,
-                                                          "metrics": summary}, indent=2)),
+        _write_text(out_dir / "summary.json", json.dumps(record, indent=2)),
         _write_text(out_dir / "summary.md", summary_markdown(summary, num_files, source)),
     ]
     if paper_table:
@@ -153,12 +158,12 @@ def _save_png(fig, path: Path, dpi: int = 100) -> Path:
 
 
 def spectrogram_png(path: Path, signals: dict[str, np.ndarray], sample_rate: int, title: str,
-                    dpi: int = 100) -> Path:
+                    dpi: int = 100, **figure_options) -> Path:
     """Stacked spectrograms on one colour scale fixed relative to the clean reference
-    (:func:`dfl.spectrogram.spectrogram_figure`), with a colour bar, as a PNG."""
+    (:func:`dfl.spectrogram.spectrogram_figure`, which takes ``figure_options``), with a colour bar, as a PNG."""
     from dfl.spectrogram import spectrogram_figure
 
-    fig = spectrogram_figure(signals, sample_rate, title)
+    fig = spectrogram_figure(signals, sample_rate, title, **figure_options)
     return _save_png(fig, path, dpi)
 
 

@@ -183,7 +183,10 @@ def evaluate(cfg: DictConfig) -> dict:
 
     eval_report.write_per_file_csv(out_dir / "per_file.csv", rows, metrics)
     summary = eval_report.summarize(rows, metrics)
-    eval_report.write_summaries(out_dir, summary, len(rows), source, bool(cfg.paper_table))
+    inputs = {"data_dir": str(Path(cfg.data_dir).resolve()), "split": cfg.split,
+              "enhanced_dir": str(enhanced_dir.resolve()),
+              "checkpoint": str(Path(cfg.checkpoint).resolve()) if cfg.get("checkpoint") is not None else None}
+    eval_report.write_summaries(out_dir, summary, len(rows), source, bool(cfg.paper_table), inputs)
 
     plots = []
     for name, noisy, clean in pairs[: int(cfg.plots.num_spectrograms)]:

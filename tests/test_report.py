@@ -128,25 +128,18 @@ def check_in_browser(run_dir: Path, shots: Path, sort_column: str | None) -> dic
             _click(browser, selector)
             assert browser.evaluate(order) == _python_order(run_dir, sort_column, descending=True)
         _click(browser, "#open-all")
-        media = browser.evaluate("""(async () => {
-            const timeout = new Promise(r => setTimeout(() => r('timeout'), 20000));
-            const audios = Array.from(document.querySelectorAll('audio'));
-            const images = Array.from(document.images);
-            images.forEach(i => { i.loading = 'eager'; });
-            const ready = Promise.all([
-                ...audios.map(a => a.readyState >= 1 || a.error ? 0 :
-                    new Promise(r => { a.addEventListener('loadedmetadata', r); a.addEventListener('error', r); })),
-                ...images.map(i => i.complete ? 0 :
-                    new Promise(r => { i.addEventListener('load', r); i.addEventListener('error', r); }))]);
-            if (await Promise.race([ready, timeout]) === 'timeout') return 'timeout';
-            return {audio: audios.map(a => ({src: a.currentSrc, duration: a.duration,
-                                             error: a.error && a.error.code, visible: a.offsetParent !== null})),
-                    images: images.map(i => ({src: i.currentSrc, ok: i.complete, width: i.naturalWidth}))};
-        })()""")
-        assert media != "timeout", "audio metadata or images did not load within 20 s"
+        media = browser.load_media()
         browser.evaluate("document.querySelector('tr.detail:not([hidden])').scrollIntoView()")
         browser.screenshot(shots / "report_players.png")
         assert browser.errors() == []
+    check_media(media, run_dir)
+    return media
+
+
+def check_media(media: dict, run_dir: Path) -> None:
+    """Every audio element shown, its source a file inside ``run_dir`` with the duration the browser found;
+    every image loaded from inside ``run_dir``."""
+    assert media["audio"] and media["images"]
     for a in media["audio"]:
         path = Path(unquote(urlparse(a["src"]).path))
         assert a["error"] is None and a["visible"], a
@@ -155,7 +148,6 @@ def check_in_browser(run_dir: Path, shots: Path, sort_column: str | None) -> dic
     for img in media["images"]:
         path = Path(unquote(urlparse(img["src"]).path))
         assert img["ok"] and img["width"] > 100 and path.is_relative_to(run_dir), img
-    return media
 
 
 def _shots(tmp_path: Path) -> Path:

@@ -136,6 +136,28 @@ class Browser:
                 out.append(f"{p['entry'].get('url', '')}: {p['entry']['text']}")
         return out
 
+    def load_media(self, seconds: float = 20.0) -> dict:
+        """Wait until every <audio> has its metadata (or an error) and every <img> has loaded (lazy images
+        are switched to eager, closed <details> opened); returns what the page got for each."""
+        result = self.evaluate(f"""(async () => {{
+            document.querySelectorAll('details').forEach(d => {{ d.open = true; }});
+            const audios = Array.from(document.querySelectorAll('audio'));
+            const images = Array.from(document.images);
+            images.forEach(i => {{ i.loading = 'eager'; }});
+            const done = (el, ok, bad) => new Promise(r => {{ el.addEventListener(ok, r); el.addEventListener(bad, r); }});
+            const ready = Promise.all([
+                ...audios.map(a => a.readyState >= 1 || a.error ? 0 : done(a, 'loadedmetadata', 'error')),
+                ...images.map(i => i.complete ? 0 : done(i, 'load', 'error'))]);
+            const timeout = new Promise(r => setTimeout(() => r('timeout'), {seconds * 1000:.0f}));
+            if (await Promise.race([ready, timeout]) === 'timeout') return 'timeout';
+            return {{audio: audios.map(a => ({{src: a.currentSrc, duration: a.duration, error: a.error && a.error.code,
+                                            visible: a.offsetParent !== null}})),
+                     images: images.map(i => ({{src: i.currentSrc, ok: i.complete, width: i.naturalWidth}}))}};
+        }})()""")
+        if result == "timeout":
+            raise BrowserError(f"audio metadata or images did not load within {seconds} s")
+        return result
+
     def screenshot(self, path: Path, full_page: bool = False) -> Path:
         import base64
 
