@@ -2,6 +2,7 @@
 
     dfl-eval checkpoint=models/denoiser.pt data_dir=data/voicebank
     dfl-eval enhanced_dir=out/enhanced data_dir=data/voicebank split=val
+    dfl-eval checkpoint=outputs/train/runs/<time> data_dir=data/voicebank   # a run's tested checkpoint
     dfl-eval experiment=eval_voicebank checkpoint=models/denoiser.pt logger=wandb
 
 Writes into the Hydra run directory: ``per_file.csv``, ``summary.json``, ``summary.md``,
@@ -101,6 +102,25 @@ def enhance_with_model(model_path: Path, pairs, out_dir: Path, sample_rate: int,
     return out_dir
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """A model file as given, or for a ``dfl-train`` run folder the checkpoint its test used (``metrics.json``),
+    else its ``checkpoints/last.ckpt``."""
+    import json
+
+    if not path.is_dir():
+        return path
+    metrics = path / "metrics.json"
+    if metrics.is_file():
+        best = json.loads(metrics.read_text()).get("checkpoint")
+        for candidate in (Path(best), path / "checkpoints" / Path(best).name) if best else ():
+            if candidate.is_file():
+                return candidate
+    if (path / "checkpoints" / "last.ckpt").is_file():
+        return path / "checkpoints" / "last.ckpt"
+    raise ValueError(f"checkpoint={path}: a folder without metrics.json's checkpoint or checkpoints/last.ckpt "
+                     "(give a model file or a dfl-train run folder)")
+
+
 def _enhanced_paths(enhanced_dir: Path, pairs) -> list[Path]:
     if not enhanced_dir.is_dir():
         raise ValueError(f"enhanced_dir={enhanced_dir}: directory not found")
@@ -170,9 +190,10 @@ def evaluate(cfg: DictConfig) -> dict:
     pairs = list_pairs(Path(cfg.data_dir), cfg.split)
     if cfg.get("max_files"):
         pairs = pairs[: int(cfg.max_files)]
-    if cfg.get("checkpoint") is not None:
-        source = Path(cfg.checkpoint).name
-        enhanced_dir = enhance_with_model(Path(cfg.checkpoint), pairs, out_dir / "enhanced", sr, cfg.progress)
+    checkpoint = resolve_checkpoint(Path(cfg.checkpoint)) if cfg.get("checkpoint") is not None else None
+    if checkpoint is not None:
+        source = checkpoint.name
+        enhanced_dir = enhance_with_model(checkpoint, pairs, out_dir / "enhanced", sr, cfg.progress)
     else:
         enhanced_dir = Path(cfg.enhanced_dir)
         source = enhanced_dir.name
@@ -185,7 +206,7 @@ def evaluate(cfg: DictConfig) -> dict:
     summary = eval_report.summarize(rows, metrics)
     inputs = {"data_dir": str(Path(cfg.data_dir).resolve()), "split": cfg.split,
               "enhanced_dir": str(enhanced_dir.resolve()),
-              "checkpoint": str(Path(cfg.checkpoint).resolve()) if cfg.get("checkpoint") is not None else None}
+              "checkpoint": str(checkpoint.resolve()) if checkpoint is not None else None}
     eval_report.write_summaries(out_dir, summary, len(rows), source, bool(cfg.paper_table), inputs)
 
     plots = []

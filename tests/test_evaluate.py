@@ -177,3 +177,12 @@ def test_cli_with_wandb_offline(dataset, tmp_path):
     media = [p.name for p in runs[0].rglob("*") if p.is_file()]
     assert any(n.endswith(".png") for n in media), media
     assert any("per_file" in n and n.endswith(".table.json") for n in media), media
+
+
+def test_checkpoint_folder_without_a_checkpoint_is_an_error(tmp_path):
+    from dfl.evaluate import resolve_checkpoint
+
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ValueError, match=r"checkpoint=.*/run: a folder without metrics.json's checkpoint"):
+        resolve_checkpoint(tmp_path / "run")
+    assert resolve_checkpoint(tmp_path / "model.pt") == tmp_path / "model.pt"

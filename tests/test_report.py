@@ -201,3 +201,36 @@ def test_report_of_the_sample_pairs_in_chromium(tmp_path):
                   "num_workers=0"))
     media = check_in_browser(out, _shots(tmp_path / "shots"), sort_column="enhanced_pesq")
     assert len(media["audio"]) == 6
+
+
+def test_demo_last_step_prints_where_the_report_is(tmp_path):
+    """`make demo`'s last command: dfl-eval experiment=eval_demo checkpoint=<train run folder>."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+
+    from dfl.checkpoints import save_model
+    from dfl.models import ContextAggregationNet
+
+    cache = tmp_path / "cache"
+    for i in range(2):
+        clean = speech_like(1.0, seed=100 + i)
+        write_audio(cache / "synthetic_speech" / "testset_clean" / f"s{i}.wav", clean, SR)
+        write_audio(cache / "synthetic_speech" / "testset_noisy" / f"s{i}.wav", noisy_version(clean, 5.0, seed=i), SR)
+    run = tmp_path / "demo_run"
+    torch.manual_seed(0)
+    best = save_model(run / "checkpoints" / "epoch_001.ckpt", "denoiser", ContextAggregationNet(dilations=[1, 2],
+                                                                                              channels=4))
+    save_model(run / "checkpoints" / "last.ckpt", "denoiser", ContextAggregationNet(dilations=[1], channels=2))
+    (run / "metrics.json").write_text(json.dumps({"noisy": {}, "enhanced": {}, "checkpoint": str(best)}))
+    proc = subprocess.run([sys.executable, "-m", "dfl.evaluate", "experiment=eval_demo", f"checkpoint={run}",
+                           f"hydra.run.dir={run / 'eval'}", "progress=false", "num_workers=0",
+                           f"paths.cache_dir={cache}"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == f"Report (open in a browser): {run / 'eval' / 'report.html'}"
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert summary["inputs"]["checkpoint"] == str(best) and set(summary["metrics"]) == {"pesq", "stoi", "si_sdr"}
+    assert (run / "eval" / "report.html").read_text().count("<audio ") == 6
