@@ -232,7 +232,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
         report = write_eval_report(out_dir, rows, metrics, summary, signals_of, sr, source,
                                    int(cfg.report.per_group), int(cfg.report.seed),
-                                   [p for p in plots if p.name == "pesq_improvement.png"])
+                                   [p for p in plots if p.name == "pesq_improvement.png" and len(rows) >= 5])
 
     logger = _wandb_logger(cfg)
     if logger is not None:

@@ -233,4 +233,4 @@ def test_demo_last_step_prints_where_the_report_is(tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == f"Report (open in a browser): {run / 'eval' / 'report.html'}"
     summary = json.loads((run / "eval" / "summary.json").read_text())
     assert summary["inputs"]["checkpoint"] == str(best) and set(summary["metrics"]) == {"pesq", "stoi", "si_sdr"}
-    assert (run / "eval" / "report.html").read_text().count("<audio ") == 6
+    assert (run / "eval" / "report.html").read_text().count("<audio ") == 6  # 2 files <= 3 x 4: all
