@@ -230,7 +230,7 @@ def evaluate(cfg: DictConfig) -> dict:
             return {"noisy": _load_checked(noisy, sr), "enhanced": _load_checked(enhanced[i], sr),
                     "clean": _load_checked(clean, sr)}
 
-        report = write_eval_report(out_dir, rows, metrics, summary, signals_of, sr, source,
+        report = write_eval_report(out_dir, rows, metrics, summary, signals_of, sr, str(checkpoint or enhanced_dir),
                                    int(cfg.report.per_group), int(cfg.report.seed),
                                    [p for p in plots if p.name == "pesq_improvement.png" and len(rows) >= 5])
 

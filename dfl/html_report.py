@@ -231,7 +231,8 @@ def files_table_html(rows: list[dict], metrics: list[str], chosen: dict[int, str
     for i, row in enumerate(rows):
         group = chosen.get(i, "")
         listen = (f'<td data-v="{group}"><button class="listen" aria-expanded="false">▶ '
-                  f'<span class="tag {group}">{group}</span></button></td>' if group else '<td data-v=""></td>')
+                  f'<span class="tag {group}">{"play" if group == "all" else group}</span></button></td>'
+                  if group else '<td data-v=""></td>')
         cells = [f'<td class="name" data-v="{esc(row["file"])}">{esc(row["file"])}</td>', listen]
         for m in metrics:
             cells += [_value_cell(row["noisy"][m], m), _value_cell(row["enhanced"][m], m),
