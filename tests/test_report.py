@@ -26,7 +26,9 @@ METRICS = ["pesq", "stoi", "si_sdr", "snr"]
 SHARED_SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "vbdmd_sample"
 CHROMIUM = find_chromium()
 needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="no Chromium binary on PATH (Debian: apt-get install chromium; or set DFL_CHROMIUM)")
+    CHROMIUM is None,
+    reason=f"DFL_CHROMIUM={os.environ['DFL_CHROMIUM']} is not an executable" if os.environ.get("DFL_CHROMIUM")
+    else "no Chromium binary on PATH (Debian: apt-get install chromium; or set DFL_CHROMIUM=/path/to/chrome)")
 
 
 def _row(name, noisy, enhanced):
