@@ -47,7 +47,7 @@ class Run:
 def _config(run_dir: Path) -> dict:
     from omegaconf import OmegaConf
 
-    for path in (run_dir / ".hydra" / "config.yaml", run_dir / "config.yaml"):
+    for path in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):  # dfl-train's resolved one first
         if path.is_file():
             try:
                 return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
@@ -279,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         runs = [read_run(p) for p in args.runs]
+        if len({r.label for r in runs}) < len(runs):  # e.g. "0_loss=l1" of two sweeps: say which sweep
+            for r in runs:
+                r.label = "/".join(r.path.resolve().parts[-2:])
         data_dir = args.data_dir or next((r.data_dir for r in runs if r.data_dir is not None), None)
         if data_dir is None:
             parser.error("no test data found in the runs' configs; give --data-dir ROOT")

@@ -186,6 +186,8 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ValueError("give exactly one of checkpoint=PATH (a dfl model/checkpoint) or enhanced_dir=DIR")
     if cfg.get("data_dir") is None:
         raise ValueError("data_dir=ROOT is required (ROOT/<split>set_noisy and ROOT/<split>set_clean)")
+    if cfg.report.enabled and int(cfg.report.per_group) < 1:
+        raise ValueError(f"report.per_group must be >= 1, got {cfg.report.per_group}")
     sr = int(cfg.sample_rate)
     pairs = list_pairs(Path(cfg.data_dir), cfg.split)
     if cfg.get("max_files"):

@@ -99,6 +99,23 @@ def test_bad_runs_and_files_are_clear_errors(runs, tmp_path, capsys):
     assert not (tmp_path / "o1" / "compare.html").exists()
 
 
+def test_train_run_finds_its_test_data_in_its_config_and_same_names_get_their_sweep(runs, tmp_path):
+    import shutil
+
+    root, run_dirs, _ = runs
+    sweeps = []
+    for name in ("sweep_a", "sweep_b"):  # two sweeps' "2_loss=l2", each with its resolved config.yaml
+        run = tmp_path / name / "2_loss=l2"
+        shutil.copytree(run_dirs[2], run)
+        (run / "config.yaml").write_text(f"data:\n  root: {root}\n")
+        sweeps.append(run)
+    out = tmp_path / "page"
+    assert compare.main([*map(str, sweeps), "-o", str(out), "--utterances", "1"]) == 0
+    html = (out / "compare.html").read_text()
+    assert 'data-v="sweep_a/2_loss=l2"' in html and 'data-v="sweep_b/2_loss=l2"' in html
+    assert html.count("<audio ") == 4 and "c0.wav" in html
+
+
 @needs_chromium
 def test_compare_page_in_chromium(runs, tmp_path):
     root, run_dirs, _ = runs

@@ -131,6 +131,8 @@ def test_mismatched_rate_or_length_are_errors(dataset, tmp_path):
         evaluate(_cfg(tmp_path / "o3", f"data_dir={root}", "metrics=[snr]"))
     with pytest.raises(ValueError, match="enhanced file missing"):
         evaluate(_cfg(tmp_path / "o4", f"data_dir={root}", f"enhanced_dir={tmp_path}", "metrics=[snr]"))
+    with pytest.raises(ValueError, match="report.per_group must be >= 1, got 0"):
+        evaluate(_cfg(tmp_path / "o6", f"data_dir={root}", f"enhanced_dir={enhanced}", "report.per_group=0"))
     with pytest.raises(ValueError, match="metrics: unknown"):
         evaluate(_cfg(tmp_path / "o5", f"data_dir={root}", f"enhanced_dir={enhanced}", "metrics=[nope]"))
 
