@@ -32,9 +32,12 @@ smoke: install
 
 DEMO_LOSSNET := models/lossnet_synthetic.pt
 
-# The denoiser demo uses the loss network pretrained on synthetic scenes/tags; made once.
+# The denoiser demo uses the loss network pretrained on synthetic scenes/tags; made once. Then dfl-eval of the
+# tested checkpoint on the same test split writes report.html into the run folder and prints where it is.
 demo: install $(DEMO_LOSSNET)
-	WANDB_MODE=offline $(BIN)/dfl-train experiment=demo
+	run=outputs/demo/runs/$$(date +%Y-%m-%d_%H-%M-%S) && \
+	WANDB_MODE=offline $(BIN)/dfl-train experiment=demo hydra.run.dir=$$run && \
+	WANDB_MODE=offline $(BIN)/dfl-eval experiment=eval_demo checkpoint=$$run hydra.run.dir=$$run/eval progress=false
 
 $(DEMO_LOSSNET):
 	$(MAKE) pretrain-demo

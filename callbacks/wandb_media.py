@@ -13,31 +13,15 @@ log = logging.getLogger(__name__)
 KINDS = ("noisy", "enhanced", "clean")
 
 
-def spectrogram_db(wave: np.ndarray, n_fft: int = 512, hop: int = 128) -> np.ndarray:
-    """Log-magnitude STFT in dB, ``[freq, frames]`` (floored 80 dB below the peak)."""
-    x = torch.as_tensor(wave, dtype=torch.float32)
-    if x.numel() < n_fft:
-        x = torch.nn.functional.pad(x, (0, n_fft - x.numel()))
-    mag = torch.stft(x, n_fft, hop, window=torch.hann_window(n_fft), return_complex=True).abs()
-    db = 20 * torch.log10(mag.clamp_min(1e-8))
-    return db.clamp_min(db.max() - 80).numpy()
-
-
 def spectrogram_image(waves: dict[str, np.ndarray], sample_rate: int, title: str) -> np.ndarray:
-    """One RGB image with the noisy / enhanced / clean spectrograms stacked, as ``uint8 [H, W, 3]``."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    """One RGB image with the noisy / enhanced / clean spectrograms stacked on one colour scale fixed
+    relative to the clean reference, with a colour bar (a silent output is labelled, not just black),
+    as ``uint8 [H, W, 3]``."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(waves), 1, figsize=(8, 2.2 * len(waves)), sharex=True, constrained_layout=True)
-    for ax, (kind, wave) in zip(np.atleast_1d(axes), waves.items()):
-        db = spectrogram_db(wave)
-        ax.imshow(db, origin="lower", aspect="auto", cmap="magma",
-                  extent=(0, len(wave) / sample_rate, 0, sample_rate / 2000))
-        ax.set_ylabel(f"{kind}\nkHz")
-    np.atleast_1d(axes)[-1].set_xlabel("seconds")
-    fig.suptitle(title)
+    from dfl.spectrogram import spectrogram_figure
+
+    fig = spectrogram_figure(waves, sample_rate, title, width=8.0, panel_height=2.0)
     fig.canvas.draw()
     image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     plt.close(fig)

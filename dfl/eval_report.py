@@ -130,10 +130,15 @@ def paper_table_markdown(summary: dict, num_files: int, source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summaries(out_dir: Path, summary: dict, num_files: int, source: str, paper_table: bool) -> list[Path]:
+def write_summaries(out_dir: Path, summary: dict, num_files: int, source: str, paper_table: bool,
+                    inputs: dict | None = None) -> list[Path]:
+    """``summary.json`` (with ``inputs``: where the files came from, for ``dfl-compare``), ``summary.md`` and,
+    when asked, ``paper_table.md``."""
+    record = {"num_files": num_files, "enhanced": source, "metrics": summary}
+    if inputs is not None:
+        record["inputs"] = inputs
     written = [
-        _write_text(out_dir / "summary.json", json.dumps({"num_files": num_files, "enhanced": source,
-                                                          "metrics": summary}, indent=2)),
+        _write_text(out_dir / "summary.json", json.dumps(record, indent=2)),
         _write_text(out_dir / "summary.md", summary_markdown(summary, num_files, source)),
     ]
     if paper_table:
@@ -141,11 +146,11 @@ def write_summaries(out_dir: Path, summary: dict, num_files: int, source: str, p
     return written
 
 
-def _save_png(fig, path: Path) -> Path:
+def _save_png(fig, path: Path, dpi: int = 100) -> Path:
     import matplotlib.pyplot as plt
 
     def write(tmp: Path) -> None:
-        fig.savefig(tmp, format="png", dpi=100)
+        fig.savefig(tmp, format="png", dpi=dpi)
 
     try:
         return atomic_write(path, write)
@@ -160,34 +165,13 @@ def write_plot_notes(path: Path, notes: list[str]) -> Path:
 
 
 def spectrogram_png(path: Path, signals: dict[str, np.ndarray], sample_rate: int, title: str,
-                    dynamic_range_db: float = 80.0) -> Path:
-    """Stacked log-magnitude spectrograms on one shared colour scale (top dB - dynamic range).
+                    dpi: int = 100, **figure_options) -> Path:
+    """Stacked spectrograms on one colour scale fixed relative to the clean reference
+    (:func:`dfl.spectrogram.spectrogram_figure`, which takes ``figure_options``), with a colour bar, as a PNG."""
+    from dfl.spectrogram import spectrogram_figure
 
-    Every signal needs at least ``SPECTROGRAM_FRAME`` samples (ValueError otherwise).
-    """
-    short = {k: x.size for k, x in signals.items() if x.size < SPECTROGRAM_FRAME}
-    if short:
-        raise ValueError(f"{title}: {short} samples, a spectrogram needs {SPECTROGRAM_FRAME}")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from scipy.signal import stft
-
-    specs = {}
-    for name, x in signals.items():
-        f, t, z = stft(x, fs=sample_rate, nperseg=SPECTROGRAM_FRAME, noverlap=SPECTROGRAM_FRAME * 3 // 4)
-        specs[name] = 20 * np.log10(np.abs(z) + 1e-10)
-    vmax = max(float(s.max()) for s in specs.values())
-    vmin = vmax - dynamic_range_db
-    fig, axes = plt.subplots(len(specs), 1, figsize=(10, 2.6 * len(specs)), sharex=True, squeeze=False)
-    for ax, (name, s) in zip(axes[:, 0], specs.items(), strict=True):
-        mesh = ax.pcolormesh(t, f / 1000, s, vmin=vmin, vmax=vmax, shading="auto", cmap="magma")
-        ax.set_ylabel(f"{name}\nkHz")
-    axes[-1, 0].set_xlabel("time (s)")
-    axes[0, 0].set_title(title)
-    fig.colorbar(mesh, ax=axes[:, 0].tolist(), label="dB")
-    return _save_png(fig, path)
+    fig = spectrogram_figure(signals, sample_rate, title, **figure_options)
+    return _save_png(fig, path, dpi)
 
 
 def improvement_histogram_png(path: Path, improvements: list[float], metric: str = "pesq") -> Path:

@@ -2,10 +2,12 @@
 
     dfl-eval checkpoint=models/denoiser.pt data_dir=data/voicebank
     dfl-eval enhanced_dir=out/enhanced data_dir=data/voicebank split=val
+    dfl-eval checkpoint=outputs/train/runs/<time> data_dir=data/voicebank   # a run's tested checkpoint
     dfl-eval experiment=eval_voicebank checkpoint=models/denoiser.pt logger=wandb
 
 Writes into the Hydra run directory: ``per_file.csv``, ``summary.json``, ``summary.md``,
-``plots/`` (and ``paper_table.md``, ``enhanced/`` when a model was run).
+``plots/``, ``report.html`` with ``report/`` (players and spectrograms), and ``paper_table.md``,
+``enhanced/`` when a model was run.
 
 The model is ``checkpoint=`` (not ``model=``: that name is the model config group of dfl-train).
 """
@@ -103,6 +105,25 @@ def enhance_with_model(model_path: Path, pairs, out_dir: Path, sample_rate: int,
     return out_dir
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """A model file as given, or for a ``dfl-train`` run folder the checkpoint its test used (``metrics.json``),
+    else its ``checkpoints/last.ckpt``."""
+    import json
+
+    if not path.is_dir():
+        return path
+    metrics = path / "metrics.json"
+    if metrics.is_file():
+        best = json.loads(metrics.read_text()).get("checkpoint")
+        for candidate in (Path(best), path / "checkpoints" / Path(best).name) if best else ():
+            if candidate.is_file():
+                return candidate
+    if (path / "checkpoints" / "last.ckpt").is_file():
+        return path / "checkpoints" / "last.ckpt"
+    raise ValueError(f"checkpoint={path}: a folder without metrics.json's checkpoint or checkpoints/last.ckpt "
+                     "(give a model file or a dfl-train run folder)")
+
+
 def _enhanced_paths(enhanced_dir: Path, pairs) -> list[Path]:
     if not enhanced_dir.is_dir():
         raise ValueError(f"enhanced_dir={enhanced_dir}: directory not found")
@@ -165,13 +186,16 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ValueError("give exactly one of checkpoint=PATH (a dfl model/checkpoint) or enhanced_dir=DIR")
     if cfg.get("data_dir") is None:
         raise ValueError("data_dir=ROOT is required (ROOT/<split>set_noisy and ROOT/<split>set_clean)")
+    if cfg.report.enabled and int(cfg.report.per_group) < 1:
+        raise ValueError(f"report.per_group must be >= 1, got {cfg.report.per_group}")
     sr = int(cfg.sample_rate)
     pairs = list_pairs(Path(cfg.data_dir), cfg.split)
     if cfg.get("max_files"):
         pairs = pairs[: int(cfg.max_files)]
-    if cfg.get("checkpoint") is not None:
-        source = Path(cfg.checkpoint).name
-        enhanced_dir = enhance_with_model(Path(cfg.checkpoint), pairs, out_dir / "enhanced", sr, cfg.progress)
+    checkpoint = resolve_checkpoint(Path(cfg.checkpoint)) if cfg.get("checkpoint") is not None else None
+    if checkpoint is not None:
+        source = checkpoint.name
+        enhanced_dir = enhance_with_model(checkpoint, pairs, out_dir / "enhanced", sr, cfg.progress)
     else:
         enhanced_dir = Path(cfg.enhanced_dir)
         source = enhanced_dir.name
@@ -182,7 +206,10 @@ def evaluate(cfg: DictConfig) -> dict:
 
     eval_report.write_per_file_csv(out_dir / "per_file.csv", rows, metrics)
     summary = eval_report.summarize(rows, metrics)
-    eval_report.write_summaries(out_dir, summary, len(rows), source, bool(cfg.paper_table))
+    inputs = {"data_dir": str(Path(cfg.data_dir).resolve()), "split": cfg.split,
+              "enhanced_dir": str(enhanced_dir.resolve()),
+              "checkpoint": str(checkpoint.resolve()) if checkpoint is not None else None}
+    eval_report.write_summaries(out_dir, summary, len(rows), source, bool(cfg.paper_table), inputs)
 
     plots, notes = [], []
     for name, noisy, clean in pairs[: int(cfg.plots.num_spectrograms)]:
@@ -207,11 +234,26 @@ def evaluate(cfg: DictConfig) -> dict:
         for note in notes:
             log.warning("dfl-eval: %s", note)
 
+    report = None
+    if cfg.report.enabled:
+        from dfl.html_report import write_eval_report
+
+        def signals_of(i: int) -> dict[str, np.ndarray]:
+            name, noisy, clean = pairs[i]
+            return {"noisy": _load_checked(noisy, sr), "enhanced": _load_checked(enhanced[i], sr),
+                    "clean": _load_checked(clean, sr)}
+
+        report = write_eval_report(out_dir, rows, metrics, summary, signals_of, sr, str(checkpoint or enhanced_dir),
+                                   int(cfg.report.per_group), int(cfg.report.seed),
+                                   [p for p in plots if p.name == "pesq_improvement.png" and len(rows) >= 5])
+
     logger = _wandb_logger(cfg)
     if logger is not None:
         _log_wandb(logger, rows, metrics, summary, plots, cfg)
     print((out_dir / "summary.md").read_text())
     log.info("dfl-eval wrote %s", out_dir)
+    if report is not None:
+        print(f"Report (open in a browser): {report.resolve()}")
     return summary
 
 

@@ -7,7 +7,7 @@ import argparse
 import pytest
 import torch
 
-from dfl import bench, enhance, export
+from dfl import bench, compare, enhance, export
 from dfl.checkpoints import load_model
 from dfl.data import prepare
 from dfl.tf_import import cli as tf_cli
@@ -15,6 +15,7 @@ from tests.helpers.small_denoisers import saved_denoiser
 
 PARSERS = {
     "dfl-bench": bench.build_parser,
+    "dfl-compare": compare.build_parser,
     "dfl-denoise": enhance.build_parser,
     "dfl-export": export.build_parser,
     "dfl-import-tf": tf_cli.build_parser,

@@ -215,6 +215,8 @@ FACTS_EXPERIMENT = {
     "demo": dict(data="synthetic", model="can_paper", channels=32, init="identity", batch_size=4, crop=1.0,
                  lr=1e-3, balance_epochs=2, lossnet="paper", loss="fl"),
     "eval_voicebank": dict(eval=True, split="test", data_dir="voicebank", paper_table=True),
+    # make demo's last step: the demo's synthetic test split
+    "eval_demo": dict(eval=True, split="test", data_dir="synthetic_speech", paper_table=False),
     # the authors' release (senet_train.py; docs/recipes.md): can_authors with TF-slim init, their loss network's
     # first 6 layers, balanced on epoch 10 alone
     "authors_fl": dict(data="voicebank", model="can_authors", channels=64, init="xavier", batch_size=1, crop=None,

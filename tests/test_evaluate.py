@@ -132,6 +132,8 @@ def test_mismatched_rate_or_length_are_errors(dataset, tmp_path):
         evaluate(_cfg(tmp_path / "o3", f"data_dir={root}", "metrics=[snr]"))
     with pytest.raises(ValueError, match="enhanced file missing"):
         evaluate(_cfg(tmp_path / "o4", f"data_dir={root}", f"enhanced_dir={tmp_path}", "metrics=[snr]"))
+    with pytest.raises(ValueError, match="report.per_group must be >= 1, got 0"):
+        evaluate(_cfg(tmp_path / "o6", f"data_dir={root}", f"enhanced_dir={enhanced}", "report.per_group=0"))
     with pytest.raises(ValueError, match=r"metrics: unknown metric 'nope'; valid: pesq, .*dnsmos \(= dnsmos_sig/"):
         evaluate(_cfg(tmp_path / "o5", f"data_dir={root}", f"enhanced_dir={enhanced}", "metrics=[nope]"))
 
@@ -231,3 +233,12 @@ def test_metric_families_are_accepted_by_name(dataset, tmp_path):
                             "num_workers=0", "max_files=1", "plots.num_spectrograms=0"))
     assert list(summary) == ["dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "snr"]
     assert 1.0 < summary["dnsmos_ovrl"]["enhanced"]["mean"] < 5.0
+
+
+def test_checkpoint_folder_without_a_checkpoint_is_an_error(tmp_path):
+    from dfl.evaluate import resolve_checkpoint
+
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ValueError, match=r"checkpoint=.*/run: a folder without metrics.json's checkpoint"):
+        resolve_checkpoint(tmp_path / "run")
+    assert resolve_checkpoint(tmp_path / "model.pt") == tmp_path / "model.pt"
