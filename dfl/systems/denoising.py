@@ -30,8 +30,8 @@ class DenoisingSystem(L.LightningModule):
 
     Batches are dicts with ``noisy`` and ``clean`` ``[batch, time]`` tensors (and
     ``lengths``). Validation/test batches are whole utterances; metrics are computed per
-    utterance with :mod:`dfl.metrics` and averaged over utterances (synchronised across
-    DDP ranks). The unprocessed noisy input is scored once, under ``<stage>/noisy/*``,
+    utterance with :mod:`dfl.metrics`, gathered from every DDP rank by utterance id and
+    averaged over the distinct utterances (:mod:`dfl.systems.scoring`: exact for any world size). The unprocessed noisy input is scored once, under ``<stage>/noisy/*``,
     so the improvement is visible next to ``<stage>/enhanced/*``.
     """
 
@@ -52,6 +52,8 @@ class DenoisingSystem(L.LightningModule):
         self.loss = loss
         self.metric_names = list(metrics)
         self._noisy_scored: set[str] = set()
+        self._records: dict[str, list[dict]] = {}  # per stage: this rank's per-utterance results (dfl.systems.scoring)
+        self.evaluated_utterances: dict[str, int] = {}  # per stage: distinct utterances in the last epoch's means
         self._unchecked_losses: list[tuple[int, torch.Tensor]] = []  # (batch, loss) not yet read: see _check_finite
         self._written_step = True  # this step's values go to the loggers: see _loggers_write_this_step
 
@@ -148,38 +150,71 @@ class DenoisingSystem(L.LightningModule):
         return adam(params, lr=self.hparams.lr, betas=tuple(self.hparams.betas), weight_decay=self.hparams.weight_decay)
 
     # -- evaluation ---------------------------------------------------------------------------
-    def _evaluate(self, batch: dict, stage: str) -> None:
-        from dfl.metrics import MetricFailure, compute_many
+    def _utterance_ids(self, batch: dict, batch_idx: int) -> list[str]:
+        """The ids results are gathered by: the datamodule's ``names`` (unique within a split).
+
+        Batches without names get ids unique to this rank and batch: nothing is deduplicated then, so a
+        padded distributed sampler's repeats would count (every dfl datamodule names its utterances).
+        """
+        names = batch.get("names")
+        if names is not None:
+            return [str(n) for n in names]
+        return [f"rank{self.global_rank}/batch{batch_idx}/{i}" for i in range(batch["noisy"].shape[0])]
+
+    def _evaluate(self, batch: dict, batch_idx: int, stage: str) -> None:
+        from dfl.metrics import compute_many
 
         noisy, clean = batch["noisy"], batch["clean"]
         enhanced = self(noisy)
-        total, per_layer = self._loss(enhanced, clean, batch.get("lengths"), batch.get("padded"))
-        self.log(f"{stage}/loss", total, batch_size=noisy.shape[0], sync_dist=True)
+        total, _ = self._loss(enhanced, clean, batch.get("lengths"), batch.get("padded"))
+        ids = self._utterance_ids(batch, batch_idx)
+        records = self._records.setdefault(stage, [])
+        records.append({"id": "batch:" + "|".join(ids), "loss": float(total), "n": len(ids)})
         lengths = batch.get("lengths", torch.full((noisy.shape[0],), noisy.shape[-1]))
         score_noisy = stage not in self._noisy_scored
-        for i in range(noisy.shape[0]):
+        for i, uid in enumerate(ids):
             n = int(lengths[i])
             ref = clean[i, :n].float().cpu().numpy().astype(np.float64)
+            values = {}
             for kind, signal in (("enhanced", enhanced), ("noisy", noisy)):
                 if kind == "noisy" and not score_noisy:
                     continue
                 est = signal[i, :n].float().cpu().numpy().astype(np.float64)
                 for name, value in compute_many(self.metric_names, ref, est, self.hparams.sample_rate).items():
-                    if isinstance(value, MetricFailure):
-                        continue  # recorded as missing, never as 0
-                    self.log(f"{stage}/{kind}/{name}", float(value), batch_size=1, sync_dist=True)
+                    values[f"{kind}/{name}"] = value  # a MetricFailure is left out of the mean, never 0
+            records.append({"id": uid, "values": values})
+
+    def _log_epoch_means(self, stage: str) -> dict[str, float]:
+        """Gather every rank's records, drop repeated utterances, log one mean per metric (same on all ranks)."""
+        from dfl.systems.scoring import gather_records, means, unique_by_id
+
+        records = unique_by_id(gather_records(self._records.pop(stage, [])))
+        results = means(records)
+        self.evaluated_utterances[stage] = sum(1 for r in records if "values" in r)
+        for key, value in results.items():
+            # already identical on every rank: no further reduction (it would re-weight by rank)
+            self.log(f"{stage}/{key}", value, batch_size=1, sync_dist=False)
+        return results
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+        self._evaluate(batch, batch_idx, "val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+        self._evaluate(batch, batch_idx, "test")
+
+    def on_validation_epoch_start(self) -> None:
+        self._records["val"] = []
+
+    def on_test_epoch_start(self) -> None:
+        self._records["test"] = []
 
     def on_validation_epoch_end(self) -> None:
+        self._log_epoch_means("val")
         if not self.trainer.sanity_checking:
             self._noisy_scored.add("val")
 
     def on_test_epoch_end(self) -> None:
+        self._log_epoch_means("test")
         self._noisy_scored.add("test")
 
     # -- checkpoints --------------------------------------------------------------------------
