@@ -225,3 +225,7 @@ class DenoisingSystem(L.LightningModule):
         if lossnet is not None and hasattr(lossnet, "config"):
             records["lossnet"] = model_record("lossnet", lossnet)
         checkpoint["dfl_models"] = records
+        checkpoint["dfl_noisy_scored"] = sorted(self._noisy_scored)  # a resumed run does not rescore them
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._noisy_scored |= set(checkpoint.get("dfl_noisy_scored", []))
