@@ -7,6 +7,10 @@
 Writes into the Hydra run directory: ``per_file.csv``, ``summary.json``, ``summary.md``,
 ``plots/`` (and ``paper_table.md``, ``enhanced/`` when a model was run).
 
+With ``checkpoint=``, ``enhanced/`` holds exactly what ``dfl-denoise --model`` writes (same chunking,
+the noisy files' own format: 16-bit in, 16-bit out), and those files are scored: both routes give one
+answer per model.
+
 The model is ``checkpoint=`` (not ``model=``: that name is the model config group of dfl-train).
 """
 
@@ -20,17 +24,18 @@ from pathlib import Path
 
 import hydra
 import numpy as np
+import soundfile as sf
 from omegaconf import DictConfig, OmegaConf
 
 from dfl import hydra_resolvers
-from dfl.audio import read_audio, write_audio
+from dfl.audio import AudioError, read_audio
 from dfl.metrics import METRIC_NAMES, compute_many
 
 log = logging.getLogger(__name__)
 
 CONF_DIR = hydra_resolvers.CONF_DIR
 hydra_resolvers.register()  # the shared hydra/logger configs use dfl's resolvers (before @hydra.main runs)
-EVAL_KEYS = ("task_name", "checkpoint", "enhanced_dir", "data_dir", "split", "sample_rate", "max_files", "metrics")
+EVAL_KEYS = ("task_name", "checkpoint", "enhanced_dir", "data_dir", "split", "sample_rate", "max_files", "metrics", "chunk_seconds")
 
 
 def _load_checked(path: Path, sample_rate: int) -> np.ndarray:
@@ -82,21 +87,30 @@ def list_pairs(data_dir: Path, split: str) -> list[tuple[str, Path, Path]]:
     return [(noisy.name, noisy, clean) for noisy, clean, _ in pairs]
 
 
-def enhance_with_model(model_path: Path, pairs, out_dir: Path, sample_rate: int, progress: bool = True) -> Path:
-    """Run a dfl denoiser on every noisy file (one whole file at a time) into ``out_dir`` (float wav)."""
-    import torch
+def enhance_with_model(
+    model_path: Path, pairs, out_dir: Path, sample_rate: int, progress: bool = True, chunk_seconds: float = 20.0
+) -> Path:
+    """Write into ``out_dir`` exactly what ``dfl-denoise --model MODEL`` writes for each noisy file.
+
+    Same :class:`~dfl.inference.Denoiser` (chunks of ``chunk_seconds``, the ``--chunk-seconds`` of
+    dfl-denoise), same output format as the input (a 16-bit noisy file gives a 16-bit enhanced file):
+    ``dfl-eval checkpoint=MODEL`` and ``dfl-denoise`` + ``dfl-eval enhanced_dir=`` score the same files.
+    """
     from tqdm import tqdm
 
-    from dfl.checkpoints import load_model
+    from dfl.enhance import Job, denoise_file
+    from dfl.inference import Denoiser
 
-    model = load_model(model_path, "denoiser").eval()
-    with torch.inference_mode():
-        for name, noisy, _ in tqdm(pairs, desc="enhance", unit="file", disable=not progress):
-            x = torch.from_numpy(_load_checked(noisy, sample_rate)).float()[None]
-            y = model(x)[0].cpu().numpy()
-            if not np.isfinite(y).all():
-                raise ValueError(f"{model_path}: the model produced NaN/Inf for {noisy}")
-            write_audio(out_dir / name, y, sample_rate, subtype="FLOAT")
+    for _, noisy, _ in pairs:  # metrics never resample: refuse before running the model
+        rate = sf.info(str(noisy)).samplerate
+        if rate != sample_rate:
+            raise ValueError(f"{noisy}: sample rate {rate} Hz, expected {sample_rate} Hz (set sample_rate= or resample)")
+    denoiser = Denoiser.from_checkpoint(model_path, chunk_seconds=chunk_seconds)
+    for name, noisy, _ in tqdm(pairs, desc="enhance", unit="file", disable=not progress):
+        try:
+            denoise_file(denoiser, Job(noisy, Path(name)), out_dir, lambda n: None)
+        except AudioError as exc:
+            raise ValueError(f"{model_path}: {exc}") from exc
     return out_dir
 
 
@@ -171,7 +185,8 @@ def evaluate(cfg: DictConfig) -> dict:
         pairs = pairs[: int(cfg.max_files)]
     if cfg.get("checkpoint") is not None:
         source = Path(cfg.checkpoint).name
-        enhanced_dir = enhance_with_model(Path(cfg.checkpoint), pairs, out_dir / "enhanced", sr, cfg.progress)
+        enhanced_dir = enhance_with_model(Path(cfg.checkpoint), pairs, out_dir / "enhanced", sr, cfg.progress,
+                                          float(cfg.get("chunk_seconds", 20.0)))
     else:
         enhanced_dir = Path(cfg.enhanced_dir)
         source = enhanced_dir.name
