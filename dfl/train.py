@@ -183,6 +183,19 @@ def continue_logs(loggers: list, resumed_step: int) -> None:
             lg._kwargs.setdefault("purge_step", resumed_step)
 
 
+def best_checkpoint_facts(ckpt_cb, best: str) -> dict:
+    """The best checkpoint's epoch and the validation value it was chosen on (for metrics.json, sweep tables)."""
+    if not best:
+        return {}
+    import torch
+
+    score = getattr(ckpt_cb, "best_model_score", None)
+    return {
+        "best_epoch": int(torch.load(best, map_location="cpu", weights_only=True, mmap=True)["epoch"]),
+        "chosen_on": {str(ckpt_cb.monitor): float(score)} if score is not None and ckpt_cb.monitor else None,
+    }
+
+
 def fit_and_test(cfg: DictConfig, trainer, system, datamodule, out_dir: Path, ckpt_path: str | None = None) -> dict:
     from dfl.audio import atomic_write
 
@@ -195,6 +208,7 @@ def fit_and_test(cfg: DictConfig, trainer, system, datamodule, out_dir: Path, ck
         trainer.test(system, datamodule=datamodule, ckpt_path=best or None)
         results = collect_test_metrics(trainer.callback_metrics)
         results["checkpoint"] = best or None
+        results.update(best_checkpoint_facts(ckpt_cb, best))
         if trainer.is_global_zero:
             atomic_write(out_dir / "metrics.json", lambda p: p.write_text(json.dumps(results, indent=2)))
             print_metrics_table(results)
