@@ -424,6 +424,74 @@ def bench_training_epoch(device: torch.device, args, extra_overrides: tuple[str,
     return result
 
 
+def validation_set(utterances: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(noisy, clean)`` speech-like pairs with VoiceBank-like lengths (mean ≈ 2.9 s), SNR 0-15 dB."""
+    from datamodules.synthetic_speech import synthesize_noise, synthesize_utterance
+
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for seconds in voicebank_like_seconds(utterances, rng):
+        clean = synthesize_utterance(rng, SAMPLE_RATE, float(seconds))
+        noise = synthesize_noise("babble", rng, len(clean), SAMPLE_RATE)
+        gain = np.sqrt(np.mean(clean**2) / np.mean(noise**2)) * 10 ** (-rng.uniform(0, 15) / 20)
+        pairs.append(((clean + gain * noise).astype(np.float32), clean))
+    return pairs
+
+
+def bench_validation(utterances: int, workers: list[int], seed: int = 0) -> dict:
+    """One validation epoch as ``DenoisingSystem`` runs it: ``can_paper`` on each whole utterance, then
+    PESQ/STOI/SI-SDR of the enhanced output (a later epoch's work; the first also scores the noisy input).
+
+    ``model only`` runs the network alone; ``serial`` scores in this process after each utterance;
+    ``pooled_<k>`` hands each utterance to a :class:`~dfl.metric_pool.MetricPool` of ``k`` processes
+    (started and warmed before the clock starts: validation keeps its pool for the whole fit) while the
+    model runs on. ``metrics_added_seconds`` is the time above ``model only``.
+    """
+    from dfl.metric_pool import MetricPool, result, score_utterance
+
+    pairs = validation_set(utterances, seed)
+    audio_seconds = sum(len(c) for _, c in pairs) / SAMPLE_RATE
+    model = trained_like(MODELS["can_paper"])
+    metrics = ["pesq", "stoi", "si_sdr"]
+
+    def epoch(pool: MetricPool | None) -> float:
+        start = time.perf_counter()
+        futures = []
+        with torch.inference_mode():
+            for i, (noisy, clean) in enumerate(pairs):
+                enhanced = model(torch.from_numpy(noisy)[None])[0].numpy().astype(np.float64)
+                if pool is not None:
+                    job = (f"u{i}", clean.astype(np.float64), {"enhanced": enhanced}, metrics, SAMPLE_RATE)
+                    futures.append(pool.submit(score_utterance, job))
+        for f in futures:
+            result(f)
+        return time.perf_counter() - start
+
+    epoch(None)  # warm-up (native kernels, allocator)
+    runs: dict[str, dict] = {}
+    model_only = epoch(None)
+    runs["model_only"] = {"seconds": model_only}
+    for k in [0, *workers]:
+        label = "serial" if k == 0 else f"pooled_{k}"
+        with MetricPool(k) as pool:
+            startup = time.perf_counter()
+            if k:
+                result(pool.submit(score_utterance, ("warm", pairs[0][1].astype(np.float64),
+                                                     {"enhanced": pairs[0][0].astype(np.float64)}, metrics,
+                                                     SAMPLE_RATE)))
+            startup = time.perf_counter() - startup
+            seconds = epoch(pool)
+        runs[label] = {"seconds": seconds, "pool_start_seconds": startup if k else 0.0}
+    serial_added = runs["serial"]["seconds"] - model_only
+    for label, entry in runs.items():
+        entry["utterances_per_second"] = utterances / entry["seconds"]
+        if label != "model_only":
+            entry["metrics_added_seconds"] = entry["seconds"] - model_only
+            entry["added_vs_serial"] = entry["metrics_added_seconds"] / serial_added if serial_added > 0 else None
+    return {"utterances": utterances, "audio_seconds": audio_seconds, "metrics": metrics,
+            "torch_threads": torch.get_num_threads(), "runs": runs}
+
+
 def bench_long_file(minutes: float, args) -> dict:
     """Peak resident memory of `dfl-denoise` on a generated ``minutes``-long 16 kHz mono file.
 
@@ -490,6 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--long-file-minutes", type=float, default=0.0, help="also check memory on a file this long (e.g. 60)"
     )
+    parser.add_argument("--validation-utterances", type=int, default=0,
+                        help="also time a validation epoch (can_paper + PESQ/STOI/SI-SDR) on this many VoiceBank-like "
+                        "utterances, metrics scored serially and in worker pools (0: skip)")  # fmt: skip
+    parser.add_argument("--validation-workers", type=int, nargs="+", default=None, metavar="K",
+                        help="pool sizes for --validation-utterances (default: 1 and dfl-train's default)")
+    parser.add_argument("--skip-inference", action="store_true", help="no inference rows")
     return parser
 
 
@@ -529,9 +603,10 @@ def main(argv: list[str] | None = None) -> int:
         results["gemm_gflops"]["cuda_bf16"] = gemm_gflops(cuda, torch.bfloat16)
         print(f"CUDA: {results['machine']['cuda']}; GEMM fp32 {results['gemm_gflops']['cuda_fp32']:.0f}, "
               f"bf16 {results['gemm_gflops']['cuda_bf16']:.0f} GFLOP/s")  # fmt: skip
-    print("inference (10 s input, batch 1):" if args.seconds == 10 else f"inference ({args.seconds:g} s input):")
+    if not args.skip_inference:
+        print("inference (10 s input, batch 1):" if args.seconds == 10 else f"inference ({args.seconds:g} s input):")
     cuda_gemm = {k.removeprefix("cuda_"): v for k, v in results["gemm_gflops"].items() if k.startswith("cuda_")}
-    for name in args.models:
+    for name in [] if args.skip_inference else args.models:
         results["inference"][name] = bench_inference(name, MODELS[name], args, gemm, cuda_gemm or None)
     devices = ([] if args.skip_cpu else [cpu]) + ([torch.device("cuda")] if use_cuda else [])
     if not args.skip_training:
@@ -543,6 +618,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.epoch_utterances > 0:
         print(f"training epochs through dfl-train ({args.epoch_utterances} VoiceBank-like utterances, 2nd epoch):")
         results["training_epoch"] = {d.type: bench_training_epoch(d, args) for d in devices}
+    if args.validation_utterances > 0:
+        from dfl.metric_pool import default_workers
+
+        workers = args.validation_workers or sorted({1, max(default_workers(), 1)})
+        print(f"validation epoch ({args.validation_utterances} VoiceBank-like utterances, can_paper + "
+              "PESQ/STOI/SI-SDR of the enhanced output):")  # fmt: skip
+        v = results["validation"] = bench_validation(args.validation_utterances, workers)
+        for label, entry in v["runs"].items():
+            extra = "" if label == "model_only" else (
+                f"; metrics add {entry['metrics_added_seconds']:6.1f} s"
+                + (f" ({entry['added_vs_serial']:.2f}× serial's)" if entry.get("added_vs_serial") is not None else ""))
+            print(f"  {label:12s}: {entry['seconds']:6.1f} s, {entry['utterances_per_second']:5.2f} utterances/s{extra}",
+                  flush=True)  # fmt: skip
     if args.long_file_minutes > 0:
         results["long_file"] = bench_long_file(args.long_file_minutes, args)
     atomic_write(args.output, lambda tmp: tmp.write_text(json.dumps(results, indent=2)))

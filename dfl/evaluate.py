@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import hydra
@@ -65,15 +63,20 @@ def score_file(job: tuple) -> dict:
 
 
 def score_all(jobs: list[tuple], num_workers: int, progress: bool = True) -> list[dict]:
-    """Score every file, in input order; ``num_workers <= 1`` runs serially (same numbers)."""
+    """Score every file, in input order; ``num_workers <= 1`` runs serially (same numbers).
+
+    The workers are a :class:`~dfl.metric_pool.MetricPool`, the pool validation scores through too.
+    """
     from tqdm import tqdm
+
+    from dfl.metric_pool import MetricPool, result
 
     bar = dict(total=len(jobs), desc="metrics", unit="file", disable=not progress)
     if num_workers <= 1 or len(jobs) <= 1:
         return [score_file(j) for j in tqdm(jobs, **bar)]
-    # spawn, not fork: the parent may hold torch / onnxruntime thread pools
-    with ProcessPoolExecutor(max_workers=num_workers, mp_context=get_context("spawn")) as pool:
-        return list(tqdm(pool.map(score_file, jobs), **bar))
+    with MetricPool(num_workers) as pool:
+        futures = [pool.submit(score_file, job) for job in jobs]
+        return [result(f) for f in tqdm(futures, **bar)]
 
 
 def list_pairs(data_dir: Path, split: str) -> list[tuple[str, Path, Path]]:

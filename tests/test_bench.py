@@ -102,3 +102,17 @@ def test_cpu_description_names_the_machine():
     bare = cpu_description("")  # no /proc/cpuinfo: what platform knows, and no made-up numbers
     assert bare["model"] and bare["family"] is None and bare["vector_isa"] is None
     assert "family" not in _cpu_line(bare)
+
+
+def test_validation_bench_times_serial_and_pooled_scoring():
+    from dfl.bench import bench_validation
+
+    result = bench_validation(2, workers=[1])
+    runs = result["runs"]
+    assert list(runs) == ["model_only", "serial", "pooled_1"] and result["metrics"] == ["pesq", "stoi", "si_sdr"]
+    assert 2 * 1.1 <= result["audio_seconds"] <= 2 * 15.0
+    for entry in runs.values():
+        assert entry["seconds"] > 0 and entry["utterances_per_second"] == pytest.approx(2 / entry["seconds"])
+    assert runs["serial"]["added_vs_serial"] == pytest.approx(1.0)
+    assert runs["pooled_1"]["metrics_added_seconds"] == pytest.approx(runs["pooled_1"]["seconds"] - runs["model_only"]["seconds"])
+    assert runs["pooled_1"]["pool_start_seconds"] > 0 == runs["serial"]["pool_start_seconds"]

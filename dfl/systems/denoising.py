@@ -31,8 +31,15 @@ class DenoisingSystem(L.LightningModule):
     Batches are dicts with ``noisy`` and ``clean`` ``[batch, time]`` tensors (and
     ``lengths``). Validation/test batches are whole utterances; metrics are computed per
     utterance with :mod:`dfl.metrics`, gathered from every DDP rank by utterance id and
-    averaged over the distinct utterances (:mod:`dfl.systems.scoring`: exact for any world size). The unprocessed noisy input is scored once, under ``<stage>/noisy/*``,
-    so the improvement is visible next to ``<stage>/enhanced/*``.
+    averaged over the distinct utterances (:mod:`dfl.systems.scoring`: exact for any world size).
+    The unprocessed noisy input is scored once, under ``<stage>/noisy/*``, so the improvement is
+    visible next to ``<stage>/enhanced/*``.
+
+    The metrics run in ``metric_workers`` worker processes (:class:`~dfl.metric_pool.MetricPool`;
+    None: this host's cores shared by its training processes, one left to each; 0: in this process)
+    while the model runs on the next utterances; they are merged at the end of the epoch, before it is
+    logged and checkpointed. ``val_metrics_every_n_epochs``: validation epochs whose number + 1 is a
+    multiple of it compute the metrics; the others the loss only.
     """
 
     def __init__(
@@ -45,14 +52,20 @@ class DenoisingSystem(L.LightningModule):
         metrics: Sequence[str] = DEFAULT_METRICS,
         sample_rate: int = 16_000,
         compile: bool = False,
+        val_metrics_every_n_epochs: int = 1,
+        metric_workers: int | None = None,
     ) -> None:
         super().__init__()
+        if val_metrics_every_n_epochs < 1:
+            raise ValueError(f"system.val_metrics_every_n_epochs must be >= 1, got {val_metrics_every_n_epochs}")
         self.save_hyperparameters(ignore=["denoiser", "loss"])
         self.denoiser = torch.compile(denoiser) if compile else denoiser
         self.loss = loss
         self.metric_names = list(metrics)
         self._noisy_scored: set[str] = set()
         self._records: dict[str, list[dict]] = {}  # per stage: this rank's per-utterance results (dfl.systems.scoring)
+        self._scoring: dict[str, list] = {}  # per stage: futures of per-utterance metric records (dfl.metric_pool)
+        self._metric_pool = None
         self.evaluated_utterances: dict[str, int] = {}  # per stage: distinct utterances in the last epoch's means
         self._unchecked_losses: list[tuple[int, torch.Tensor]] = []  # (batch, loss) not yet read: see _check_finite
         self._written_step = True  # this step's values go to the loggers: see _loggers_write_this_step
@@ -161,34 +174,50 @@ class DenoisingSystem(L.LightningModule):
             return [str(n) for n in names]
         return [f"rank{self.global_rank}/batch{batch_idx}/{i}" for i in range(batch["noisy"].shape[0])]
 
+    def _metrics_due(self, stage: str) -> bool:
+        if stage != "val" or self._trainer is None or self.trainer.sanity_checking:
+            return True
+        return (self.current_epoch + 1) % self.hparams.val_metrics_every_n_epochs == 0
+
+    def _pool(self):
+        if self._metric_pool is None:
+            from dfl.metric_pool import MetricPool, default_workers
+
+            workers = self.hparams.metric_workers
+            if workers is None:
+                local = getattr(self._trainer, "num_devices", 1) if self._trainer is not None else 1
+                workers = default_workers(local)
+            self._metric_pool = MetricPool(int(workers))
+        return self._metric_pool
+
     def _evaluate(self, batch: dict, batch_idx: int, stage: str) -> None:
-        from dfl.metrics import compute_many
+        from dfl.metric_pool import score_utterance
 
         noisy, clean = batch["noisy"], batch["clean"]
         enhanced = self(noisy)
         total, _ = self._loss(enhanced, clean, batch.get("lengths"), batch.get("padded"))
         ids = self._utterance_ids(batch, batch_idx)
-        records = self._records.setdefault(stage, [])
-        records.append({"id": "batch:" + "|".join(ids), "loss": float(total), "n": len(ids)})
+        self._records.setdefault(stage, []).append({"id": "batch:" + "|".join(ids), "loss": float(total), "n": len(ids)})
+        if not self._metrics_due(stage):
+            return
         lengths = batch.get("lengths", torch.full((noisy.shape[0],), noisy.shape[-1]))
-        score_noisy = stage not in self._noisy_scored
+        kinds = {"enhanced": enhanced} if stage in self._noisy_scored else {"enhanced": enhanced, "noisy": noisy}
+        as_numpy = lambda t, i, n: t[i, :n].float().cpu().numpy().astype(np.float64)  # noqa: E731
         for i, uid in enumerate(ids):
             n = int(lengths[i])
-            ref = clean[i, :n].float().cpu().numpy().astype(np.float64)
-            values = {}
-            for kind, signal in (("enhanced", enhanced), ("noisy", noisy)):
-                if kind == "noisy" and not score_noisy:
-                    continue
-                est = signal[i, :n].float().cpu().numpy().astype(np.float64)
-                for name, value in compute_many(self.metric_names, ref, est, self.hparams.sample_rate).items():
-                    values[f"{kind}/{name}"] = value  # a MetricFailure is left out of the mean, never 0
-            records.append({"id": uid, "values": values})
+            job = (uid, as_numpy(clean, i, n), {k: as_numpy(x, i, n) for k, x in kinds.items()},
+                   self.metric_names, self.hparams.sample_rate)
+            # scored in a worker while this process runs the model on the next utterances
+            self._scoring.setdefault(stage, []).append(self._pool().submit(score_utterance, job))
 
     def _log_epoch_means(self, stage: str) -> dict[str, float]:
-        """Gather every rank's records, drop repeated utterances, log one mean per metric (same on all ranks)."""
+        """Wait for this rank's metrics, gather every rank's records, drop repeated utterances, log one
+        mean per metric (the same on all ranks)."""
+        from dfl.metric_pool import result
         from dfl.systems.scoring import gather_records, means, unique_by_id
 
-        records = unique_by_id(gather_records(self._records.pop(stage, [])))
+        mine = self._records.pop(stage, []) + [result(f) for f in self._scoring.pop(stage, [])]
+        records = unique_by_id(gather_records(mine))
         results = means(records)
         self.evaluated_utterances[stage] = sum(1 for r in records if "values" in r)
         for key, value in results.items():
@@ -203,19 +232,25 @@ class DenoisingSystem(L.LightningModule):
         self._evaluate(batch, batch_idx, "test")
 
     def on_validation_epoch_start(self) -> None:
-        self._records["val"] = []
+        self._records["val"], self._scoring["val"] = [], []
 
     def on_test_epoch_start(self) -> None:
-        self._records["test"] = []
+        self._records["test"], self._scoring["test"] = [], []
 
     def on_validation_epoch_end(self) -> None:
+        scored = self._metrics_due("val")
         self._log_epoch_means("val")
-        if not self.trainer.sanity_checking:
+        if scored and not self.trainer.sanity_checking:
             self._noisy_scored.add("val")
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch_means("test")
         self._noisy_scored.add("test")
+
+    def teardown(self, stage: str) -> None:
+        if self._metric_pool is not None:  # after fit / test, and after an exception
+            self._metric_pool.close()
+            self._metric_pool = None
 
     # -- checkpoints --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
