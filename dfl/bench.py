@@ -438,11 +438,11 @@ def validation_set(utterances: int, seed: int = 0) -> list[tuple[np.ndarray, np.
     return pairs
 
 
-def bench_validation(utterances: int, workers: list[int], seed: int = 0) -> dict:
+def bench_validation(utterances: int, workers: list[int], seed: int = 0, device: str = "cpu") -> dict:
     """One validation epoch as ``DenoisingSystem`` runs it: ``can_paper`` on each whole utterance, then
     PESQ/STOI/SI-SDR of the enhanced output (a later epoch's work; the first also scores the noisy input).
 
-    ``model only`` runs the network alone; ``serial`` scores in this process after each utterance;
+    The model runs on ``device``. ``model only`` runs the network alone; ``serial`` scores in this process after each utterance;
     ``pooled_<k>`` hands each utterance to a :class:`~dfl.metric_pool.MetricPool` of ``k`` processes
     (started and warmed before the clock starts: validation keeps its pool for the whole fit) while the
     model runs on. ``metrics_added_seconds`` is the time above ``model only``.
@@ -451,7 +451,7 @@ def bench_validation(utterances: int, workers: list[int], seed: int = 0) -> dict
 
     pairs = validation_set(utterances, seed)
     audio_seconds = sum(len(c) for _, c in pairs) / SAMPLE_RATE
-    model = trained_like(MODELS["can_paper"])
+    model = trained_like(MODELS["can_paper"]).to(device)
     metrics = ["pesq", "stoi", "si_sdr"]
 
     def epoch(pool: MetricPool | None) -> float:
@@ -459,7 +459,7 @@ def bench_validation(utterances: int, workers: list[int], seed: int = 0) -> dict
         futures = []
         with torch.inference_mode():
             for i, (noisy, clean) in enumerate(pairs):
-                enhanced = model(torch.from_numpy(noisy)[None])[0].numpy().astype(np.float64)
+                enhanced = model(torch.from_numpy(noisy)[None].to(device))[0].cpu().numpy().astype(np.float64)
                 if pool is not None:
                     job = (f"u{i}", clean.astype(np.float64), {"enhanced": enhanced}, metrics, SAMPLE_RATE)
                     futures.append(pool.submit(score_utterance, job))
@@ -488,8 +488,8 @@ def bench_validation(utterances: int, workers: list[int], seed: int = 0) -> dict
         if label != "model_only":
             entry["metrics_added_seconds"] = entry["seconds"] - model_only
             entry["added_vs_serial"] = entry["metrics_added_seconds"] / serial_added if serial_added > 0 else None
-    return {"utterances": utterances, "audio_seconds": audio_seconds, "metrics": metrics,
-            "torch_threads": torch.get_num_threads(), "runs": runs}
+    return {"utterances": utterances, "audio_seconds": audio_seconds, "metrics": metrics, "device": device,
+            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "runs": runs}
 
 
 def bench_long_file(minutes: float, args) -> dict:
@@ -622,9 +622,10 @@ def main(argv: list[str] | None = None) -> int:
         from dfl.metric_pool import default_workers
 
         workers = args.validation_workers or sorted({1, max(default_workers(), 1)})
-        print(f"validation epoch ({args.validation_utterances} VoiceBank-like utterances, can_paper + "
-              "PESQ/STOI/SI-SDR of the enhanced output):")  # fmt: skip
-        v = results["validation"] = bench_validation(args.validation_utterances, workers)
+        print(f"validation epoch ({args.validation_utterances} VoiceBank-like utterances, can_paper on "
+              f"{'cuda' if use_cuda else 'cpu'} + PESQ/STOI/SI-SDR of the enhanced output):")  # fmt: skip
+        v = results["validation"] = bench_validation(args.validation_utterances, workers,
+                                                     device="cuda" if use_cuda else "cpu")
         for label, entry in v["runs"].items():
             extra = "" if label == "model_only" else (
                 f"; metrics add {entry['metrics_added_seconds']:6.1f} s"
