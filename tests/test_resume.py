@@ -274,3 +274,27 @@ def test_mid_epoch_resume_under_ddp_equals_an_uninterrupted_ddp_run(tmp_path, ca
     assert b["global_step"] == a["global_step"] == 8
     for key, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_csv_logger_continues_the_rows_before_the_resumed_step(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from dfl.loggers import CSVLogger
+    from dfl.train import continue_logs
+
+    first = CSVLogger(tmp_path, name="csv", version="")
+    for step in range(6):
+        first.log_metrics({"train/loss": float(step)}, step=step)
+    first.save()
+    resumed, tb = CSVLogger(tmp_path, name="csv", version=""), TensorBoardLogger(tmp_path / "tb", name=None, version="")
+    continue_logs([resumed, tb], resumed_step=4)  # steps 4 and 5 were logged after the checkpoint
+    assert tb._kwargs["purge_step"] == 4
+    resumed.log_metrics({"train/loss": 40.0, "val/loss": 1.5}, step=4)
+    resumed.save()
+    rows = csv_rows(tmp_path)
+    assert [(r["step"], r["train/loss"], r["val/loss"]) for r in rows] == [
+        ("0", "0.0", ""), ("1", "1.0", ""), ("2", "2.0", ""), ("3", "3.0", ""), ("4", "40.0", "1.5")]
+    fresh = CSVLogger(tmp_path, name="csv", version="")  # not resuming: Lightning's behaviour, a new file
+    fresh.log_metrics({"x": 1.0}, step=0)
+    fresh.save()
+    assert [r["x"] for r in csv_rows(tmp_path)] == ["1.0"]

@@ -221,8 +221,8 @@ class DenoisingSystem(L.LightningModule):
         results = means(records)
         self.evaluated_utterances[stage] = sum(1 for r in records if "values" in r)
         for key, value in results.items():
-            # already identical on every rank: no further reduction (it would re-weight by rank)
-            self.log(f"{stage}/{key}", value, batch_size=1, sync_dist=False)
+            # identical on every rank already: their mean is the value itself
+            self.log(f"{stage}/{key}", value, batch_size=1, sync_dist=True)
         return results
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
