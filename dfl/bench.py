@@ -438,14 +438,18 @@ def validation_set(utterances: int, seed: int = 0) -> list[tuple[np.ndarray, np.
     return pairs
 
 
-def bench_validation(utterances: int, workers: list[int], seed: int = 0, device: str = "cpu") -> dict:
+def bench_validation(utterances: int, workers: list[int], seed: int = 0, device: str = "cpu", repeats: int = 3) -> dict:
     """One validation epoch as ``DenoisingSystem`` runs it: ``can_paper`` on each whole utterance, then
     PESQ/STOI/SI-SDR of the enhanced output (a later epoch's work; the first also scores the noisy input).
 
-    The model runs on ``device``. ``model only`` runs the network alone; ``serial`` scores in this process after each utterance;
-    ``pooled_<k>`` hands each utterance to a :class:`~dfl.metric_pool.MetricPool` of ``k`` processes
-    (started and warmed before the clock starts: validation keeps its pool for the whole fit) while the
-    model runs on. ``metrics_added_seconds`` is the time above ``model only``.
+    The model runs on ``device``. ``model_only`` runs the network alone; ``serial`` scores in this
+    process after each utterance; ``pooled_<k>`` hands each utterance to a
+    :class:`~dfl.metric_pool.MetricPool` of ``k`` processes (started and warmed before the clock
+    starts: validation keeps its pool for the whole fit) while the model runs on. ``metrics_alone``
+    is the metrics computed serially without the model: what validation would add if nothing
+    overlapped. Each figure is the minimum of ``repeats`` runs, the runs of all settings interleaved
+    (a busy machine slows them alike). ``added_seconds``: the time above ``model_only``;
+    ``added_vs_metrics_alone``: that as a fraction of ``metrics_alone``.
     """
     from dfl.metric_pool import MetricPool, result, score_utterance
 
@@ -454,42 +458,62 @@ def bench_validation(utterances: int, workers: list[int], seed: int = 0, device:
     model = trained_like(MODELS["can_paper"]).to(device)
     metrics = ["pesq", "stoi", "si_sdr"]
 
+    def job(i: int, clean: np.ndarray, enhanced: np.ndarray) -> tuple:
+        return f"u{i}", clean.astype(np.float64), {"enhanced": enhanced.astype(np.float64)}, metrics, SAMPLE_RATE
+
+    def enhance(noisy: np.ndarray) -> np.ndarray:
+        out = model(torch.from_numpy(noisy)[None].to(device))[0]
+        return out.cpu().numpy()
+
     def epoch(pool: MetricPool | None) -> float:
         start = time.perf_counter()
         futures = []
         with torch.inference_mode():
             for i, (noisy, clean) in enumerate(pairs):
-                enhanced = model(torch.from_numpy(noisy)[None].to(device))[0].cpu().numpy().astype(np.float64)
+                enhanced = enhance(noisy)
                 if pool is not None:
-                    job = (f"u{i}", clean.astype(np.float64), {"enhanced": enhanced}, metrics, SAMPLE_RATE)
-                    futures.append(pool.submit(score_utterance, job))
+                    futures.append(pool.submit(score_utterance, job(i, clean, enhanced)))
         for f in futures:
             result(f)
         return time.perf_counter() - start
 
-    epoch(None)  # warm-up (native kernels, allocator)
-    runs: dict[str, dict] = {}
-    model_only = epoch(None)
-    runs["model_only"] = {"seconds": model_only}
-    for k in [0, *workers]:
-        label = "serial" if k == 0 else f"pooled_{k}"
-        with MetricPool(k) as pool:
-            startup = time.perf_counter()
-            if k:
-                result(pool.submit(score_utterance, ("warm", pairs[0][1].astype(np.float64),
-                                                     {"enhanced": pairs[0][0].astype(np.float64)}, metrics,
-                                                     SAMPLE_RATE)))
-            startup = time.perf_counter() - startup
-            seconds = epoch(pool)
-        runs[label] = {"seconds": seconds, "pool_start_seconds": startup if k else 0.0}
-    serial_added = runs["serial"]["seconds"] - model_only
+    with torch.inference_mode():
+        outputs = [enhance(noisy) for noisy, _ in pairs]  # also the warm-up (native kernels, allocator)
+
+    def metrics_alone() -> float:
+        start = time.perf_counter()
+        for i, ((_, clean), enhanced) in enumerate(zip(pairs, outputs)):
+            score_utterance(job(i, clean, enhanced))
+        return time.perf_counter() - start
+
+    pools = {f"pooled_{k}": MetricPool(k) for k in workers}
+    starts = {}
+    for label, pool in pools.items():
+        start = time.perf_counter()
+        result(pool.submit(score_utterance, job(0, pairs[0][1], outputs[0])))
+        starts[label] = time.perf_counter() - start
+    settings = {"metrics_alone": metrics_alone, "model_only": lambda: epoch(None),
+                "serial": lambda: epoch(MetricPool(0)), **{k: functools.partial(epoch, p) for k, p in pools.items()}}
+    times: dict[str, list[float]] = {label: [] for label in settings}
+    try:
+        for _ in range(repeats):
+            for label, run in settings.items():
+                times[label].append(run())
+    finally:
+        for pool in pools.values():
+            pool.close()
+    runs = {label: {"seconds": min(t), "seconds_all": t} for label, t in times.items()}
+    alone, model_only = runs["metrics_alone"]["seconds"], runs["model_only"]["seconds"]
     for label, entry in runs.items():
-        entry["utterances_per_second"] = utterances / entry["seconds"]
-        if label != "model_only":
-            entry["metrics_added_seconds"] = entry["seconds"] - model_only
-            entry["added_vs_serial"] = entry["metrics_added_seconds"] / serial_added if serial_added > 0 else None
+        if label != "metrics_alone":
+            entry["utterances_per_second"] = utterances / entry["seconds"]
+        if label not in ("metrics_alone", "model_only"):
+            entry["added_seconds"] = entry["seconds"] - model_only
+            entry["added_vs_metrics_alone"] = entry["added_seconds"] / alone
+        if label in starts:
+            entry["pool_start_seconds"] = starts[label]
     return {"utterances": utterances, "audio_seconds": audio_seconds, "metrics": metrics, "device": device,
-            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "runs": runs}
+            "repeats": repeats, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "runs": runs}
 
 
 def bench_long_file(minutes: float, args) -> dict:
@@ -562,7 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also time a validation epoch (can_paper + PESQ/STOI/SI-SDR) on this many VoiceBank-like "
                         "utterances, metrics scored serially and in worker pools (0: skip)")  # fmt: skip
     parser.add_argument("--validation-workers", type=int, nargs="+", default=None, metavar="K",
-                        help="pool sizes for --validation-utterances (default: 1 and dfl-train's default)")
+                        help="pool sizes for --validation-utterances (default: 1 and dfl-train's default); each "
+                        "setting runs --repeats times, interleaved, the minimum counts")
     parser.add_argument("--skip-inference", action="store_true", help="no inference rows")
     return parser
 
@@ -625,13 +650,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"validation epoch ({args.validation_utterances} VoiceBank-like utterances, can_paper on "
               f"{'cuda' if use_cuda else 'cpu'} + PESQ/STOI/SI-SDR of the enhanced output):")  # fmt: skip
         v = results["validation"] = bench_validation(args.validation_utterances, workers,
-                                                     device="cuda" if use_cuda else "cpu")
+                                                     device="cuda" if use_cuda else "cpu", repeats=args.repeats)
         for label, entry in v["runs"].items():
-            extra = "" if label == "model_only" else (
-                f"; metrics add {entry['metrics_added_seconds']:6.1f} s"
-                + (f" ({entry['added_vs_serial']:.2f}× serial's)" if entry.get("added_vs_serial") is not None else ""))
-            print(f"  {label:12s}: {entry['seconds']:6.1f} s, {entry['utterances_per_second']:5.2f} utterances/s{extra}",
-                  flush=True)  # fmt: skip
+            extra = "" if "added_seconds" not in entry else (
+                f"; metrics add {entry['added_seconds']:6.1f} s ({entry['added_vs_metrics_alone']:.2f}× metrics_alone)")
+            rate = f", {entry['utterances_per_second']:5.2f} utterances/s" if "utterances_per_second" in entry else ""
+            print(f"  {label:13s}: {entry['seconds']:6.1f} s{rate}{extra}", flush=True)
     if args.long_file_minutes > 0:
         results["long_file"] = bench_long_file(args.long_file_minutes, args)
     atomic_write(args.output, lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
