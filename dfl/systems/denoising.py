@@ -36,7 +36,8 @@ class DenoisingSystem(L.LightningModule):
     visible next to ``<stage>/enhanced/*``.
 
     The metrics run in ``metric_workers`` worker processes (:class:`~dfl.metric_pool.MetricPool`;
-    None: this host's cores shared by its training processes, one left to each; 0: in this process)
+    None: on GPUs this host's cores shared by its training processes, one left to each, on the CPU
+    none; 0: in this process)
     while the model runs on the next utterances; they are merged at the end of the epoch, before it is
     logged and checkpointed. ``val_metrics_every_n_epochs``: validation epochs whose number + 1 is a
     multiple of it compute the metrics; the others the loss only.
@@ -184,7 +185,9 @@ class DenoisingSystem(L.LightningModule):
             from dfl.metric_pool import MetricPool, default_workers
 
             workers = self.hparams.metric_workers
-            if workers is None:
+            if workers is None and self.device.type == "cpu":
+                workers = 0  # the model's threads already use the cores: no gain measured on 2 cores
+            elif workers is None:
                 local = getattr(self._trainer, "num_devices", 1) if self._trainer is not None else 1
                 workers = default_workers(local)
             self._metric_pool = MetricPool(int(workers))
