@@ -76,7 +76,7 @@ def test_runs_of_one_sweep_share_a_group_and_log_checkpoints(tmp_path, cache):
     sweep = tmp_path / "sweep"
     dfl_train("-m", "loss=l1,l2", f"hydra.sweep.dir={sweep}", f"paths.cache_dir={cache}", "logger=wandb", "test=false",
               "logger.wandb.log_model=true", *TINY, "trainer.max_epochs=1", "data.n_val=1")
-    runs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    runs = sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())  # sweep/wandb: the summary's run
     offline = [next((r / "wandb").glob("offline-run-*")) for r in runs]
     records_ = [run_record(o) for o in offline]
     assert [r.display_name for r in records_] == ["loss=l1", "loss=l2"]
