@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+from pathlib import Path
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
@@ -67,3 +68,15 @@ class CSVLogger(LightningCSVLogger):
         self._fs.makedirs(self.root_dir, exist_ok=True)
         self._experiment = _ContinuingWriter(self.log_dir, self.keep_before_step)
         return self._experiment
+
+
+def last_wandb_run_id(wandb_dir: Path) -> str | None:
+    """The id of the latest W&B run under ``wandb_dir`` (``run-<time>-<id>`` / ``offline-run-<time>-<id>``)."""
+    import re
+
+    found = []
+    for p in wandb_dir.glob("*run-*") if wandb_dir.is_dir() else []:
+        match = re.fullmatch(r"(?:offline-)?run-(\d{8}_\d{6})-(\w+)", p.name)
+        if match and p.is_dir():
+            found.append(match.groups())
+    return max(found)[1] if found else None

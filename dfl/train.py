@@ -170,17 +170,23 @@ def continue_logs(loggers: list, resumed_step: int) -> None:
     """Resuming from a checkpoint at ``resumed_step``: the loggers continue the run's earlier record.
 
     CSV keeps the rows logged before that step (later ones were logged after the checkpoint and are
-    logged again); TensorBoard purges its events from that step on (``purge_step``).
+    logged again); TensorBoard purges its events from that step on (``purge_step``); W&B continues
+    the run directory's last W&B run (same run id; W&B cannot drop what was logged after the checkpoint).
     """
-    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-    from dfl.loggers import CSVLogger
+    from dfl.loggers import CSVLogger, last_wandb_run_id
 
     for lg in loggers:
         if isinstance(lg, CSVLogger):
             lg.keep_before_step = resumed_step
         elif isinstance(lg, TensorBoardLogger) and hasattr(lg, "_kwargs"):
             lg._kwargs.setdefault("purge_step", resumed_step)
+        elif isinstance(lg, WandbLogger) and hasattr(lg, "_wandb_init") and not lg._wandb_init.get("id"):
+            run_id = last_wandb_run_id(Path(lg.save_dir or ".") / "wandb")
+            if run_id:
+                lg._wandb_init.update(id=run_id, resume="allow")
+                lg._id = run_id
 
 
 def best_checkpoint_facts(ckpt_cb, best: str) -> dict:
