@@ -100,7 +100,8 @@ class PairedAudioDataset(Dataset):
         # EpochSampler encodes the epoch into the index so crops stay deterministic per
         # (seed, epoch, index) even inside persistent worker processes.
         epoch, index = divmod(int(index), len(self.entries))
-        npath, cpath = (entry.path for entry in self.entries[index])
+        nentry, centry = self.entries[index]
+        npath, cpath = nentry.path, centry.path
         noisy, clean = load_mono(npath, self.sample_rate), load_mono(cpath, self.sample_rate)
         if noisy.shape != clean.shape:  # both resampled from equal lengths; guard anyway
             raise AudioError(f"{npath}: length differs from {cpath} after resampling")
@@ -112,7 +113,7 @@ class PairedAudioDataset(Dataset):
             "noisy": torch.from_numpy(noisy),
             "clean": torch.from_numpy(clean),
             "length": length,
-            "name": npath.name,
+            "name": str(nentry.relpath),  # unique within the split: validation results are gathered by it
         }
 
     def _crop(self, noisy: np.ndarray, clean: np.ndarray, index: int, epoch: int):

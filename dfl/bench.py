@@ -424,6 +424,98 @@ def bench_training_epoch(device: torch.device, args, extra_overrides: tuple[str,
     return result
 
 
+def validation_set(utterances: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(noisy, clean)`` speech-like pairs with VoiceBank-like lengths (mean ≈ 2.9 s), SNR 0-15 dB."""
+    from datamodules.synthetic_speech import synthesize_noise, synthesize_utterance
+
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for seconds in voicebank_like_seconds(utterances, rng):
+        clean = synthesize_utterance(rng, SAMPLE_RATE, float(seconds))
+        noise = synthesize_noise("babble", rng, len(clean), SAMPLE_RATE)
+        gain = np.sqrt(np.mean(clean**2) / np.mean(noise**2)) * 10 ** (-rng.uniform(0, 15) / 20)
+        pairs.append(((clean + gain * noise).astype(np.float32), clean))
+    return pairs
+
+
+def bench_validation(utterances: int, workers: list[int], seed: int = 0, device: str = "cpu", repeats: int = 3) -> dict:
+    """One validation epoch as ``DenoisingSystem`` runs it: ``can_paper`` on each whole utterance, then
+    PESQ/STOI/SI-SDR of the enhanced output (a later epoch's work; the first also scores the noisy input).
+
+    The model runs on ``device``. ``model_only`` runs the network alone; ``serial`` scores in this
+    process after each utterance; ``pooled_<k>`` hands each utterance to a
+    :class:`~dfl.metric_pool.MetricPool` of ``k`` processes (started and warmed before the clock
+    starts: validation keeps its pool for the whole fit) while the model runs on. ``metrics_alone``
+    is the metrics computed serially without the model: what validation would add if nothing
+    overlapped. Each figure is the minimum of ``repeats`` runs, the runs of all settings interleaved
+    (a busy machine slows them alike). ``added_seconds``: the time above ``model_only``;
+    ``added_vs_metrics_alone``: that as a fraction of ``metrics_alone``.
+    """
+    from dfl.metric_pool import MetricPool, result, score_utterance
+
+    pairs = validation_set(utterances, seed)
+    audio_seconds = sum(len(c) for _, c in pairs) / SAMPLE_RATE
+    model = trained_like(MODELS["can_paper"]).to(device)
+    metrics = ["pesq", "stoi", "si_sdr"]
+
+    def job(i: int, clean: np.ndarray, enhanced: np.ndarray) -> tuple:
+        return f"u{i}", clean.astype(np.float64), {"enhanced": enhanced.astype(np.float64)}, metrics, SAMPLE_RATE
+
+    def enhance(noisy: np.ndarray) -> np.ndarray:
+        out = model(torch.from_numpy(noisy)[None].to(device))[0]
+        return out.cpu().numpy()
+
+    def epoch(pool: MetricPool | None) -> float:
+        start = time.perf_counter()
+        futures = []
+        with torch.inference_mode():
+            for i, (noisy, clean) in enumerate(pairs):
+                enhanced = enhance(noisy)
+                if pool is not None:
+                    futures.append(pool.submit(score_utterance, job(i, clean, enhanced)))
+        for f in futures:
+            result(f)
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        outputs = [enhance(noisy) for noisy, _ in pairs]  # also the warm-up (native kernels, allocator)
+
+    def metrics_alone() -> float:
+        start = time.perf_counter()
+        for i, ((_, clean), enhanced) in enumerate(zip(pairs, outputs)):
+            score_utterance(job(i, clean, enhanced))
+        return time.perf_counter() - start
+
+    pools = {f"pooled_{k}": MetricPool(k) for k in workers}
+    starts = {}
+    for label, pool in pools.items():
+        start = time.perf_counter()
+        result(pool.submit(score_utterance, job(0, pairs[0][1], outputs[0])))
+        starts[label] = time.perf_counter() - start
+    settings = {"metrics_alone": metrics_alone, "model_only": lambda: epoch(None),
+                "serial": lambda: epoch(MetricPool(0)), **{k: functools.partial(epoch, p) for k, p in pools.items()}}
+    times: dict[str, list[float]] = {label: [] for label in settings}
+    try:
+        for _ in range(repeats):
+            for label, run in settings.items():
+                times[label].append(run())
+    finally:
+        for pool in pools.values():
+            pool.close()
+    runs = {label: {"seconds": min(t), "seconds_all": t} for label, t in times.items()}
+    alone, model_only = runs["metrics_alone"]["seconds"], runs["model_only"]["seconds"]
+    for label, entry in runs.items():
+        if label != "metrics_alone":
+            entry["utterances_per_second"] = utterances / entry["seconds"]
+        if label not in ("metrics_alone", "model_only"):
+            entry["added_seconds"] = entry["seconds"] - model_only
+            entry["added_vs_metrics_alone"] = entry["added_seconds"] / alone
+        if label in starts:
+            entry["pool_start_seconds"] = starts[label]
+    return {"utterances": utterances, "audio_seconds": audio_seconds, "metrics": metrics, "device": device,
+            "repeats": repeats, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "runs": runs}
+
+
 def bench_long_file(minutes: float, args) -> dict:
     """Peak resident memory of `dfl-denoise` on a generated ``minutes``-long 16 kHz mono file.
 
@@ -490,6 +582,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--long-file-minutes", type=float, default=0.0, help="also check memory on a file this long (e.g. 60)"
     )
+    parser.add_argument("--validation-utterances", type=int, default=0,
+                        help="also time a validation epoch (can_paper + PESQ/STOI/SI-SDR) on this many VoiceBank-like "
+                        "utterances, metrics scored serially and in worker pools (0: skip)")  # fmt: skip
+    parser.add_argument("--validation-workers", type=int, nargs="+", default=None, metavar="K",
+                        help="pool sizes for --validation-utterances (default: 1 and dfl-train's default); each "
+                        "setting runs --repeats times, interleaved, the minimum counts")
+    parser.add_argument("--skip-inference", action="store_true", help="no inference rows")
     return parser
 
 
@@ -529,9 +628,10 @@ def main(argv: list[str] | None = None) -> int:
         results["gemm_gflops"]["cuda_bf16"] = gemm_gflops(cuda, torch.bfloat16)
         print(f"CUDA: {results['machine']['cuda']}; GEMM fp32 {results['gemm_gflops']['cuda_fp32']:.0f}, "
               f"bf16 {results['gemm_gflops']['cuda_bf16']:.0f} GFLOP/s")  # fmt: skip
-    print("inference (10 s input, batch 1):" if args.seconds == 10 else f"inference ({args.seconds:g} s input):")
+    if not args.skip_inference:
+        print("inference (10 s input, batch 1):" if args.seconds == 10 else f"inference ({args.seconds:g} s input):")
     cuda_gemm = {k.removeprefix("cuda_"): v for k, v in results["gemm_gflops"].items() if k.startswith("cuda_")}
-    for name in args.models:
+    for name in [] if args.skip_inference else args.models:
         results["inference"][name] = bench_inference(name, MODELS[name], args, gemm, cuda_gemm or None)
     devices = ([] if args.skip_cpu else [cpu]) + ([torch.device("cuda")] if use_cuda else [])
     if not args.skip_training:
@@ -543,6 +643,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.epoch_utterances > 0:
         print(f"training epochs through dfl-train ({args.epoch_utterances} VoiceBank-like utterances, 2nd epoch):")
         results["training_epoch"] = {d.type: bench_training_epoch(d, args) for d in devices}
+    if args.validation_utterances > 0:
+        from dfl.metric_pool import default_workers
+
+        workers = args.validation_workers or sorted({1, max(default_workers(), 1)})
+        print(f"validation epoch ({args.validation_utterances} VoiceBank-like utterances, can_paper on "
+              f"{'cuda' if use_cuda else 'cpu'} + PESQ/STOI/SI-SDR of the enhanced output):")  # fmt: skip
+        v = results["validation"] = bench_validation(args.validation_utterances, workers,
+                                                     device="cuda" if use_cuda else "cpu", repeats=args.repeats)
+        for label, entry in v["runs"].items():
+            extra = "" if "added_seconds" not in entry else (
+                f"; metrics add {entry['added_seconds']:6.1f} s ({entry['added_vs_metrics_alone']:.2f}× metrics_alone)")
+            rate = f", {entry['utterances_per_second']:5.2f} utterances/s" if "utterances_per_second" in entry else ""
+            print(f"  {label:13s}: {entry['seconds']:6.1f} s{rate}{extra}", flush=True)
     if args.long_file_minutes > 0:
         results["long_file"] = bench_long_file(args.long_file_minutes, args)
     atomic_write(args.output, lambda tmp: tmp.write_text(json.dumps(results, indent=2)))

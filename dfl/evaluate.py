@@ -9,6 +9,10 @@ Writes into the Hydra run directory: ``per_file.csv``, ``summary.json``, ``summa
 ``plots/``, ``report.html`` with ``report/`` (players and spectrograms), and ``paper_table.md``,
 ``enhanced/`` when a model was run.
 
+With ``checkpoint=``, ``enhanced/`` holds exactly what ``dfl-denoise --model`` writes (same chunking,
+the noisy files' own format: 16-bit in, 16-bit out), and those files are scored: both routes give one
+answer per model.
+
 The model is ``checkpoint=`` (not ``model=``: that name is the model config group of dfl-train).
 """
 
@@ -16,23 +20,22 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import hydra
 import numpy as np
+import soundfile as sf
 from omegaconf import DictConfig, OmegaConf
 
 from dfl import hydra_resolvers
-from dfl.audio import read_audio, write_audio
+from dfl.audio import AudioError, read_audio
 from dfl.metrics import compute_many, expand_metric_names
 
 log = logging.getLogger(__name__)
 
 CONF_DIR = hydra_resolvers.CONF_DIR
 hydra_resolvers.register()  # the shared hydra/logger configs use dfl's resolvers (before @hydra.main runs)
-EVAL_KEYS = ("task_name", "checkpoint", "enhanced_dir", "data_dir", "split", "sample_rate", "max_files", "metrics")
+EVAL_KEYS = ("task_name", "checkpoint", "enhanced_dir", "data_dir", "split", "sample_rate", "max_files", "metrics", "chunk_seconds")
 
 
 def _load_checked(path: Path, sample_rate: int) -> np.ndarray:
@@ -65,15 +68,20 @@ def score_file(job: tuple) -> dict:
 
 
 def score_all(jobs: list[tuple], num_workers: int, progress: bool = True) -> list[dict]:
-    """Score every file, in input order; ``num_workers <= 1`` runs serially (same numbers)."""
+    """Score every file, in input order; ``num_workers <= 1`` runs serially (same numbers).
+
+    The workers are a :class:`~dfl.metric_pool.MetricPool`, the pool validation scores through too.
+    """
     from tqdm import tqdm
+
+    from dfl.metric_pool import MetricPool, result
 
     bar = dict(total=len(jobs), desc="metrics", unit="file", disable=not progress)
     if num_workers <= 1 or len(jobs) <= 1:
         return [score_file(j) for j in tqdm(jobs, **bar)]
-    # spawn, not fork: the parent may hold torch / onnxruntime thread pools
-    with ProcessPoolExecutor(max_workers=num_workers, mp_context=get_context("spawn")) as pool:
-        return list(tqdm(pool.map(score_file, jobs), **bar))
+    with MetricPool(num_workers) as pool:
+        futures = [pool.submit(score_file, job) for job in jobs]
+        return [result(f) for f in tqdm(futures, **bar)]
 
 
 def list_pairs(data_dir: Path, split: str) -> list[tuple[str, Path, Path]]:
@@ -87,21 +95,30 @@ def list_pairs(data_dir: Path, split: str) -> list[tuple[str, Path, Path]]:
     return [(noisy.name, noisy, clean) for noisy, clean, _ in pairs]
 
 
-def enhance_with_model(model_path: Path, pairs, out_dir: Path, sample_rate: int, progress: bool = True) -> Path:
-    """Run a dfl denoiser on every noisy file (one whole file at a time) into ``out_dir`` (float wav)."""
-    import torch
+def enhance_with_model(
+    model_path: Path, pairs, out_dir: Path, sample_rate: int, progress: bool = True, chunk_seconds: float = 20.0
+) -> Path:
+    """Write into ``out_dir`` exactly what ``dfl-denoise --model MODEL`` writes for each noisy file.
+
+    Same :class:`~dfl.inference.Denoiser` (chunks of ``chunk_seconds``, the ``--chunk-seconds`` of
+    dfl-denoise), same output format as the input (a 16-bit noisy file gives a 16-bit enhanced file):
+    ``dfl-eval checkpoint=MODEL`` and ``dfl-denoise`` + ``dfl-eval enhanced_dir=`` score the same files.
+    """
     from tqdm import tqdm
 
-    from dfl.checkpoints import load_model
+    from dfl.enhance import Job, denoise_file
+    from dfl.inference import Denoiser
 
-    model = load_model(model_path, "denoiser").eval()
-    with torch.inference_mode():
-        for name, noisy, _ in tqdm(pairs, desc="enhance", unit="file", disable=not progress):
-            x = torch.from_numpy(_load_checked(noisy, sample_rate)).float()[None]
-            y = model(x)[0].cpu().numpy()
-            if not np.isfinite(y).all():
-                raise ValueError(f"{model_path}: the model produced NaN/Inf for {noisy}")
-            write_audio(out_dir / name, y, sample_rate, subtype="FLOAT")
+    for _, noisy, _ in pairs:  # metrics never resample: refuse before running the model
+        rate = sf.info(str(noisy)).samplerate
+        if rate != sample_rate:
+            raise ValueError(f"{noisy}: sample rate {rate} Hz, expected {sample_rate} Hz (set sample_rate= or resample)")
+    denoiser = Denoiser.from_checkpoint(model_path, chunk_seconds=chunk_seconds)
+    for name, noisy, _ in tqdm(pairs, desc="enhance", unit="file", disable=not progress):
+        try:
+            denoise_file(denoiser, Job(noisy, Path(name)), out_dir, lambda n: None)
+        except AudioError as exc:
+            raise ValueError(f"{model_path}: {exc}") from exc
     return out_dir
 
 
@@ -195,7 +212,8 @@ def evaluate(cfg: DictConfig) -> dict:
     checkpoint = resolve_checkpoint(Path(cfg.checkpoint)) if cfg.get("checkpoint") is not None else None
     if checkpoint is not None:
         source = checkpoint.name
-        enhanced_dir = enhance_with_model(checkpoint, pairs, out_dir / "enhanced", sr, cfg.progress)
+        enhanced_dir = enhance_with_model(checkpoint, pairs, out_dir / "enhanced", sr, cfg.progress,
+                                          float(cfg.get("chunk_seconds", 20.0)))
     else:
         enhanced_dir = Path(cfg.enhanced_dir)
         source = enhanced_dir.name

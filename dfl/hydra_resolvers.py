@@ -93,7 +93,14 @@ def rank_zero_path(path: str) -> str:
     return path
 
 
+def hydra_output_subdir(output_dir: str, ckpt_path, stamp: str) -> str:
+    from dfl.resume import hydra_output_subdir as choose
+
+    return choose(output_dir, ckpt_path, stamp)
+
+
 def register() -> None:
+    OmegaConf.register_new_resolver("dfl_hydra_output_subdir", hydra_output_subdir, replace=True)
     OmegaConf.register_new_resolver("dfl_sweep_group", sweep_group, replace=True)
     OmegaConf.register_new_resolver("dfl_run_name", run_name, replace=True)
     OmegaConf.register_new_resolver("dfl_rank_zero_path", rank_zero_path, replace=True)

@@ -11,6 +11,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from dfl import hydra_resolvers
+from dfl.resume import check_checkpoint_matches, resolve_ckpt_path, resumed_record_dir
 
 log = logging.getLogger(__name__)
 hydra_resolvers.register()
@@ -137,9 +138,12 @@ def train(cfg: DictConfig) -> dict:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg)  # before any file is written: a missing checkpoint is an error
+    record_dir = resumed_record_dir(out_dir)  # resuming in place: the original config.yaml stays
     if is_global_zero():  # DDP ranks > 0 re-run this script: only rank 0 writes files
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(out_dir / "config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(cfg, resolve=True)))
+        config_file = out_dir / "config.yaml" if record_dir is None else record_dir / "config_resolved.yaml"
+        atomic_write(config_file, lambda p: p.write_text(OmegaConf.to_yaml(cfg, resolve=True)))
 
     datamodule = instantiate(cfg.data, _convert_="all")
     if getattr(datamodule, "resumes_mid_epoch", False):  # Lightning cannot tell; see datamodules/resume.py
@@ -148,22 +152,63 @@ def train(cfg: DictConfig) -> dict:
         cfg.system, denoiser=instantiate(cfg.model, _convert_="all"), loss=instantiate(cfg.loss, _convert_="all"),
         _convert_="all",
     )
+    resumed_step = None
+    if ckpt_path is not None:  # a mismatch in a few lines, not Lightning's state_dict error
+        resumed_step = int(check_checkpoint_matches(ckpt_path, system, out_dir).get("global_step", 0))
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
+    if resumed_step is not None:
+        continue_logs(loggers, resumed_step)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
 
     try:
         for lg in loggers:  # the composed config next to every logger's metrics
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        return fit_and_test(cfg, trainer, system, datamodule, out_dir)
+        return fit_and_test(cfg, trainer, system, datamodule, out_dir, ckpt_path)
     finally:
         close_wandb_runs(loggers)
 
 
-def fit_and_test(cfg: DictConfig, trainer, system, datamodule, out_dir: Path) -> dict:
+def continue_logs(loggers: list, resumed_step: int) -> None:
+    """Resuming from a checkpoint at ``resumed_step``: the loggers continue the run's earlier record.
+
+    CSV keeps the rows logged before that step (later ones were logged after the checkpoint and are
+    logged again); TensorBoard purges its events from that step on (``purge_step``); W&B continues
+    the run directory's last W&B run (same run id; W&B cannot drop what was logged after the checkpoint).
+    """
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    from dfl.loggers import CSVLogger, last_wandb_run_id
+
+    for lg in loggers:
+        if isinstance(lg, CSVLogger):
+            lg.keep_before_step = resumed_step
+        elif isinstance(lg, TensorBoardLogger) and hasattr(lg, "_kwargs"):
+            lg._kwargs.setdefault("purge_step", resumed_step)
+        elif isinstance(lg, WandbLogger) and hasattr(lg, "_wandb_init") and not lg._wandb_init.get("id"):
+            run_id = last_wandb_run_id(Path(lg.save_dir or ".") / "wandb")
+            if run_id:
+                lg._wandb_init.update(id=run_id, resume="allow")
+                lg._id = run_id
+
+
+def best_checkpoint_facts(ckpt_cb, best: str) -> dict:
+    """The best checkpoint's epoch and the validation value it was chosen on (for metrics.json, sweep tables)."""
+    if not best:
+        return {}
+    import torch
+
+    score = getattr(ckpt_cb, "best_model_score", None)
+    return {
+        "best_epoch": int(torch.load(best, map_location="cpu", weights_only=True, mmap=True)["epoch"]),
+        "chosen_on": {str(ckpt_cb.monitor): float(score)} if score is not None and ckpt_cb.monitor else None,
+    }
+
+
+def fit_and_test(cfg: DictConfig, trainer, system, datamodule, out_dir: Path, ckpt_path: str | None = None) -> dict:
     from dfl.audio import atomic_write
 
-    trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
 
     results: dict = {}
     if cfg.get("test", True):
@@ -174,6 +219,7 @@ def fit_and_test(cfg: DictConfig, trainer, system, datamodule, out_dir: Path) ->
         trainer.test(system, datamodule=datamodule, ckpt_path=best or None)
         results = collect_test_metrics(trainer.callback_metrics)
         results["checkpoint"] = best or "final weights"
+        results.update(best_checkpoint_facts(ckpt_cb, best))
         if trainer.is_global_zero:
             atomic_write(out_dir / "metrics.json", lambda p: p.write_text(json.dumps(results, indent=2)))
             print_metrics_table(results)

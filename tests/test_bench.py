@@ -102,3 +102,20 @@ def test_cpu_description_names_the_machine():
     bare = cpu_description("")  # no /proc/cpuinfo: what platform knows, and no made-up numbers
     assert bare["model"] and bare["family"] is None and bare["vector_isa"] is None
     assert "family" not in _cpu_line(bare)
+
+
+def test_validation_bench_times_serial_and_pooled_scoring():
+    from dfl.bench import bench_validation
+
+    result = bench_validation(2, workers=[1], repeats=2)
+    runs = result["runs"]
+    assert list(runs) == ["metrics_alone", "model_only", "serial", "pooled_1"]
+    assert result["metrics"] == ["pesq", "stoi", "si_sdr"] and 2 * 1.1 <= result["audio_seconds"] <= 2 * 15.0
+    for label, entry in runs.items():
+        assert len(entry["seconds_all"]) == 2 and entry["seconds"] == min(entry["seconds_all"]) > 0
+        if label != "metrics_alone":
+            assert entry["utterances_per_second"] == pytest.approx(2 / entry["seconds"])
+    pooled = runs["pooled_1"]
+    assert pooled["added_seconds"] == pytest.approx(pooled["seconds"] - runs["model_only"]["seconds"])
+    assert pooled["added_vs_metrics_alone"] == pytest.approx(pooled["added_seconds"] / runs["metrics_alone"]["seconds"])
+    assert pooled["pool_start_seconds"] > 0 and "pool_start_seconds" not in runs["serial"]

@@ -3,12 +3,15 @@
 What can be compared exactly: with ``system.lr=0`` the denoiser never changes, so every training
 utterance's per-layer feature distances are the same whichever rank computes them. The balancer's
 weights (1 / mean over ALL ranks' distances, all-reduced) must then equal the single-process
-weights, and the test metrics (each rank scores half of the test utterances; means synchronised
-across ranks) must equal the single-process means. The adaptive BN uses batch statistics at eval
+weights, and the test metrics must equal the single-process means. The validation and test splits
+hold an odd number of utterances (3), so Lightning's distributed sampler pads them with a repeat of
+the first; the per-utterance results are gathered by utterance id and the repeat dropped, so every
+mean must also equal the exact mean over the 3 files computed directly with dfl.metrics. The adaptive BN uses batch statistics at eval
 (``model.batch_stats_at_eval=true``) so that the DDP ranks' different running statistics cannot
 matter. With lr > 0 the runs legitimately differ (DDP averages gradients of 2 utterances per step).
 """
 
+import csv
 import json
 
 import numpy as np
@@ -17,7 +20,7 @@ import torch
 
 from tests.test_train import TINY, dfl_train
 
-SAME_DATA = [*TINY, "trainer.max_epochs=1", "data.n_train=4", "data.n_test=2", "data.n_val=2",
+SAME_DATA = [*TINY, "trainer.max_epochs=1", "data.n_train=4", "data.n_test=3", "data.n_val=3",
              "system.lr=0.0", "model.batch_stats_at_eval=true"]
 
 
@@ -69,3 +72,53 @@ def test_only_rank_zero_wrote_files(runs):
     assert ddp_files.count("config.yaml") == 1 and "metrics.json" in ddp_files
     assert [f for f in ddp_files if f.startswith(".hydra/")] == [".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml"]
     assert set(ddp_files) - {"train.log"} <= set(names(single)) | {f for f in ddp_files if f.startswith("checkpoints/")}
+
+
+def exact_means(run_dir, split, model=None):
+    """Mean PESQ/STOI/SI-SDR over the split's files, computed directly (noisy, or the model's outputs)."""
+    import soundfile as sf
+
+    from dfl.metrics import compute_many
+
+    root = run_dir.parent / "cache" / "synthetic_speech"
+    noisy_files = sorted((root / f"{split}set_noisy").glob("*.wav"))
+    assert len(noisy_files) == 3
+    rows = []
+    for noisy_path in noisy_files:
+        noisy = sf.read(noisy_path, dtype="float32")[0]
+        clean = sf.read(root / f"{split}set_clean" / noisy_path.name, dtype="float32")[0]
+        est = noisy
+        if model is not None:
+            with torch.no_grad():
+                est = model(torch.from_numpy(noisy)[None])[0].numpy()
+        rows.append(compute_many(["pesq", "stoi", "si_sdr"], clean.astype(np.float64), est.astype(np.float64)))
+    return {name: float(np.mean([r[name] for r in rows])) for name in rows[0]}
+
+
+def test_ddp_means_are_exact_over_an_odd_number_of_files(runs):
+    from dfl.checkpoints import load_model
+
+    _, ddp, _ = runs
+    d = json.loads((ddp / "metrics.json").read_text())
+    model = load_model(d["checkpoint"], "denoiser").eval()
+    for kind, want in (("noisy", exact_means(ddp, "test")), ("enhanced", exact_means(ddp, "test", model))):
+        for name, value in want.items():
+            np.testing.assert_allclose(d[kind][name], value, rtol=1e-4, err_msg=f"test/{kind}/{name}")
+    # validation (what the best checkpoint is chosen on): the noisy means are model-independent
+    rows = list(csv.DictReader((ddp / "csv" / "metrics.csv").open()))
+    val = {k: float(v) for r in rows for k, v in r.items() if k.startswith("val/noisy/") and v}
+    for name, value in exact_means(ddp, "val").items():
+        np.testing.assert_allclose(val[f"val/noisy/{name}"], value, rtol=1e-4, err_msg=f"val/noisy/{name}")
+
+
+def test_repeated_utterances_count_once():
+    from dfl.metrics import MetricFailure
+    from dfl.systems.scoring import means, unique_by_id
+
+    rank0 = [{"id": "batch:a", "loss": 1.0, "n": 1}, {"id": "a", "values": {"enhanced/pesq": 1.0}},
+             {"id": "batch:c", "loss": 3.0, "n": 1}, {"id": "c", "values": {"enhanced/pesq": 3.0}}]
+    rank1 = [{"id": "batch:b", "loss": 2.0, "n": 1},
+             {"id": "b", "values": {"enhanced/pesq": MetricFailure("pesq", "no utterance")}},
+             {"id": "batch:a", "loss": 1.0, "n": 1}, {"id": "a", "values": {"enhanced/pesq": 1.0}}]  # the padding
+    got = means(unique_by_id(rank0 + rank1))
+    assert got == {"loss": 2.0, "enhanced/pesq": 2.0}  # a once; b's failed PESQ left out, not 0

@@ -242,3 +242,35 @@ def test_checkpoint_folder_without_a_checkpoint_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint=.*/run: a folder without metrics.json's checkpoint"):
         resolve_checkpoint(tmp_path / "run")
     assert resolve_checkpoint(tmp_path / "model.pt") == tmp_path / "model.pt"
+
+
+def test_checkpoint_route_and_denoise_then_enhanced_dir_route_give_one_answer(tmp_path):
+    """16-bit noisy files (as VoiceBank): `dfl-eval checkpoint=` scores what `dfl-denoise` writes (16-bit)."""
+    import soundfile as sf
+    import torch
+
+    from dfl.checkpoints import save_model
+    from dfl.enhance import main as dfl_denoise
+    from dfl.models import ContextAggregationNet
+
+    root = tmp_path / "data"
+    for i in range(3):
+        clean = speech_like(1.5, seed=40 + i)
+        write_audio(root / "testset_clean" / f"u{i}.wav", clean, SR, subtype="PCM_16")
+        write_audio(root / "testset_noisy" / f"u{i}.wav", noisy_version(clean, 5.0, seed=50 + i), SR,
+                    subtype="PCM_16")
+    torch.manual_seed(0)
+    ckpt = save_model(tmp_path / "tiny.pt", "denoiser", ContextAggregationNet(dilations=[1, 2], channels=4))
+    metrics = _metrics_arg(FAST_METRICS)
+    a = evaluate(_cfg(tmp_path / "a", f"data_dir={root}", f"checkpoint={ckpt}", metrics, "num_workers=0",
+                      "plots.num_spectrograms=0"))
+    assert dfl_denoise([str(root / "testset_noisy"), "-o", str(tmp_path / "denoised"), "--model", str(ckpt),
+                        "--quiet"]) == 0
+    b = evaluate(_cfg(tmp_path / "b", f"data_dir={root}", f"enhanced_dir={tmp_path / 'denoised'}", metrics,
+                      "num_workers=0", "plots.num_spectrograms=0"))
+    assert a == b and isinstance(a["csig"]["enhanced"]["mean"], float)
+    assert (tmp_path / "a" / "per_file.csv").read_text() == (tmp_path / "b" / "per_file.csv").read_text()
+    for i in range(3):
+        mine, theirs = tmp_path / "a" / "enhanced" / f"u{i}.wav", tmp_path / "denoised" / f"u{i}.wav"
+        assert sf.info(str(mine)).subtype == "PCM_16"
+        assert np.array_equal(sf.read(mine, dtype="int16")[0], sf.read(theirs, dtype="int16")[0])

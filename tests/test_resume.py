@@ -1,5 +1,6 @@
 """Fault tolerance through `dfl-train`: kill -9 then `ckpt_path=last`, and SIGTERM saving a checkpoint."""
 
+import csv
 import os
 import signal
 import subprocess
@@ -74,6 +75,24 @@ def test_kill_9_then_ckpt_path_last_equals_an_uninterrupted_run(tmp_path, cache)
     torch.testing.assert_close(balancer(b)["frozen_weights"], balancer(a)["frozen_weights"])
     exp_avg = lambda c: [s["exp_avg"] for s in c["optimizer_states"][0]["state"].values()]  # noqa: E731
     torch.testing.assert_close(exp_avg(b), exp_avg(a), rtol=1e-5, atol=1e-8)
+    # the resumed metrics.csv holds the killed run's rows then the resumed ones: the uninterrupted run's
+    # rows, none twice (rows the killed run wrote after its last checkpoint were dropped)
+    full_rows, resumed_rows = csv_rows(full), csv_rows(killed)
+    assert [row_shape(r) for r in resumed_rows] == [row_shape(r) for r in full_rows]
+    for ra, rb in zip(full_rows, resumed_rows):
+        for key in ("train/loss", "val/loss", "val/enhanced/si_sdr"):
+            if ra.get(key):
+                assert float(rb[key]) == pytest.approx(float(ra[key]), rel=1e-4, abs=1e-6), (key, ra["step"])
+
+
+def csv_rows(run_dir):
+    with (run_dir / "csv" / "metrics.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def row_shape(row):
+    """A metrics.csv row's epoch, step and which columns it fills (timings and values differ between runs)."""
+    return row["epoch"], row["step"], sorted(k for k, v in row.items() if v)
 
 
 def test_sigterm_saves_last_ckpt_and_exits_cleanly_then_resumes(tmp_path, cache):
@@ -90,6 +109,8 @@ def test_sigterm_saves_last_ckpt_and_exits_cleanly_then_resumes(tmp_path, cache)
 
     saved = load(run)
     step, epoch = saved["global_step"], saved["epoch"]
+    original = {name: (run / name).read_text() for name in ("config.yaml", ".hydra/config.yaml", ".hydra/overrides.yaml")}
+    rows_before = [r for r in csv_rows(run) if int(r["step"]) < step]
     assert step >= STEPS_PER_EPOCH and saved["optimizer_states"] and balancer(saved)["frozen_at_epoch"] == 1
     assert epoch * STEPS_PER_EPOCH <= step <= (epoch + 1) * STEPS_PER_EPOCH  # stopped within (or at the end of) `epoch`
     assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] >= 1
@@ -98,6 +119,39 @@ def test_sigterm_saves_last_ckpt_and_exits_cleanly_then_resumes(tmp_path, cache)
     resumed = load(run)
     assert resumed["global_step"] == (epoch + 2) * STEPS_PER_EPOCH  # continued, did not start over
     torch.testing.assert_close(balancer(resumed)["frozen_weights"], balancer(saved)["frozen_weights"])
+    # the original record stays; the resumed invocation is recorded beside it
+    assert {name: (run / name).read_text() for name in original} == original
+    (record,) = (run / ".hydra").glob("resume-*")
+    assert "ckpt_path=last" in (record / "overrides.yaml").read_text()
+    assert "ckpt_path=last" not in original[".hydra/overrides.yaml"]
+    assert (record / "config.yaml").is_file() and "max_epochs: " + str(epoch + 2) in (record / "config_resolved.yaml").read_text()
+    # and metrics.csv continues: the rows logged before the checkpoint, then the resumed epochs'
+    rows = csv_rows(run)
+    assert rows[: len(rows_before)] == rows_before and len(rows_before) >= STEPS_PER_EPOCH
+    assert {r["epoch"] for r in rows if r.get("val/loss")} == {str(e) for e in range(epoch + 2)}
+
+
+def test_ckpt_path_last_without_a_checkpoint_is_an_error_naming_the_folder(tmp_path, cache):
+    run = tmp_path / "typo"
+    proc = start(*run_args(run, cache, "ckpt_path=last"))
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0
+    assert f"ckpt_path=last: no last.ckpt in {run / 'checkpoints'}" in out
+    assert not (run / "csv").exists()  # nothing trained
+
+
+def test_a_checkpoint_of_another_configuration_is_refused_in_a_few_lines(tmp_path, cache):
+    run = tmp_path / "run"
+    dfl_train(*run_args(run, cache, "trainer.max_epochs=1"))
+    # resume leaving out one of the original overrides (model.channels=4; the default is 64)
+    args = [a for a in run_args(run, cache, "trainer.max_epochs=2", "ckpt_path=last") if a != "model.channels=4"]
+    proc = start(*args)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0
+    message = out[out.index("does not match this configuration"):]
+    assert "model.channels: 4 in the checkpoint, 64 now" in message
+    assert "the original run's overrides not repeated now: model.channels=4" in message
+    assert "size mismatch" not in out and len(message.splitlines()) < 12
 
 
 def test_mid_epoch_checkpoint_resumes_the_epoch_where_it_stopped(tmp_path, cache):
@@ -220,3 +274,27 @@ def test_mid_epoch_resume_under_ddp_equals_an_uninterrupted_ddp_run(tmp_path, ca
     assert b["global_step"] == a["global_step"] == 8
     for key, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_csv_logger_continues_the_rows_before_the_resumed_step(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from dfl.loggers import CSVLogger
+    from dfl.train import continue_logs
+
+    first = CSVLogger(tmp_path, name="csv", version="")
+    for step in range(6):
+        first.log_metrics({"train/loss": float(step)}, step=step)
+    first.save()
+    resumed, tb = CSVLogger(tmp_path, name="csv", version=""), TensorBoardLogger(tmp_path / "tb", name=None, version="")
+    continue_logs([resumed, tb], resumed_step=4)  # steps 4 and 5 were logged after the checkpoint
+    assert tb._kwargs["purge_step"] == 4
+    resumed.log_metrics({"train/loss": 40.0, "val/loss": 1.5}, step=4)
+    resumed.save()
+    rows = csv_rows(tmp_path)
+    assert [(r["step"], r["train/loss"], r["val/loss"]) for r in rows] == [
+        ("0", "0.0", ""), ("1", "1.0", ""), ("2", "2.0", ""), ("3", "3.0", ""), ("4", "40.0", "1.5")]
+    fresh = CSVLogger(tmp_path, name="csv", version="")  # not resuming: Lightning's behaviour, a new file
+    fresh.log_metrics({"x": 1.0}, step=0)
+    fresh.save()
+    assert [r["x"] for r in csv_rows(tmp_path)] == ["1.0"]

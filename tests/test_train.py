@@ -15,6 +15,7 @@ TINY = [
     "model.channels=4", "model.dilations=[1,2,4,1]", "lossnet.n_layers=4", "lossnet.base_channels=4",
     "trainer.max_epochs=2", "callbacks.loss_weight_balancer.epochs=1", "trainer.log_every_n_steps=1",
     "~callbacks.rich_progress_bar", "trainer.enable_progress_bar=false",
+    "system.metric_workers=0",  # in-process metrics: no worker start-up per tiny run (tests/test_metric_pool.py covers the pool)
 ]
 
 

@@ -76,7 +76,7 @@ def test_runs_of_one_sweep_share_a_group_and_log_checkpoints(tmp_path, cache):
     sweep = tmp_path / "sweep"
     dfl_train("-m", "loss=l1,l2", f"hydra.sweep.dir={sweep}", f"paths.cache_dir={cache}", "logger=wandb", "test=false",
               "logger.wandb.log_model=true", *TINY, "trainer.max_epochs=1", "data.n_val=1")
-    runs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    runs = sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())  # sweep/wandb: the summary's run
     offline = [next((r / "wandb").glob("offline-run-*")) for r in runs]
     records_ = [run_record(o) for o in offline]
     assert [r.display_name for r in records_] == ["loss=l1", "loss=l2"]
@@ -86,3 +86,15 @@ def test_runs_of_one_sweep_share_a_group_and_log_checkpoints(tmp_path, cache):
         artifacts = [r.artifact for r in records(path) if r.WhichOneof("record_type") == "artifact"]
         assert artifacts and all(a.type == "model" for a in artifacts)
         assert {e.path for a in artifacts for e in a.manifest.contents} == {"model.ckpt"}
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, cache):
+    run = tmp_path / "run"
+    args = [f"hydra.run.dir={run}", f"paths.cache_dir={cache}", "logger=wandb", "test=false", *TINY, "data.n_val=1"]
+    dfl_train(*args, "trainer.max_epochs=1")
+    (first,) = (run / "wandb").glob("offline-run-*")
+    dfl_train(*args, "trainer.max_epochs=2", "ckpt_path=last")
+    offline = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and offline[0] == first
+    ids = [run_record(o).run_id for o in offline]
+    assert ids[0] == ids[1] == first.name.rsplit("-", 1)[1]  # `wandb sync` appends the resumed part to the run

@@ -39,9 +39,17 @@ class DenoisingSystem(L.LightningModule):
 
     Batches are dicts with ``noisy`` and ``clean`` ``[batch, time]`` tensors (and
     ``lengths``). Validation/test batches are whole utterances; metrics are computed per
-    utterance with :mod:`dfl.metrics` and averaged over utterances (synchronised across
-    DDP ranks). The unprocessed noisy input is scored once, under ``<stage>/noisy/*``,
-    so the improvement is visible next to ``<stage>/enhanced/*``.
+    utterance with :mod:`dfl.metrics`, gathered from every DDP rank by utterance id and
+    averaged over the distinct utterances (:mod:`dfl.systems.scoring`: exact for any world size).
+    The unprocessed noisy input is scored once, under ``<stage>/noisy/*``, so the improvement is
+    visible next to ``<stage>/enhanced/*``.
+
+    The metrics run in ``metric_workers`` worker processes (:class:`~dfl.metric_pool.MetricPool`;
+    None: on GPUs this host's cores shared by its training processes, one left to each, on the CPU
+    none; 0: in this process)
+    while the model runs on the next utterances; they are merged at the end of the epoch, before it is
+    logged and checkpointed. ``val_metrics_every_n_epochs``: validation epochs whose number + 1 is a
+    multiple of it compute the metrics; the others the loss only.
     """
 
     def __init__(
@@ -55,6 +63,8 @@ class DenoisingSystem(L.LightningModule):
         sample_rate: int = 16_000,
         compile: bool = False,
         val_metrics: Sequence[str] | None = None,
+        val_metrics_every_n_epochs: int = 1,
+        metric_workers: int | None = None,
     ) -> None:
         from dfl.metrics import expand_metric_names
 
@@ -67,6 +77,8 @@ class DenoisingSystem(L.LightningModule):
         if not all(b < 1 for b in betas):
             raise ValueError(f"system.betas={list(betas)}: each must be in [0, 1), e.g. [0.9, 0.999]")
         metrics = expand_metric_names(metrics, "system.metrics")
+        if val_metrics_every_n_epochs < 1:
+            raise ValueError(f"system.val_metrics_every_n_epochs must be >= 1, got {val_metrics_every_n_epochs}")
         self.save_hyperparameters(ignore=["denoiser", "loss"])
         self.hparams.update(lr=lr, weight_decay=weight_decay, betas=betas, metrics=metrics)
         self.denoiser = torch.compile(denoiser) if compile else denoiser
@@ -76,9 +88,12 @@ class DenoisingSystem(L.LightningModule):
         self.val_metric_names = (
             self.metric_names if val_metrics is None else expand_metric_names(val_metrics, "system.val_metrics")
         )
-        self._scored: dict[str, int] = {}  # "<stage>/<kind>/<metric>" -> utterances scored this epoch
-        self._missing: dict[str, dict[str, int]] = {}  # same keys -> {reason: utterances}
+        self._epoch_records: dict[str, list[dict]] = {}  # per stage: every rank's records of the last epoch
         self._noisy_scored: set[str] = set()
+        self._records: dict[str, list[dict]] = {}  # per stage: this rank's per-utterance results (dfl.systems.scoring)
+        self._scoring: dict[str, list] = {}  # per stage: futures of per-utterance metric records (dfl.metric_pool)
+        self._metric_pool = None
+        self.evaluated_utterances: dict[str, int] = {}  # per stage: distinct utterances in the last epoch's means
         self._unchecked_losses: list[tuple[int, torch.Tensor]] = []  # (batch, loss) not yet read: see _check_finite
         self._written_step = True  # this step's values go to the loggers: see _loggers_write_this_step
 
@@ -175,63 +190,111 @@ class DenoisingSystem(L.LightningModule):
         return adam(params, lr=self.hparams.lr, betas=tuple(self.hparams.betas), weight_decay=self.hparams.weight_decay)
 
     # -- evaluation ---------------------------------------------------------------------------
-    def _evaluate(self, batch: dict, stage: str) -> None:
-        from dfl.metrics import MetricFailure, compute_many
+    def _utterance_ids(self, batch: dict, batch_idx: int) -> list[str]:
+        """The ids results are gathered by: the datamodule's ``names`` (unique within a split).
+
+        Batches without names get ids unique to this rank and batch: nothing is deduplicated then, so a
+        padded distributed sampler's repeats would count (every dfl datamodule names its utterances).
+        """
+        names = batch.get("names")
+        if names is not None:
+            return [str(n) for n in names]
+        return [f"rank{self.global_rank}/batch{batch_idx}/{i}" for i in range(batch["noisy"].shape[0])]
+
+    def _metrics_due(self, stage: str) -> bool:
+        if stage != "val" or self._trainer is None or self.trainer.sanity_checking:
+            return True
+        return (self.current_epoch + 1) % self.hparams.val_metrics_every_n_epochs == 0
+
+    def _pool(self):
+        if self._metric_pool is None:
+            from dfl.metric_pool import MetricPool, default_workers
+
+            workers = self.hparams.metric_workers
+            if workers is None and self.device.type == "cpu":
+                workers = 0  # the model's threads already use the cores: no gain measured on 2 cores
+            elif workers is None:
+                local = getattr(self._trainer, "num_devices", 1) if self._trainer is not None else 1
+                workers = default_workers(local)
+            self._metric_pool = MetricPool(int(workers))
+        return self._metric_pool
+
+    def _evaluate(self, batch: dict, batch_idx: int, stage: str) -> None:
+        from dfl.metric_pool import score_utterance
 
         noisy, clean = batch["noisy"], batch["clean"]
         enhanced = self(noisy)
-        total, per_layer = self._loss(enhanced, clean, batch.get("lengths"), batch.get("padded"))
-        self.log(f"{stage}/loss", total, batch_size=noisy.shape[0], sync_dist=True)
+        total, _ = self._loss(enhanced, clean, batch.get("lengths"), batch.get("padded"))
+        ids = self._utterance_ids(batch, batch_idx)
+        self._records.setdefault(stage, []).append({"id": "batch:" + "|".join(ids), "loss": float(total), "n": len(ids)})
+        if not self._metrics_due(stage):
+            return
         lengths = batch.get("lengths", torch.full((noisy.shape[0],), noisy.shape[-1]))
-        score_noisy = stage not in self._noisy_scored
+        kinds = {"enhanced": enhanced} if stage in self._noisy_scored else {"enhanced": enhanced, "noisy": noisy}
+        as_numpy = lambda t, i, n: t[i, :n].float().cpu().numpy().astype(np.float64)  # noqa: E731
         names = self.val_metric_names if stage == "val" else self.metric_names
-        for i in range(noisy.shape[0]) if names else ():
+        for i, uid in enumerate(ids) if names else ():
             n = int(lengths[i])
-            ref = clean[i, :n].float().cpu().numpy().astype(np.float64)
-            for kind, signal in (("enhanced", enhanced), ("noisy", noisy)):
-                if kind == "noisy" and not score_noisy:
-                    continue
-                est = signal[i, :n].float().cpu().numpy().astype(np.float64)
-                for name, value in compute_many(names, ref, est, self.hparams.sample_rate).items():
-                    key = f"{stage}/{kind}/{name}"
-                    if isinstance(value, MetricFailure):  # recorded as missing, never as 0
-                        reasons = self._missing.setdefault(key, {})
-                        reasons[value.reason] = reasons.get(value.reason, 0) + 1
-                        continue
-                    self._scored[key] = self._scored.get(key, 0) + 1
-                    self.log(key, float(value), batch_size=1, sync_dist=True)
+            job = (uid, as_numpy(clean, i, n), {k: as_numpy(x, i, n) for k, x in kinds.items()},
+                   names, self.hparams.sample_rate)
+            # scored in a worker while this process runs the model on the next utterances
+            self._scoring.setdefault(stage, []).append(self._pool().submit(score_utterance, job))
+
+    def _log_epoch_means(self, stage: str) -> dict[str, float]:
+        """Wait for this rank's metrics, gather every rank's records, drop repeated utterances, log one
+        mean per metric (the same on all ranks)."""
+        from dfl.metric_pool import result
+        from dfl.systems.scoring import gather_records, means, unique_by_id
+
+        mine = self._records.pop(stage, []) + [result(f) for f in self._scoring.pop(stage, [])]
+        records = unique_by_id(gather_records(mine))
+        self._epoch_records[stage] = records
+        results = means(records)
+        self.evaluated_utterances[stage] = sum(1 for r in records if "values" in r)
+        for key, value in results.items():
+            # identical on every rank already: their mean is the value itself
+            self.log(f"{stage}/{key}", value, batch_size=1, sync_dist=True)
+        return results
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+        self._evaluate(batch, batch_idx, "val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+        self._evaluate(batch, batch_idx, "test")
 
     def on_validation_epoch_start(self) -> None:
-        self._scored, self._missing = {}, {}
+        self._records["val"], self._scoring["val"] = [], []
+
+    def on_test_epoch_start(self) -> None:
+        self._records["test"], self._scoring["test"] = [], []
 
     def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking:
-            self._check_monitored_metrics()
+        scored = self._metrics_due("val")
+        self._log_epoch_means("val")
+        if scored and not self.trainer.sanity_checking:
+            self._check_monitored_metrics(self._epoch_records.get("val", []))
             self._noisy_scored.add("val")
 
-    def _check_monitored_metrics(self) -> None:
+    def _check_monitored_metrics(self, records: list[dict]) -> None:
         """A metric that a callback monitors but no validation file could be scored with is a clear error.
 
-        (Otherwise ModelCheckpoint / EarlyStopping fail with "could not find the monitored key".)
+        (Otherwise ModelCheckpoint / EarlyStopping fail with "could not find the monitored key".) ``records``
+        are every rank's, so every rank decides the same.
         """
+        from dfl.metrics import MetricFailure
+
         monitored = {
             cb.monitor: type(cb).__name__ for cb in self.trainer.callbacks
             if isinstance(getattr(cb, "monitor", None), str) and cb.monitor.startswith("val/enhanced/")
         }
-        if not monitored:
-            return
-        keys = sorted(monitored)
-        counts = torch.tensor([float(self._scored.get(k, 0)) for k in keys])
-        if self.trainer.world_size > 1:  # every rank decides on the same totals
-            counts = self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum").cpu()
-        for key, count in zip(keys, counts.tolist()):
+        for key in sorted(monitored):
             name = key.rsplit("/", 1)[1]
+            values = [r["values"].get(f"enhanced/{name}") for r in records if "values" in r]
+            count = sum(1 for v in values if v is not None and not isinstance(v, MetricFailure))
+            missing: dict[str, int] = {}
+            for v in values:
+                if isinstance(v, MetricFailure):
+                    missing[v.reason] = missing.get(v.reason, 0) + 1
             if name not in self.val_metric_names:
                 setting = "system.metrics" if self.hparams.get("val_metrics") is None else "system.val_metrics"
                 raise ValueError(
@@ -240,7 +303,7 @@ class DenoisingSystem(L.LightningModule):
                     f"{self.val_metric_names[0] if self.val_metric_names else 'pesq'} or val/loss)"
                 )
             if count == 0:
-                reasons = "; ".join(f"{r} ({n} files)" for r, n in self._missing.get(key, {}).items()) or "no files"
+                reasons = "; ".join(f"{r} ({n} files)" for r, n in missing.items()) or "no files"
                 raise ValueError(
                     f"{name} is undefined for every validation file, so {monitored[key]} has no {key} to monitor "
                     f"(reasons: {reasons}). Check the validation data (silent or very short files?), or monitor "
@@ -248,7 +311,13 @@ class DenoisingSystem(L.LightningModule):
                 )
 
     def on_test_epoch_end(self) -> None:
+        self._log_epoch_means("test")
         self._noisy_scored.add("test")
+
+    def teardown(self, stage: str) -> None:
+        if self._metric_pool is not None:  # after fit / test, and after an exception
+            self._metric_pool.close()
+            self._metric_pool = None
 
     # -- checkpoints --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -258,3 +327,7 @@ class DenoisingSystem(L.LightningModule):
         if lossnet is not None and hasattr(lossnet, "config"):
             records["lossnet"] = model_record("lossnet", lossnet)
         checkpoint["dfl_models"] = records
+        checkpoint["dfl_noisy_scored"] = sorted(self._noisy_scored)  # a resumed run does not rescore them
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._noisy_scored |= set(checkpoint.get("dfl_noisy_scored", []))
