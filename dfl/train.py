@@ -104,6 +104,9 @@ def import_lightning():
         for handler in list(logging.getLogger("lightning").handlers):
             if type(handler) is logging.StreamHandler:
                 logging.getLogger("lightning").removeHandler(handler)
+    # an advertisement for a hosted logger on every run, not information about this one
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage())
     return lightning
 
 
@@ -118,6 +121,7 @@ def train(cfg: DictConfig) -> dict:
     # The frozen loss network is in eval mode on purpose.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")  # Lightning internals vs torch 2.11
+    warnings.filterwarnings("ignore", message=r".*RANDOMLY INITIALISED.*")  # logged once by build_loss_network
 
     check_required(cfg)
     if cfg.get("test_checkpoint", "best") not in ("best", "last"):
@@ -141,6 +145,7 @@ def train(cfg: DictConfig) -> dict:
     ckpt_path = resolve_ckpt_path(cfg)  # before any file is written: a missing checkpoint is an error
     record_dir = resumed_record_dir(out_dir)  # resuming in place: the original config.yaml stays
     if is_global_zero():  # DDP ranks > 0 re-run this script: only rank 0 writes files
+        log.info("run directory: %s", out_dir.resolve())
         out_dir.mkdir(parents=True, exist_ok=True)
         config_file = out_dir / "config.yaml" if record_dir is None else record_dir / "config_resolved.yaml"
         atomic_write(config_file, lambda p: p.write_text(OmegaConf.to_yaml(cfg, resolve=True)))
@@ -216,7 +221,7 @@ def fit_and_test(cfg: DictConfig, trainer, system, datamodule, out_dir: Path, ck
         best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb else ""
         if cfg.get("test_checkpoint", "best") == "last":
             best = ""  # the final weights, in memory (the authors reported their final model)
-        trainer.test(system, datamodule=datamodule, ckpt_path=best or None)
+        trainer.test(system, datamodule=datamodule, ckpt_path=best or None, verbose=False)  # our table below
         results = collect_test_metrics(trainer.callback_metrics)
         results["checkpoint"] = best or "final weights"
         results.update(best_checkpoint_facts(ckpt_cb, best))
@@ -229,6 +234,8 @@ def fit_and_test(cfg: DictConfig, trainer, system, datamodule, out_dir: Path, ck
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     results = train(cfg)
+    if is_global_zero():
+        log.info("outputs in %s", Path(cfg.paths.output_dir).resolve())
     # The value Optuna / other sweepers optimise.
     objective = cfg.get("optimized_metric")
     if objective:

@@ -206,7 +206,7 @@ def test_dfl_pretrain_writes_checkpoints_and_a_loadable_lossnet(tmp_path):
         sys.executable, "-m", "dfl.pretrain", f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path / 'cache'}",
         "net.n_layers=4", "net.base_channels=4", "data.scenes_train_per_class=1", "data.scenes_val_per_class=1",
         "data.scene_seconds=0.2", "data.chunks_train=8", "data.chunks_val=8", "data.chunk_seconds=0.25",
-        "data.batch_size=4", "trainer.max_epochs=2", "+trainer.limit_train_batches=2",
+        "data.batch_size=4", "trainer.max_epochs=2", "trainer.limit_train_batches=2",
         "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", f"export_path={export}",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -79,7 +79,7 @@ def test_lightning_messages_are_logged_once_and_into_the_run_log(tiny_run):
 
 def test_random_loss_network_is_announced(tiny_run):
     _, proc = tiny_run
-    assert "RANDOMLY INITIALISED" in proc.stdout + proc.stderr
+    assert (proc.stdout + proc.stderr).count("RANDOMLY INITIALISED") == 1  # once, not as a log line and a warning
 
 
 def test_checkpoint_rebuilds_denoiser_safely(tiny_run):
@@ -132,3 +132,26 @@ def test_authors_recipe_runs_end_to_end_on_a_tiny_set(tmp_path):
     assert "val/loss" in header and not [c for c in header if c.startswith("val/enhanced")]  # loss only
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("epoch_*")) == ["epoch_001.ckpt"]
     assert {f"train/feature/layer_{i}" for i in range(6)} <= set(header) and "train/feature/layer_6" not in header
+
+
+def test_debug_trainer_runs_a_few_batches_quietly(tmp_path):
+    """trainer=debug: a few batches, no checkpoints; the run directory said at start and end; no third-party
+    tips, Lightning's duplicate test table or a doubled random-loss-network warning."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline"}  # warnings shown, as a user sees them
+    proc = subprocess.run(
+        [sys.executable, "-m", "dfl.train", "trainer=debug", f"hydra.run.dir={run_dir}", f"paths.cache_dir={tmp_path}",
+         "data.n_train=4", "data.n_val=2", "data.n_test=2", "model.channels=4", "model.dilations=[1,2,1]",
+         "lossnet.n_layers=4", "lossnet.base_channels=4", "trainer.enable_progress_bar=false",
+         "trainer.limit_train_batches=2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert f"run directory: {run_dir}" in out and f"outputs in {run_dir}" in out
+    assert "litlogger" not in out and "Test metric" not in out and "Test split" in out
+    assert out.count("RANDOMLY INITIALISED") == 1
+    assert not (run_dir / "checkpoints").exists() and (run_dir / "metrics.json").is_file()
+    steps = [r for r in (run_dir / "csv" / "metrics.csv").read_text().splitlines()[1:] if r]
+    assert json.loads((run_dir / "metrics.json").read_text())["checkpoint"] == "final weights"
+    assert steps  # logged at least the epoch's values
