@@ -107,3 +107,13 @@ def test_wheel_carries_its_configs_and_runs_outside_the_repository(tmp_path):
                            env=env, capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert "task_name: demo" in train and "SyntheticSpeechDataModule" in train
     assert not list(elsewhere.iterdir()), "--cfg job must not write into the working directory"
+
+
+def test_the_readmes_python_snippets_run():
+    """Every ```python block of the README runs as written."""
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert blocks
+    for block in blocks:
+        namespace: dict = {}
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    assert namespace["per_layer"].shape == (6,)
