@@ -122,8 +122,8 @@ def test_adam_is_fused_on_the_cpu_with_the_same_updates():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(lr="abc"), r"system.lr='abc': expected a positive number, e.g. system.lr=1e-4"),
-        (dict(lr=-1.0), r"system.lr=-1.0: expected a positive number"),
+        (dict(lr="abc"), r"system.lr='abc': expected a number >= 0, e.g. system.lr=1e-4"),
+        (dict(lr=-1.0), r"system.lr=-1.0: expected a number >= 0"),
         (dict(lr=float("nan")), r"system.lr=nan"),
         (dict(weight_decay="x"), r"system.weight_decay='x': expected a number >= 0"),
         (dict(betas=[0.9]), r"system.betas=\[0.9\]: expected two numbers"),
@@ -144,7 +144,7 @@ def test_bad_lr_from_the_command_line_names_the_setting():
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["system.lr=abc"])
-    with pytest.raises(Exception, match=r"system.lr='abc': expected a positive number"):
+    with pytest.raises(Exception, match=r"system.lr='abc': expected a number >= 0"):
         instantiate(cfg.system, denoiser=ContextAggregationNet(dilations=[1], channels=4), loss=L1Loss())
 
 

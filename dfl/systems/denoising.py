@@ -69,7 +69,7 @@ class DenoisingSystem(L.LightningModule):
         from dfl.metrics import expand_metric_names
 
         super().__init__()
-        lr = _positive_number("system.lr", lr, "1e-4")
+        lr = _positive_number("system.lr", lr, "1e-4", zero_ok=True)  # 0: evaluate without learning
         weight_decay = _positive_number("system.weight_decay", weight_decay, "0.0", zero_ok=True)
         if not isinstance(betas, Sequence) or len(betas) != 2:
             raise ValueError(f"system.betas={betas!r}: expected two numbers in [0, 1), e.g. [0.9, 0.999]")
