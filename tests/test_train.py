@@ -136,7 +136,7 @@ def test_authors_recipe_runs_end_to_end_on_a_tiny_set(tmp_path):
 
 def test_debug_trainer_runs_a_few_batches_quietly(tmp_path):
     """trainer=debug: a few batches, no checkpoints; the run directory said at start and end; no third-party
-    tips, Lightning's duplicate test table or a doubled random-loss-network warning."""
+    tips, Lightning's duplicate test table, "Total FLOPs: 0" or a doubled random-loss-network warning."""
     run_dir = tmp_path / "run"
     env = {**os.environ, "WANDB_MODE": "offline"}  # warnings shown, as a user sees them
     proc = subprocess.run(
@@ -151,6 +151,8 @@ def test_debug_trainer_runs_a_few_batches_quietly(tmp_path):
     assert f"run directory: {run_dir}" in out and f"outputs in {run_dir}" in out
     assert "litlogger" not in out and "Test metric" not in out and "Test split" in out
     assert out.count("RANDOMLY INITIALISED") == 1
+    assert "Trainable params" in out and "flops" not in out.lower()  # the summary, without "Total FLOPs: 0"
+    assert "logging interval" not in out and "already configured with model summary" not in out
     assert not (run_dir / "checkpoints").exists() and (run_dir / "metrics.json").is_file()
     steps = [r for r in (run_dir / "csv" / "metrics.csv").read_text().splitlines()[1:] if r]
     assert json.loads((run_dir / "metrics.json").read_text())["checkpoint"] == "final weights"
