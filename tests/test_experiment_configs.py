@@ -5,7 +5,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from dfl.train import CONF_DIR, check_required
+from dfl.cli.train import CONF_DIR, check_required
 
 
 def compose_train(*overrides, hydra=False):

@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from dfl.train import CONF_DIR, import_lightning, instantiate_group
+from dfl.cli.train import CONF_DIR, import_lightning, instantiate_group
 
 log = logging.getLogger(__name__)
 
