@@ -6,9 +6,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from callbacks import LossWeightBalancer
-from dfl.cli.train import CONF_DIR, instantiate_group
 from dfl.losses import CombinedLoss, FeatureLoss, MultiResolutionSTFTLoss, WaveformL1Loss, WaveformL2Loss
 from dfl.models import LossNetwork
+from dfl.run_setup import CONF_DIR, instantiate_group
 from tests.helpers.tiny_training import RecordPerLayer, datamodule, make_trainer
 
 SMALL_STFT = dict(fft_sizes=[256, 512], hop_sizes=[64, 128], win_lengths=[256, 400])

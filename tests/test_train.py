@@ -54,7 +54,7 @@ def test_two_epoch_training_writes_outputs(tiny_run):
 
 
 def test_tf32_setting_reaches_the_run_and_sets_both_backends(tiny_run):
-    from dfl.cli.train import set_tf32
+    from dfl.run_setup import set_tf32
 
     run_dir, _ = tiny_run
     lines = (run_dir / "config.yaml").read_text().splitlines()
