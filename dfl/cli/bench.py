@@ -41,18 +41,10 @@ from dfl.memory import keep_freed_memory
 from dfl.models import ContextAggregationNet, LossNetwork
 from dfl.models.conv import set_cuda_conv
 from dfl.native import cpu_kernels
+from dfl.presets import architecture_preset
 from dfl.systems.denoising import adam
 
-MODELS = {
-    "can_paper": {},
-    "can_authors": dict(
-        dilations=[*[2**i for i in range(13)], 1],
-        padding="tf_authors",
-        batch_stats_at_eval=True,
-        bn_eps=1e-3,
-        bn_scale=False,
-    ),
-}
+MODELS = {name: architecture_preset("model", name) for name in ("can_paper", "can_authors")}
 
 
 class PeakRSS:
