@@ -246,6 +246,26 @@ class DCASE2016DataModule(L.LightningDataModule):
     tasks' examples (flags ``is_scene``/``is_tags``). Validation is always two loaders,
     ``[scenes, tags]``. ``min_crop_length`` is the loss network's minimum input length
     (``dfl-pretrain`` sets it from the network).
+
+    Args:
+        root: the folder holding the TUT and CHiME-Home folders (as ``dfl-prepare dcase2016`` writes them).
+        tut_train: TUT folder for training (under ``root``).
+        tut_val: TUT folder for validation.
+        tut_meta: each TUT folder's list of ``(clip, scene)``.
+        chime: the CHiME-Home folder (under ``root``).
+        chime_train: CHiME-Home split file for training.
+        chime_val: CHiME-Home split file for validation.
+        chime_audio_suffix: which of each chunk's audio files to read.
+        mode: ``"alternate"`` or ``"mixed"`` (see above).
+        batch_size: training examples per batch (per task in ``alternate`` mode).
+        val_batch_size: validation examples per batch; ``None``: ``batch_size``.
+        min_crop_length: shortest training crop, in samples.
+        max_crop_length: longest training crop, in samples; ``None``: the clip's length.
+        num_workers: DataLoader worker processes.
+        sample_rate: the rate the audio is read at.
+        short_clip_fraction: for clips shorter than ``min_crop_length``, the shortest crop as a fraction
+            of the clip (:class:`CropCollate`).
+    (``dfl-pretrain`` sets it from the network).
     """
 
     MODES = ("alternate", "mixed")

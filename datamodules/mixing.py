@@ -176,6 +176,34 @@ class MixingDataModule(SplitDataModule):
     ``n_test`` mixtures drawn with ``val_seed`` / ``test_seed`` from ``val_clean_dir`` /
     ``val_noise_dir`` (default: the training directories — then the numbers are optimistic,
     which is logged).
+
+    Args:
+        clean_dir: clean speech, searched recursively for wav/flac.
+        noise_dir: noise recordings, searched recursively.
+        rir_dir: impulse responses to convolve the speech with; ``None``: no reverberation.
+        rir_prob: the probability that a mixture is reverberated.
+        dereverberate: the target is the dry speech (``True``) or the reverberant speech (``False``).
+        snr_range: ``[low, high]`` mixing SNR in dB, drawn uniformly.
+        gain_db_range: ``[low, high]`` gain in dB applied to noisy and clean alike (rescaled if it would clip).
+        crop_seconds: training crop length; ``None``: whole utterances.
+        epoch_size: mixtures per epoch; ``None``: one per clean file.
+        batch_size: training mixtures per batch.
+        bucket: batch whole utterances of similar length (needs ``crop_seconds=None``).
+        bucket_window: how many batches' worth of utterances are sorted by length together.
+        val_root: a paired folder (``valset_*``/``testset_*``) for validation and test.
+        val_clean_dir: clean speech of the drawn validation/test mixtures; ``None``: ``clean_dir``.
+        val_noise_dir: noise of the drawn validation/test mixtures; ``None``: ``noise_dir``.
+        n_val: drawn validation mixtures.
+        n_test: drawn test mixtures.
+        val_seed: the drawn validation mixtures.
+        test_seed: the drawn test mixtures.
+        num_workers: DataLoader worker processes.
+        sample_rate: the rate the audio is read and mixed at.
+        seed: the training mixtures, deterministic per ``(seed, epoch, index)``.
+        pin_memory: pin batches in page-locked memory.
+        manifest_dir: where the file lists with their lengths are cached; ``None``: not cached.
+        pad_to_multiple: zero-pad training batches to a multiple of this many samples.
+    which is logged).
     """
 
     def __init__(

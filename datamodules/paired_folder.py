@@ -274,6 +274,21 @@ class PairedFolderDataModule(SplitDataModule):
     step for can_paper + the loss network) and keeps 10 000 of them; rounding lengths up keeps the
     number of shapes small (4096 samples: ~60 for VoiceBank). Batch-statistics normalisation sees the
     padding zeros, as in any padded batch.
+
+    Args:
+        root: the folder holding ``{trainset,valset,testset}_{noisy,clean}/`` (same file names in each pair).
+        batch_size: training utterances (or crops) per batch; validation and test use 1.
+        crop_seconds: training crop length; ``None`` trains on whole utterances.
+        num_workers: DataLoader worker processes.
+        sample_rate: the rate the audio is read at (files at other rates are resampled).
+        seed: the training order and crops, per epoch.
+        pin_memory: pin batches in page-locked memory (faster host-to-GPU copies).
+        bucket: batch whole utterances of similar length (needs ``crop_seconds=None``).
+        bucket_window: how many batches' worth of utterances are sorted by length together.
+        manifest_dir: where the file lists with their lengths are cached; ``None``: not cached.
+        pad_to_multiple: zero-pad training batches to a multiple of this many samples.
+        val_split: ``"val"`` (``valset_*``) or ``"test"`` (``testset_*``) for validation.
+    padding zeros, as in any padded batch.
     """
 
     def __init__(

@@ -10,7 +10,19 @@ from datamodules.paired_folder import PairedFolderDataModule
 class SyntheticSpeechDataModule(PairedFolderDataModule):
     """Generates (once per settings, deterministically from ``generator_seed``) a paired corpus under
     ``root`` with :func:`datamodules.synthetic_speech.generate_paired_corpus`, then behaves exactly like
-    :class:`PairedFolderDataModule` on it — so the demo exercises the real file path."""
+    :class:`PairedFolderDataModule` on it — so the demo exercises the real file path.
+
+    Args:
+        root: where the corpus is written (and read from).
+        generator_seed: the corpus (same seed and settings: same files, not regenerated).
+        n_train: training pairs.
+        n_val: validation pairs.
+        n_test: test pairs.
+        min_seconds: shortest utterance.
+        max_seconds: longest utterance.
+        snr_range: ``(low, high)`` mixing SNR in dB, drawn uniformly.
+        **paired_kwargs: the loading settings of :class:`PairedFolderDataModule`.
+    """
 
     def __init__(
         self,

@@ -280,7 +280,20 @@ def _marker_hash(root: Path) -> str | None:
 # ---------------------------------------------------------------------------------- datamodule
 class SyntheticScenesDataModule(DCASE2016DataModule):
     """Generates the synthetic set under ``root`` (once per settings, from ``generator_seed``)
-    and then behaves exactly like :class:`DCASE2016DataModule` on it."""
+    and then behaves exactly like :class:`DCASE2016DataModule` on it.
+
+    Args:
+        root: where the set is written (and read from).
+        generator_seed: the set (same seed and settings: same files, not regenerated).
+        scenes_train_per_class: training clips per scene class.
+        scenes_val_per_class: validation clips per scene class.
+        scene_seconds: length of a scene clip.
+        chunks_train: training tagging chunks.
+        chunks_val: validation tagging chunks.
+        chunk_seconds: length of a tagging chunk.
+        tag_probability: the chance that each tag is present in a chunk, in (0, 1).
+        **datamodule_kwargs: the loading settings of :class:`DCASE2016DataModule`.
+    """
 
     def __init__(
         self,

@@ -10,13 +10,11 @@ statistics travel with the file (ONNX metadata / TorchScript extra file), so
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -25,7 +23,6 @@ import torch
 
 from dfl import SAMPLE_RATE
 from dfl.audio import atomic_write
-from dfl.cli import refuse_existing_output
 from dfl.fast_inference import FastContextAggregationNet
 
 FORMATS = ("onnx", "torchscript")
@@ -103,42 +100,3 @@ def load_onnx_session(path: str | os.PathLike, device="cpu"):
     if props.get("dfl_kind") != '"denoiser"' or "receptive_field" not in props:
         raise ValueError(f"{path}: not a denoiser exported by dfl-export (no dfl metadata)")
     return session, {"receptive_field": int(props["receptive_field"]), "batch_stats": json.loads(props["batch_stats"])}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dfl-export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", type=Path, help="dfl model file or dfl-train checkpoint")
-    parser.add_argument("--format", required=True, choices=FORMATS,
-                        help="onnx (for ONNX Runtime and dfl-denoise --backend onnxruntime) or torchscript "
-                        "(torch.jit.load, no dfl needed)")  # fmt: skip
-    parser.add_argument("-o", "--output", required=True, type=Path, help="file to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it already exists")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-
-    from dfl.checkpoints import CheckpointError, load_model
-
-    if args.output.resolve() == args.checkpoint.resolve():
-        parser.error(f"--output {args.output} would overwrite the checkpoint")
-    refuse_existing_output(parser, "--output", args.output, args.overwrite)
-    try:
-        model = load_model(args.checkpoint, "denoiser")
-    except CheckpointError as exc:
-        print(f"dfl-export: {exc}", file=sys.stderr)
-        return 2
-    exporter = export_onnx if args.format == "onnx" else export_torchscript
-    try:
-        path = exporter(model, args.output)
-    except OSError as exc:
-        print(f"dfl-export: cannot write --output {args.output}: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.format} model to {path} (input 'waveform' [batch, time] at {SAMPLE_RATE} Hz)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""OmegaConf resolvers used by the configs (registered when ``dfl.train`` is imported)."""
+"""OmegaConf resolvers used by the configs (registered when ``dfl.cli.train`` is imported)."""
 
 from __future__ import annotations
 

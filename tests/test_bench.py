@@ -5,7 +5,7 @@ import argparse
 import pytest
 import torch
 
-from dfl.bench import bench_training
+from dfl.cli.bench import bench_training
 
 
 def test_training_bench_compares_fused_and_plain_layers():
@@ -27,7 +27,7 @@ def test_training_bench_compares_fused_and_plain_layers():
 
 
 def test_inference_bench_reports_every_cpu_path():
-    from dfl.bench import MODELS, bench_inference
+    from dfl.cli.bench import MODELS, bench_inference
 
     args = argparse.Namespace(seconds=0.5, repeats=1, skip_onnxruntime=True, skip_cuda=True)
     result = bench_inference("can_paper", MODELS["can_paper"], args, gemm=100.0)
@@ -44,7 +44,7 @@ def test_inference_bench_reports_every_cpu_path():
 def test_voicebank_like_lengths_match_the_training_set():
     import numpy as np
 
-    from dfl.bench import voicebank_like_seconds
+    from dfl.cli.bench import voicebank_like_seconds
 
     seconds = voicebank_like_seconds(20_000, np.random.default_rng(0))
     assert seconds.min() >= 1.1 and seconds.max() <= 15.0
@@ -53,7 +53,7 @@ def test_voicebank_like_lengths_match_the_training_set():
 
 
 def test_epoch_bench_times_real_dfl_train_epochs(tmp_path):
-    from dfl.bench import EPOCH_RUNS, VOICEBANK_TRAIN_SECONDS, bench_training_epoch
+    from dfl.cli.bench import EPOCH_RUNS, VOICEBANK_TRAIN_SECONDS, bench_training_epoch
     from tests.test_train import TINY
 
     tiny = [o for o in TINY if o.startswith(("model.", "lossnet."))] + ["callbacks.loss_weight_balancer.epochs=1"]
@@ -70,7 +70,7 @@ def test_epoch_bench_times_real_dfl_train_epochs(tmp_path):
 
 
 def test_epoch_bench_runs_only_the_selected_runs(tmp_path):
-    from dfl.bench import EPOCH_RUNS_CUDA, bench_training_epoch, main
+    from dfl.cli.bench import EPOCH_RUNS_CUDA, bench_training_epoch, main
     from tests.test_train import TINY
 
     tiny = [o for o in TINY if o.startswith(("model.", "lossnet."))] + ["callbacks.loss_weight_balancer.epochs=1"]
@@ -85,7 +85,7 @@ def test_epoch_bench_runs_only_the_selected_runs(tmp_path):
 
 
 def test_cpu_description_names_the_machine():
-    from dfl.bench import _cpu_line, cpu_description
+    from dfl.cli.bench import _cpu_line, cpu_description
 
     amd = (
         "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
@@ -105,7 +105,7 @@ def test_cpu_description_names_the_machine():
 
 
 def test_validation_bench_times_serial_and_pooled_scoring():
-    from dfl.bench import bench_validation
+    from dfl.cli.bench import bench_validation
 
     result = bench_validation(2, workers=[1], repeats=2)
     runs = result["runs"]

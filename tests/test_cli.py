@@ -7,18 +7,16 @@ import argparse
 import pytest
 import torch
 
-from dfl import bench, compare, enhance, export
 from dfl.checkpoints import load_model
-from dfl.data import prepare
-from dfl.tf_import import cli as tf_cli
+from dfl.cli import bench, compare, denoise, export, import_tf, prepare
 from tests.helpers.small_denoisers import saved_denoiser
 
 PARSERS = {
     "dfl-bench": bench.build_parser,
     "dfl-compare": compare.build_parser,
-    "dfl-denoise": enhance.build_parser,
+    "dfl-denoise": denoise.build_parser,
     "dfl-export": export.build_parser,
-    "dfl-import-tf": tf_cli.build_parser,
+    "dfl-import-tf": import_tf.build_parser,
     "dfl-prepare": prepare.build_parser,
 }
 
@@ -71,10 +69,10 @@ def test_import_tf_keeps_an_existing_output_unless_overwrite(tmp_path, capsys):
     missing = str(tmp_path / "nope.ckpt")
     # refused before the (missing) checkpoint is even read: the output check comes first
     with pytest.raises(SystemExit) as exc:
-        tf_cli.main(["denoiser", missing, "-o", str(target)])
+        import_tf.main(["denoiser", missing, "-o", str(target)])
     assert exc.value.code == 2
     assert f"--output {target} already exists; pass --overwrite" in capsys.readouterr().err
-    assert tf_cli.main(["denoiser", missing, "-o", str(target), "--overwrite"]) == 1
+    assert import_tf.main(["denoiser", missing, "-o", str(target), "--overwrite"]) == 1
     assert "TF checkpoint index not found" in capsys.readouterr().err
     assert target.read_bytes() == b"the user's file"  # a failed import leaves it as it was
 
@@ -82,6 +80,6 @@ def test_import_tf_keeps_an_existing_output_unless_overwrite(tmp_path, capsys):
     folder.mkdir()
     for extra in ([], ["--overwrite"]):
         with pytest.raises(SystemExit) as exc:
-            tf_cli.main(["denoiser", missing, "-o", str(folder), *extra])
+            import_tf.main(["denoiser", missing, "-o", str(folder), *extra])
         assert exc.value.code == 2
         assert f"--output {folder} is a folder" in capsys.readouterr().err

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from dfl import compare
 from dfl.audio import load_mono, write_audio
-from dfl.evaluate import evaluate
+from dfl.cli import compare
+from dfl.cli.evaluate import evaluate
 from tests.helpers.browser import Browser
 from tests.helpers.metric_signals import noisy_version, speech_like
 from tests.test_evaluate import _cfg

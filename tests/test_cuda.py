@@ -126,7 +126,7 @@ def test_dfl_train_on_gpu(tmp_path, batching):
 
 
 def test_dfl_denoise_on_cuda_matches_the_cpu(tmp_path, no_tf32):
-    from dfl.enhance import main
+    from dfl.cli.denoise import main
 
     model = saved_denoiser(tmp_path / "model.pt", seed=2)
     (tmp_path / "in").mkdir()

@@ -140,7 +140,7 @@ def test_bad_lr_from_the_command_line_names_the_setting():
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from dfl.train import CONF_DIR
+    from dfl.run_setup import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["system.lr=abc"])

@@ -1,4 +1,4 @@
-"""dfl.data.download against a local HTTP server: resume, verification, safe extraction."""
+"""dfl.preparation.download against a local HTTP server: resume, verification, safe extraction."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dfl.data.download import (
+from dfl.preparation.download import (
     ArchiveError,
     ChecksumError,
     DownloadError,

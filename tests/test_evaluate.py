@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from dfl.audio import write_audio
-from dfl.evaluate import CONF_DIR, evaluate, score_all
+from dfl.cli.evaluate import CONF_DIR, evaluate, score_all
 from dfl.metrics import MetricFailure
 from tests.helpers.metric_signals import noisy_version, speech_like
 
@@ -166,7 +166,7 @@ def test_model_checkpoint_is_run_and_scored(dataset, tmp_path):
 def test_cli_with_wandb_offline(dataset, tmp_path):
     root, enhanced = dataset
     out = tmp_path / "cli"
-    env_cmd = [sys.executable, "-m", "dfl.evaluate", f"data_dir={root}", f"enhanced_dir={enhanced}",
+    env_cmd = [sys.executable, "-m", "dfl.cli.evaluate", f"data_dir={root}", f"enhanced_dir={enhanced}",
                "metrics=[snr,pesq]", "num_workers=0", "progress=false", "logger=wandb", f"hydra.run.dir={out}"]
     import os
 
@@ -236,7 +236,7 @@ def test_metric_families_are_accepted_by_name(dataset, tmp_path):
 
 
 def test_checkpoint_folder_without_a_checkpoint_is_an_error(tmp_path):
-    from dfl.evaluate import resolve_checkpoint
+    from dfl.cli.evaluate import resolve_checkpoint
 
     (tmp_path / "run").mkdir()
     with pytest.raises(ValueError, match=r"checkpoint=.*/run: a folder without metrics.json's checkpoint"):
@@ -250,7 +250,7 @@ def test_checkpoint_route_and_denoise_then_enhanced_dir_route_give_one_answer(tm
     import torch
 
     from dfl.checkpoints import save_model
-    from dfl.enhance import main as dfl_denoise
+    from dfl.cli.denoise import main as dfl_denoise
     from dfl.models import ContextAggregationNet
 
     root = tmp_path / "data"

@@ -5,7 +5,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from dfl.train import CONF_DIR, check_required
+from dfl.cli.train import check_required
+from dfl.run_setup import CONF_DIR
 
 
 def compose_train(*overrides, hydra=False):

@@ -9,9 +9,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from dfl.enhance import main as denoise_main
+from dfl.cli.denoise import main as denoise_main
+from dfl.cli.export import main as export_main
 from dfl.export import META_FILE, load_onnx_session
-from dfl.export import main as export_main
 from tests.helpers.small_denoisers import BATCH_STATS, saved_denoiser, small_denoiser
 
 pytest.importorskip("onnxruntime")

@@ -51,7 +51,7 @@ def test_batch_statistics_span_the_whole_batch_like_the_plain_model():
 
 @pytest.mark.parametrize("batch_stats", [False, True], ids=["can_paper", "can_authors"])
 def test_fast_path_matches_the_real_configs(batch_stats):
-    from dfl.bench import MODELS
+    from dfl.cli.bench import MODELS
 
     config = {"channels": 64, "dilations": ContextAggregationNet().dilations}  # can_paper: the defaults
     model = small_denoiser(**{**config, **MODELS["can_authors" if batch_stats else "can_paper"]})

@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 from callbacks import LossWeightBalancer
 from dfl.losses import CombinedLoss, FeatureLoss, MultiResolutionSTFTLoss, WaveformL1Loss, WaveformL2Loss
 from dfl.models import LossNetwork
-from dfl.train import CONF_DIR, instantiate_group
+from dfl.run_setup import CONF_DIR, instantiate_group
 from tests.helpers.tiny_training import RecordPerLayer, datamodule, make_trainer
 
 SMALL_STFT = dict(fft_sizes=[256, 512], hop_sizes=[64, 128], win_lengths=[256, 400])

@@ -15,9 +15,9 @@ import pytest
 import soundfile as sf
 
 from dfl.audio import read_audio, resample
-from dfl.data import dcase2016, voicebank
-from dfl.data.prepare import main
-from dfl.data.steps import ArchiveSpec, read_checksums, with_checksums
+from dfl.cli.prepare import main
+from dfl.preparation import dcase2016, voicebank
+from dfl.preparation.steps import ArchiveSpec, read_checksums, with_checksums
 from tests.helpers.local_http_server import serve
 
 RNG = np.random.default_rng(7)

@@ -203,7 +203,7 @@ def test_dfl_pretrain_writes_checkpoints_and_a_loadable_lossnet(tmp_path):
     run = tmp_path / "run"
     export = tmp_path / "models" / "lossnet_test.pt"
     cmd = [
-        sys.executable, "-m", "dfl.pretrain", f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path / 'cache'}",
+        sys.executable, "-m", "dfl.cli.pretrain", f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path / 'cache'}",
         "net.n_layers=4", "net.base_channels=4", "data.scenes_train_per_class=1", "data.scenes_val_per_class=1",
         "data.scene_seconds=0.2", "data.chunks_train=8", "data.chunks_val=8", "data.chunk_seconds=0.25",
         "data.batch_size=4", "trainer.max_epochs=2", "trainer.limit_train_batches=2",
@@ -250,7 +250,7 @@ def test_dfl_pretrain_writes_checkpoints_and_a_loadable_lossnet(tmp_path):
 def test_dfl_pretrain_mixed_mode_exports_the_final_weights(tmp_path):
     run = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "dfl.pretrain", f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path / 'cache'}",
+        sys.executable, "-m", "dfl.cli.pretrain", f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path / 'cache'}",
         "mode=mixed", "export_from=last", "num_threads=1", "reestimate_bn=false", "net.n_layers=3", "net.base_channels=4",
         "data.scenes_train_per_class=1", "data.scenes_val_per_class=1", "data.scene_seconds=0.2",
         "data.chunks_train=8", "data.chunks_val=8", "data.chunk_seconds=0.25", "data.batch_size=4",

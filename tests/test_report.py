@@ -60,7 +60,7 @@ def report_run(tmp_path_factory):
         enh = noisy_version(clean, 8.0 + 3 * (i % 4), seed=60 + i) if i < 6 else np.zeros_like(clean)
         write_audio(root / "enhanced" / f"utt {i}.wav", enh, SR, subtype="FLOAT")
     out = tmp_path_factory.mktemp("run")
-    from dfl.evaluate import evaluate
+    from dfl.cli.evaluate import evaluate
 
     evaluate(_cfg(out, f"data_dir={root}", f"enhanced_dir={root / 'enhanced'}", f"metrics=[{','.join(METRICS)}]",
                   "num_workers=0", "report.per_group=2", "plots.num_spectrograms=0"))
@@ -190,7 +190,7 @@ def test_filter_shows_only_the_chosen_group(report_run):
 @pytest.mark.skipif(not SHARED_SAMPLE.is_dir(), reason=f"{SHARED_SAMPLE} (shared reference data) is absent")
 def test_report_of_the_sample_pairs_in_chromium(tmp_path):
     """The two real VoiceBank-DEMAND pairs, enhanced by the authors' released model."""
-    from dfl.evaluate import evaluate
+    from dfl.cli.evaluate import evaluate
 
     root = tmp_path / "data"
     enhanced = SHARED_SAMPLE.parents[1] / "reference" / "authors_tf" / "enhanced"
@@ -227,7 +227,7 @@ def test_demo_last_step_prints_where_the_report_is(tmp_path):
                                                                                               channels=4))
     save_model(run / "checkpoints" / "last.ckpt", "denoiser", ContextAggregationNet(dilations=[1], channels=2))
     (run / "metrics.json").write_text(json.dumps({"noisy": {}, "enhanced": {}, "checkpoint": str(best)}))
-    proc = subprocess.run([sys.executable, "-m", "dfl.evaluate", "experiment=eval_demo", f"checkpoint={run}",
+    proc = subprocess.run([sys.executable, "-m", "dfl.cli.evaluate", "experiment=eval_demo", f"checkpoint={run}",
                            f"hydra.run.dir={run / 'eval'}", "progress=false", "num_workers=0",
                            f"paths.cache_dir={cache}"], cwd=Path(__file__).resolve().parents[1],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": "offline"})

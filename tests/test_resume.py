@@ -18,7 +18,7 @@ STEPS_PER_EPOCH = 4  # data.n_train=4, batch size 1
 
 def start(*overrides):
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-m", "dfl.train", *overrides], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "dfl.cli.train", *overrides], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -279,8 +279,8 @@ def test_mid_epoch_resume_under_ddp_equals_an_uninterrupted_ddp_run(tmp_path, ca
 def test_csv_logger_continues_the_rows_before_the_resumed_step(tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    from dfl.cli.train import continue_logs
     from dfl.loggers import CSVLogger
-    from dfl.train import continue_logs
 
     first = CSVLogger(tmp_path, name="csv", version="")
     for step in range(6):

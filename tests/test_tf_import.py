@@ -15,6 +15,7 @@ import soundfile as sf
 import torch
 
 from dfl.checkpoints import load_model, safe_load
+from dfl.cli.import_tf import main as cli_main
 from dfl.models import ContextAggregationNet, LossNetwork
 from dfl.tf_import import (
     AUTHORS_DENOISER_CONFIG,
@@ -27,7 +28,6 @@ from dfl.tf_import import (
     import_lossnet,
 )
 from dfl.tf_import.bundle import crc32c, mask_crc
-from dfl.tf_import.cli import main as cli_main
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 AUTHORS_TF = SHARED / "reference" / "authors_tf"

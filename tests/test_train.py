@@ -22,7 +22,7 @@ TINY = [
 def dfl_train(*overrides, cwd=REPO, timeout=600):
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
-        [sys.executable, "-m", "dfl.train", *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "dfl.cli.train", *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
@@ -54,7 +54,7 @@ def test_two_epoch_training_writes_outputs(tiny_run):
 
 
 def test_tf32_setting_reaches_the_run_and_sets_both_backends(tiny_run):
-    from dfl.train import set_tf32
+    from dfl.run_setup import set_tf32
 
     run_dir, _ = tiny_run
     lines = (run_dir / "config.yaml").read_text().splitlines()
@@ -97,7 +97,7 @@ def test_checkpoint_rebuilds_denoiser_safely(tiny_run):
 def test_bad_data_root_is_a_clear_error(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline"}
     proc = subprocess.run(
-        [sys.executable, "-m", "dfl.train", "data=paired_folder", f"data.root={tmp_path / 'missing'}",
+        [sys.executable, "-m", "dfl.cli.train", "data=paired_folder", f"data.root={tmp_path / 'missing'}",
          f"hydra.run.dir={tmp_path / 'run'}", *TINY[5:]],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
@@ -140,7 +140,7 @@ def test_debug_trainer_runs_a_few_batches_quietly(tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "WANDB_MODE": "offline"}  # warnings shown, as a user sees them
     proc = subprocess.run(
-        [sys.executable, "-m", "dfl.train", "trainer=debug", f"hydra.run.dir={run_dir}", f"paths.cache_dir={tmp_path}",
+        [sys.executable, "-m", "dfl.cli.train", "trainer=debug", f"hydra.run.dir={run_dir}", f"paths.cache_dir={tmp_path}",
          "data.n_train=4", "data.n_val=2", "data.n_test=2", "model.channels=4", "model.dilations=[1,2,1]",
          "lossnet.n_layers=4", "lossnet.base_channels=4", "trainer.enable_progress_bar=false",
          "trainer.limit_train_batches=2"],

@@ -48,7 +48,7 @@ def test_short_training_lowers_the_loss_and_raises_si_sdr(tmp_path):
         "trainer.log_every_n_steps=1", "~callbacks.rich_progress_bar", "trainer.enable_progress_bar=false",
     ]
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "dfl.train", *overrides], cwd=REPO, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "dfl.cli.train", *overrides], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 

@@ -7,7 +7,7 @@
 """
 
 from dfl.tf_import.bundle import CheckpointFormatError, TFCheckpoint
-from dfl.tf_import.cli import convert
+from dfl.tf_import.convert import convert
 from dfl.tf_import.mapping import (
     AUTHORS_DENOISER_CONFIG,
     AUTHORS_HEADS,

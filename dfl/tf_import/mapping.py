@@ -14,44 +14,22 @@ import torch
 from torch import nn
 
 from dfl.models import ContextAggregationNet, LossNetwork
+from dfl.presets import architecture_preset
 
-# The authors' denoiser (model.py `senet` with SE_LAYERS=13, SE_CHANNELS=64, SE_NORM="NM"):
+# The authors' denoiser, defined in conf/model/can_authors.yaml (model.py `senet` with SE_LAYERS=13,
+# SE_CHANNELS=64, SE_NORM="NM"):
 # se_conv_0 is a plain 3-tap conv, se_conv_i (i = 1..12) is dilated by 2^i, se_conv_last is
 # plain again, then the 1×1 se_fc_last. Adaptive BN w0·x + w1·BN(x), TF-slim BN (β only,
 # ε = 1e-3) on the batch's own statistics at inference too, leaky ReLU max(0.2x, x).
-AUTHORS_DENOISER_CONFIG: dict = dict(
-    dilations=[1, *[2**i for i in range(1, 13)], 1],
-    channels=64,
-    kernel_size=3,
-    in_channels=1,
-    normalization="adaptive",
-    batch_stats_at_eval=True,
-    bn_eps=1e-3,
-    bn_scale=False,
-    negative_slope=0.2,
-    padding="tf_authors",
-    init="default",
-)
+AUTHORS_DENOISER_CONFIG: dict = {**architecture_preset("model", "can_authors"), "in_channels": 1}
 
-# The authors' loss network (model.py `lossnet`, LOSS_LAYERS=14, base 32, doubling every 5
-# layers, TF-slim BN, SAME padding with stride 2 except the last layer) with the two heads of
+# The authors' loss network, defined in conf/lossnet/authors.yaml (model.py `lossnet`, LOSS_LAYERS=14,
+# base 32, doubling every 5 layers, TF-slim BN, SAME padding with stride 2 except the last layer) with the two heads of
 # lossnet_train.py: pred_conv_0 = acoustic scene classification (15 scenes), pred_conv_1 =
 # domestic audio tagging (7 tags). Batch statistics always, as in the authors' feature loss.
 AUTHORS_HEADS = {"scene": 15, "tags": 7}
 TF_HEAD_SCOPES = {"scene": "pred_conv_0", "tags": "pred_conv_1"}
-AUTHORS_LOSSNET_CONFIG: dict = dict(
-    n_layers=14,
-    base_channels=32,
-    channel_block=5,
-    kernel_size=3,
-    stride=2,
-    normalization="batch",
-    batch_stats_at_eval=True,
-    bn_eps=1e-3,
-    bn_scale=False,
-    negative_slope=0.2,
-    heads=dict(AUTHORS_HEADS),
-)
+AUTHORS_LOSSNET_CONFIG: dict = {**architecture_preset("lossnet", "authors"), "heads": dict(AUTHORS_HEADS)}
 
 KIND_PREFIXES = {"denoiser": "se_", "lossnet": "loss_conv_"}
 

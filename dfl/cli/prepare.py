@@ -12,8 +12,8 @@ import argparse
 import sys
 
 from dfl.audio import AudioError
-from dfl.data.download import ArchiveError, DownloadError
-from dfl.data.steps import read_checksums, with_checksums
+from dfl.preparation.download import ArchiveError, DownloadError
+from dfl.preparation.steps import read_checksums, with_checksums
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,14 +53,14 @@ def run(args: argparse.Namespace) -> str:
     options = dict(progress=not args.no_progress, keep_archives=not args.delete_archives)
     sums = read_checksums(args.checksums) if args.checksums else {}
     if args.dataset == "voicebank":
-        from dfl.data import voicebank
+        from dfl.preparation import voicebank
 
         archives = with_checksums(voicebank.ARCHIVES, sums, args.checksums) if sums else voicebank.ARCHIVES
         return voicebank.prepare_voicebank(
             args.root, base_url=args.base_url, val_speakers=parse_val_speakers(args.val_speakers),
             archives=archives, **options,
         )
-    from dfl.data import dcase2016
+    from dfl.preparation import dcase2016
 
     archives = dcase2016.ARCHIVES
     if sums:

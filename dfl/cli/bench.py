@@ -41,18 +41,10 @@ from dfl.memory import keep_freed_memory
 from dfl.models import ContextAggregationNet, LossNetwork
 from dfl.models.conv import set_cuda_conv
 from dfl.native import cpu_kernels
+from dfl.presets import architecture_preset
 from dfl.systems.denoising import adam
 
-MODELS = {
-    "can_paper": {},
-    "can_authors": dict(
-        dilations=[*[2**i for i in range(13)], 1],
-        padding="tf_authors",
-        batch_stats_at_eval=True,
-        bn_eps=1e-3,
-        bn_scale=False,
-    ),
-}
+MODELS = {name: architecture_preset("model", name) for name in ("can_paper", "can_authors")}
 
 
 class PeakRSS:
@@ -395,7 +387,7 @@ def bench_training_epoch(device: torch.device, args, extra_overrides: tuple[str,
         result["audio_seconds"] = write_voicebank_like(tmp / "data", args.epoch_utterances)
         for label, overrides in runs.items():
             run_dir = tmp / label
-            cmd = [sys.executable, "-m", "dfl.train", f"hydra.run.dir={run_dir}", "data=paired_folder",
+            cmd = [sys.executable, "-m", "dfl.cli.train", f"hydra.run.dir={run_dir}", "data=paired_folder",
                    f"data.root={tmp / 'data'}", f"paths.cache_dir={tmp / 'cache'}",
                    f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}", "trainer.max_epochs=2",
                    "+trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", "test=false", "logger=csv",
@@ -535,7 +527,7 @@ def bench_long_file(minutes: float, args) -> dict:
         with sf.SoundFile(str(tmp / "in" / "long.wav"), "w", SAMPLE_RATE, 1, subtype="PCM_16") as f:
             for start in range(0, n, 60 * SAMPLE_RATE):
                 f.write((0.1 * rng.standard_normal(min(60 * SAMPLE_RATE, n - start))).astype(np.float32))
-        cmd = [sys.executable, "-m", "dfl.enhance", str(tmp / "in"), "-o", str(tmp / "out"),
+        cmd = [sys.executable, "-m", "dfl.cli.denoise", str(tmp / "in"), "-o", str(tmp / "out"),
                "--model", str(tmp / "model.pt"), "--chunk-seconds", "20", "--quiet"]  # fmt: skip
         start = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dfl.audio import atomic_write
-from dfl.data.download import Downloaded, download, extract
+from dfl.preparation.download import Downloaded, download, extract
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from dfl.audio import AudioError, atomic_write, read_audio, resample, write_audio
-from dfl.data.steps import ArchiveSpec, Preparation, Unpacked
+from dfl.preparation.steps import ArchiveSpec, Preparation, Unpacked
 
 SAMPLE_RATE = 16_000
 TUT_DEV = "TUT-acoustic-scenes-2016-development"

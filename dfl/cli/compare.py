@@ -119,7 +119,7 @@ def pick_files(names: list[str], count: int) -> list[str]:
 
 def enhanced_signals(run: Run, pairs: list[tuple[str, Path, Path]], sample_rate: int) -> list[np.ndarray]:
     """Each run's enhanced version of the chosen files: its files when it has them, else its model run now."""
-    from dfl.evaluate import _load_checked
+    from dfl.cli.evaluate import _load_checked
 
     if run.enhanced_dir is not None and all((run.enhanced_dir / name).is_file() for name, _, _ in pairs):
         return [_load_checked(run.enhanced_dir / name, sample_rate) for name, _, _ in pairs]
@@ -199,8 +199,8 @@ def write_compare(runs: list[Run], pairs: list[tuple[str, Path, Path]], out_dir:
         The path of ``compare.html`` (written last, atomically).
     """
     from dfl.audio import atomic_write, write_audio
+    from dfl.cli.evaluate import _load_checked
     from dfl.eval_report import spectrogram_png
-    from dfl.evaluate import _load_checked
     from dfl.html_report import esc, image_html, page, png_size, safe_stem
 
     metrics = list(dict.fromkeys(m for r in runs for m in r.metrics))
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.utterances < 1:
         parser.error(f"--utterances must be >= 1, got {args.utterances}")
     refuse_existing_output(parser, "--output", args.output / "compare.html", args.overwrite)
-    from dfl.evaluate import list_pairs
+    from dfl.cli.evaluate import list_pairs
 
     try:
         runs = [read_run(p) for p in args.runs]

@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dfl.audio import read_audio, resample, write_audio
-from dfl.data.steps import ArchiveSpec, Preparation, Unpacked
+from dfl.preparation.steps import ArchiveSpec, Preparation, Unpacked
 
 SAMPLE_RATE = 16_000
 BASE_URL = "https://datashare.ed.ac.uk/bitstream/handle/10283/2791/"

@@ -15,7 +15,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from dfl.train import CONF_DIR, import_lightning, instantiate_group
+from dfl.run_setup import (
+    CONF_DIR,
+    apply_process_settings,
+    import_lightning,
+    instantiate_group,
+    instantiate_trainer,
+    log_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +55,7 @@ def reestimation_clips(datamodule, limit: int | None = None, seed: int = 0):
 
 def pretrain(cfg: DictConfig) -> dict:
     """Fit, validate the exported checkpoint, write ``lossnet.pt`` + ``metrics.json``; returns the metrics."""
-    L = import_lightning()
+    import_lightning()
     from hydra.utils import instantiate
 
     from dfl.audio import atomic_write
@@ -57,15 +64,7 @@ def pretrain(cfg: DictConfig) -> dict:
 
     if cfg.export_from not in ("best", "last"):
         raise ValueError(f"export_from must be 'best' or 'last', got {cfg.export_from!r}")
-    if cfg.get("num_threads"):
-        import torch
-
-        torch.set_num_threads(int(cfg.num_threads))
-    from dfl.memory import configure_freed_memory
-
-    configure_freed_memory(bool(cfg.get("keep_freed_memory")))
-    if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
+    apply_process_settings(cfg)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(cfg, resolve=True)))
@@ -76,9 +75,8 @@ def pretrain(cfg: DictConfig) -> dict:
     datamodule = instantiate(cfg.data, min_crop_length=net.min_input_length, _convert_="all")
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer = instantiate_trainer(cfg, callbacks, loggers)
+    log_config(loggers, cfg)
 
     trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 

@@ -10,22 +10,18 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from dfl import hydra_resolvers
 from dfl.resume import check_checkpoint_matches, resolve_ckpt_path, resumed_record_dir
+from dfl.run_setup import (
+    CONF_DIR,
+    apply_process_settings,
+    import_lightning,
+    instantiate_group,
+    instantiate_trainer,
+    is_global_zero,
+    log_config,
+)
 
 log = logging.getLogger(__name__)
-hydra_resolvers.register()
-
-CONF_DIR = hydra_resolvers.CONF_DIR
-
-
-def instantiate_group(cfg: DictConfig | None) -> list:
-    """Instantiate every entry with a ``_target_`` of a dict-like group (callbacks, loggers)."""
-    from hydra.utils import instantiate
-
-    if not cfg:
-        return []
-    return [instantiate(c, _convert_="all") for c in cfg.values() if c is not None and "_target_" in c]
 
 
 def collect_test_metrics(callback_metrics: dict) -> dict:
@@ -63,13 +59,6 @@ def check_required(cfg: DictConfig) -> None:
         )
 
 
-def is_global_zero() -> bool:
-    """Rank 0 of a (possibly distributed) run, known before the Trainer exists (from the launcher's env)."""
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
-    return getattr(rank_zero_only, "rank", 0) == 0
-
-
 def close_wandb_runs(loggers: list) -> None:
     """Finish the W&B run of this job, so the next job of an in-process sweep starts its own."""
     from lightning.pytorch.loggers import WandbLogger
@@ -79,41 +68,10 @@ def close_wandb_runs(loggers: list) -> None:
             lg.experiment.finish()
 
 
-def set_tf32(enabled: bool) -> None:
-    """TF32 (10-bit mantissa) for float32 convolutions and matrix products on NVIDIA GPUs, or not.
-
-    PyTorch's default: TF32 for cuDNN convolutions, full float32 for matrix products. On an H200 the
-    gradients of a ``can_paper`` feature-loss step with TF32 were 3.1e-2 (relative) from the same step
-    without it; ``tf32=false`` when that matters more than speed.
-    """
-    import torch
-
-    torch.backends.cudnn.allow_tf32 = enabled
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-
-
-def import_lightning():
-    """``import lightning``, logging through Hydra's handlers only.
-
-    The ``lightning`` package adds its own console handler to its logger, which also propagates to
-    the root logger Hydra configured (console + the run's log file): every message came out twice.
-    """
-    import lightning
-
-    if logging.getLogger().handlers:
-        for handler in list(logging.getLogger("lightning").handlers):
-            if type(handler) is logging.StreamHandler:
-                logging.getLogger("lightning").removeHandler(handler)
-    # an advertisement for a hosted logger on every run, not information about this one
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: "litlogger" not in record.getMessage())
-    return lightning
-
-
 def train(cfg: DictConfig) -> dict:
     """Fit, then test the best checkpoint (or the final weights: ``test_checkpoint=last``); returns the test
     metrics (written to metrics.json)."""
-    L = import_lightning()
+    import_lightning()
     from hydra.utils import instantiate
 
     from dfl.audio import atomic_write
@@ -126,21 +84,7 @@ def train(cfg: DictConfig) -> dict:
     check_required(cfg)
     if cfg.get("test_checkpoint", "best") not in ("best", "last"):
         raise ValueError(f"test_checkpoint must be 'best' or 'last', got {cfg.test_checkpoint!r}")
-    if cfg.get("num_threads"):  # small convs on a busy CPU often run faster on fewer threads
-        import torch
-
-        torch.set_num_threads(int(cfg.num_threads))
-    if cfg.get("tf32") is not None:
-        set_tf32(bool(cfg.tf32))
-    from dfl.memory import configure_freed_memory
-
-    configure_freed_memory(bool(cfg.get("keep_freed_memory")))
-    if cfg.get("cuda_conv") is not None:
-        from dfl.models.conv import set_cuda_conv
-
-        set_cuda_conv(cfg.cuda_conv)
-    if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
+    apply_process_settings(cfg)
     out_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg)  # before any file is written: a missing checkpoint is an error
     record_dir = resumed_record_dir(out_dir)  # resuming in place: the original config.yaml stays
@@ -164,11 +108,10 @@ def train(cfg: DictConfig) -> dict:
     loggers = instantiate_group(cfg.get("logger"))
     if resumed_step is not None:
         continue_logs(loggers, resumed_step)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+    trainer = instantiate_trainer(cfg, callbacks, loggers)
 
     try:
-        for lg in loggers:  # the composed config next to every logger's metrics
-            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        log_config(loggers, cfg)
         return fit_and_test(cfg, trainer, system, datamodule, out_dir, ckpt_path)
     finally:
         close_wandb_runs(loggers)
