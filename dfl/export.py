@@ -1,6 +1,6 @@
 """`dfl-export CKPT --format onnx|torchscript -o FILE`: ship a trained denoiser to other runtimes.
 
-The exported graph is :class:`dfl.fast_inference.FastContextAggregationNet`
+The exported graph is :class:`dfl.kernels.fast_inference.FastContextAggregationNet`
 (BN folded into the convs for running-statistics models), input ``waveform``
 ``[batch, time]`` float32 at 16 kHz, output ``denoised`` of the same shape;
 both axes are dynamic. The receptive field and whether the model uses batch
@@ -23,7 +23,7 @@ import torch
 
 from dfl import SAMPLE_RATE
 from dfl.audio import atomic_write
-from dfl.fast_inference import FastContextAggregationNet
+from dfl.kernels.fast_inference import FastContextAggregationNet
 
 FORMATS = ("onnx", "torchscript")
 META_FILE = "dfl_meta.json"  # TorchScript extra file holding the metadata

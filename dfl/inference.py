@@ -92,8 +92,8 @@ class Denoiser:
     def from_model(
         cls, model: torch.nn.Module, device: str | torch.device = "cpu", *, fast: bool = True, **kwargs
     ) -> Denoiser:
-        """Wrap a ``ContextAggregationNet`` (eval semantics); ``fast`` uses :mod:`dfl.fast_inference`."""
-        from dfl.fast_inference import FastContextAggregationNet
+        """Wrap a ``ContextAggregationNet`` (eval semantics); ``fast`` uses :mod:`dfl.kernels.fast_inference`."""
+        from dfl.kernels.fast_inference import FastContextAggregationNet
 
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():

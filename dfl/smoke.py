@@ -93,7 +93,7 @@ def check_onnxruntime() -> str:
 def check_kernels() -> str:
     import torch
 
-    from dfl.native import CpuKernels, build, channel_mean_var
+    from dfl.kernels.native import CpuKernels, build, channel_mean_var
 
     kernels = CpuKernels(build())
     z = torch.randn(2, 100, 8, generator=torch.Generator().manual_seed(0))

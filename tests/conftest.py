@@ -10,7 +10,7 @@ import soundfile as sf
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-# compiled kernels (dfl.native) go to a per-run cache, not the user's ~/.cache
+# compiled kernels (dfl.kernels.native) go to a per-run cache, not the user's ~/.cache
 if "DFL_CACHE_DIR" not in os.environ:
     os.environ["DFL_CACHE_DIR"] = tempfile.mkdtemp(prefix="dfl-test-cache-")
     atexit.register(shutil.rmtree, os.environ["DFL_CACHE_DIR"], True)

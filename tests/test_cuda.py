@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from dfl.fast_inference import FastContextAggregationNet
+from dfl.kernels.fast_inference import FastContextAggregationNet
 from dfl.losses import FeatureLoss
 from dfl.models import ContextAggregationNet, LossNetwork
 from tests.helpers.small_denoisers import BATCH_STATS, saved_denoiser, small_denoiser

@@ -1,12 +1,13 @@
-"""The frozen loss network's channels-last fast path (dfl.models.frozen_loss_network) against the module."""
+"""The frozen loss network's channels-last fast path (dfl.kernels.frozen_loss_network) against the module."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from dfl.kernels import frozen_loss_network
 from dfl.losses import FeatureLoss
-from dfl.models import LossNetwork, frozen_loss_network
+from dfl.models import LossNetwork
 
 
 def _frozen(**config) -> LossNetwork:

@@ -1,10 +1,11 @@
-"""The fused CPU layers (dfl.models.fused_layer) against the plain PyTorch layers."""
+"""The fused CPU layers (dfl.kernels.fused_layer) against the plain PyTorch layers."""
 
 import pytest
 import torch
 
-from dfl.models import ContextAggregationNet, LossNetwork, winograd
-from dfl.models.fused_layer import conv_norm_act, lazy_project
+from dfl.kernels import winograd
+from dfl.kernels.fused_layer import conv_norm_act, lazy_project
+from dfl.models import ContextAggregationNet, LossNetwork
 
 DILATIONS = [1, 1, 2, 4, 8, 1]
 
@@ -55,7 +56,7 @@ def conv_path(request, monkeypatch):
     if request.param == "direct":
         monkeypatch.setattr(winograd, "kernels_for", lambda *tensors: None)
     else:
-        from dfl.native import CpuKernels
+        from dfl.kernels.native import CpuKernels
 
         for name in SPIED:
             original = getattr(CpuKernels, name)
@@ -186,7 +187,7 @@ def test_conv_norm_act_rejects_other_norms():
 
 
 def test_waveform_layer_computes_only_its_weight_gradient_when_the_input_needs_none(monkeypatch):
-    from dfl.native import CpuKernels
+    from dfl.kernels.native import CpuKernels
 
     calls = []
     original = CpuKernels.direct_conv_weight_grad
@@ -229,7 +230,7 @@ def test_checkpoints_record_the_architecture_not_how_it_runs(tmp_path):
 
 def test_training_after_fast_inference_in_the_same_thread():
     # nothing the inference path leaves behind (an inference tensor, say) may break the next training step
-    from dfl.fast_inference import FastContextAggregationNet
+    from dfl.kernels.fast_inference import FastContextAggregationNet
 
     plain, fused = _pair()
     FastContextAggregationNet(fused.eval(), winograd=True).forward_cpu(torch.randn(1, 4000))

@@ -10,8 +10,8 @@ import torch
 from dfl import Denoiser
 from dfl.audio import StreamResampler, resample
 from dfl.checkpoints import model_record
-from dfl.fast_inference import FastContextAggregationNet
 from dfl.inference import ChunkStream
+from dfl.kernels.fast_inference import FastContextAggregationNet
 from dfl.models import ContextAggregationNet
 from tests.helpers.small_denoisers import BATCH_STATS, saved_denoiser, small_denoiser
 

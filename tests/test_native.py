@@ -1,4 +1,4 @@
-"""The compiled Winograd kernels (dfl.native): results, bounds checks, caching and the fallback."""
+"""The compiled Winograd kernels (dfl.kernels.native): results, bounds checks, caching and the fallback."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dfl import native
-from dfl.fast_inference import FastContextAggregationNet
+from dfl.kernels import native
+from dfl.kernels.fast_inference import FastContextAggregationNet
 from tests.helpers.small_denoisers import small_denoiser
 
 
@@ -503,7 +503,7 @@ def test_a_library_others_can_write_is_not_loaded(fresh_native, caplog):
     library.chmod(0o666)  # anyone could have replaced it
     with pytest.raises(RuntimeError, match="refusing to load .*others can write"):
         native.build()
-    with caplog.at_level(logging.WARNING, logger="dfl.native"):
+    with caplog.at_level(logging.WARNING, logger="dfl.kernels.native"):
         assert native.cpu_kernels() is None
     assert "refusing to load" in caplog.text
     library.chmod(0o644)
@@ -526,7 +526,7 @@ def test_without_a_compiler_the_pytorch_path_is_used(fresh_native, monkeypatch, 
         native.build()
     assert not fresh_native.exists() or not any(fresh_native.iterdir())  # failed builds leave nothing
 
-    with caplog.at_level(logging.WARNING, logger="dfl.native"):
+    with caplog.at_level(logging.WARNING, logger="dfl.kernels.native"):
         assert native.cpu_kernels() is None
     assert "using the PyTorch path" in caplog.text
     model = small_denoiser()

@@ -14,9 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dfl.fast_inference import FastContextAggregationNet
+from dfl.kernels import frozen_loss_network, winograd
+from dfl.kernels.fast_inference import FastContextAggregationNet
 from dfl.losses import FeatureLoss
-from dfl.models import ContextAggregationNet, LossNetwork, frozen_loss_network, winograd
+from dfl.models import ContextAggregationNet, LossNetwork
 from dfl.models.adaptive_bn import AdaptiveBatchNorm
 
 DILATIONS = [1, 3, 2, 5, 1]  # not powers of two

@@ -36,11 +36,11 @@ import torch
 
 from dfl import SAMPLE_RATE
 from dfl.audio import atomic_write
-from dfl.fast_inference import FastContextAggregationNet
+from dfl.kernels.fast_inference import FastContextAggregationNet
+from dfl.kernels.native import cpu_kernels
 from dfl.memory import keep_freed_memory
 from dfl.models import ContextAggregationNet, LossNetwork
 from dfl.models.conv import set_cuda_conv
-from dfl.native import cpu_kernels
 from dfl.presets import architecture_preset
 from dfl.systems.denoising import adam
 
@@ -596,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {_cpu_line(cpu_info)}, {torch.get_num_threads()} torch threads of {os.cpu_count()} cores; "
           f"2048³ fp32 GEMM {gemm:.1f} GFLOP/s")  # fmt: skip
     native = cpu_kernels() is not None
-    print("compiled CPU kernels (dfl.native): " + ("yes" if native else "NO, the fast paths run on PyTorch alone"))
+    print("compiled CPU kernels (dfl.kernels.native): " + ("yes" if native else "NO, the fast paths run on PyTorch alone"))
     results: dict = {
         "machine": {
             "platform": platform.platform(),

@@ -9,8 +9,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from dfl.kernels import frozen_loss_network
 from dfl.losses.masking import masked_mean
-from dfl.models import LossNetwork, frozen_loss_network
+from dfl.models import LossNetwork
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class FeatureLoss(nn.Module):
 
     def _frozen_fast_path(self, estimate: torch.Tensor, target: torch.Tensor) -> bool:
         """Whether the distances run as one op through the frozen network's fast path
-        (:func:`dfl.models.frozen_loss_network.frozen_distances`): a :class:`LossNetwork` where that path
+        (:func:`dfl.kernels.frozen_loss_network.frozen_distances`): a :class:`LossNetwork` where that path
         applies, ``[batch, time]`` signals of one shape."""
         return (
             isinstance(self.loss_network, LossNetwork)

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfl.models import winograd
+from dfl.kernels import winograd
+from dfl.kernels.fused_layer import conv_norm_act, lazy_conv, lazy_project
 from dfl.models.adaptive_bn import make_norm
 from dfl.models.conv import Conv1d
-from dfl.models.fused_layer import conv_norm_act, lazy_conv, lazy_project
 from dfl.models.padding import pad_to_multiple
 
 INITS = ("default", "xavier", "identity")
@@ -39,7 +39,7 @@ class ContextAggregationNet(nn.Module):
             multiple of its dilation, BN sees that padded length, and the tail is cut after the
             activation — exactly the authors' TensorFlow graph.
         fused: on the CPU in float32, run the conv → BN → leaky ReLU layers as hand-written ops on
-            channels-last buffers (:mod:`dfl.models.fused_layer`; same parameters and results,
+            channels-last buffers (:mod:`dfl.kernels.fused_layer`; same parameters and results,
             about 3× faster training). Used with 3-tap convs and BN-based normalisation;
             ``False`` always runs the plain PyTorch layers.
     """
@@ -173,7 +173,7 @@ class ContextAggregationNet(nn.Module):
         buf = F.pad(buf, (0, extra)).contiguous()
         first_weight = F.pad(self.convs[0].weight, (0, 0, 0, extra)) if extra else self.convs[0].weight
         if winograd.kernels_for(buf) is not None and self.config["channels"] % 8 == 0:
-            # the layers store only their conv outputs (dfl.models.fused_layer.lazy_conv)
+            # the layers store only their conv outputs (dfl.kernels.fused_layer.lazy_conv)
             below = None
             for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
                 weight = first_weight if i == 0 else conv.weight

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfl.models import frozen_loss_network
+from dfl.kernels import frozen_loss_network
 from dfl.models.adaptive_bn import make_norm
 from dfl.models.conv import Conv1d
 from dfl.models.padding import tf_same_padding
@@ -17,7 +17,7 @@ class LossNetwork(nn.Module):
 
     Layer ``i`` has ``base_channels · 2^(i // channel_block)`` channels. ``forward``
     returns every layer's activation ``[batch, channels, time_i]`` (frozen, in eval mode, on the CPU:
-    through :mod:`dfl.models.frozen_loss_network`, the same features faster). Optional
+    through :mod:`dfl.kernels.frozen_loss_network`, the same features faster). Optional
     classifier heads (1×1 convs on the time-averaged last layer) serve the
     pretraining tasks; ``heads`` maps a head name to its number of outputs.
     """

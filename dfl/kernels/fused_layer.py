@@ -6,19 +6,19 @@ backward, plus a padding copy and oneDNN's slow dilated-conv weight gradient. He
 as ``[batch, time, channels]`` buffers, and BN + adaptive mix is one per-channel affine map
 ``scale·z + offset`` (batch or running statistics). Two implementations:
 
-* **Lazy layers** (:func:`lazy_conv`, where the compiled kernels of :mod:`dfl.native` apply, channels a
+* **Lazy layers** (:func:`lazy_conv`, where the compiled kernels of :mod:`dfl.kernels.native` apply, channels a
   multiple of 8). Each op takes the layer below's conv output ``z`` and that layer's ``scale``,
-  ``offset``; the Winograd F(4,3) conv (:mod:`dfl.models.winograd`: half the GEMM FLOPs) applies
+  ``offset``; the Winograd F(4,3) conv (:mod:`dfl.kernels.winograd`: half the GEMM FLOPs) applies
   ``leaky_relu(scale·z + offset)`` to its input rows as it reads them, so activations are never stored.
   It returns its own ``z`` and its norm as ``scale``, ``offset``, from the batch moments the conv kernel
-  sums from rows still in cache (:meth:`~dfl.native.CpuKernels.norm_forward`: the per-channel math in one
+  sums from rows still in cache (:meth:`~dfl.kernels.native.CpuKernels.norm_forward`: the per-channel math in one
   call, not a dozen small autograd ops, each slow after a kernel has flushed the caches). Backward gets
   ∂L/∂scale and ∂L/∂offset, turns them into the norm parameters' gradients and the gradient through BN's
-  statistics (:meth:`~dfl.native.CpuKernels.norm_backward`), then runs one kernel per layer: it forms
+  statistics (:meth:`~dfl.kernels.native.CpuKernels.norm_backward`), then runs one kernel per layer: it forms
   the conv's output gradient ``dz = g + b·z + e`` on the fly, computes the weight gradient and hands the
   layer below its z-gradient ``scale·dy`` with ``Σdy`` and ``Σdy·z`` (that layer's offset and scale
   gradients). Per layer that is one pass over memory forward and one backward, besides the GEMMs.
-  The waveform layer (one input channel, zero-padded to 8) runs a direct conv (:meth:`~dfl.native.CpuKernels.direct_conv`)
+  The waveform layer (one input channel, zero-padded to 8) runs a direct conv (:meth:`~dfl.kernels.native.CpuKernels.direct_conv`)
   and, when its input needs no gradient, computes only its weight gradient; the output conv (1×1 to one
   channel) reads the last layer's ``z`` through its norm the same way (:func:`lazy_project`).
 * **Per-layer ops** (:func:`conv_norm_act`, the PyTorch fallback): direct GEMMs over row-shifted views
@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dfl.models import winograd
+from dfl.kernels import winograd
 
 # Below this many input channels the forward conv runs direct: Winograd's transforms round more than a
 # 3-term sum, which shows on the waveform layer (1 channel, padded to 8), where a direct conv is cheap anyway.
@@ -43,8 +43,8 @@ WINOGRAD_MIN_CHANNELS = 16
 def _conv3(x: torch.Tensor, weight: torch.Tensor, d: int, out: torch.Tensor) -> list | None:
     """``out[b, t] = Σ_k x[b, t + k·d] @ weight[:, :, k]ᵀ`` for a buffer ``x`` padded by ``d`` on both sides.
 
-    With the compiled kernels: Winograd F(4,3) (:mod:`dfl.models.winograd`), or for fewer input channels
-    a direct conv; both return each batch item's ``(rows, moments)`` (merged by :meth:`dfl.native.CpuKernels.norm_forward`).
+    With the compiled kernels: Winograd F(4,3) (:mod:`dfl.kernels.winograd`), or for fewer input channels
+    a direct conv; both return each batch item's ``(rows, moments)`` (merged by :meth:`dfl.kernels.native.CpuKernels.norm_forward`).
     Without them: direct GEMMs, and None.
     """
     n, c_in = out.shape[1], x.shape[-1]

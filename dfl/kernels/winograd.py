@@ -4,7 +4,7 @@ A conv with dilation d gives outputs t, t+d, t+2d, t+3d from inputs t−d … t+
 computes those 4 outputs from 6 channel-mixing GEMM products instead of 12 (3 taps × 4), so
 the conv, its input gradient (the same conv with the taps flipped and transposed) and its weight
 gradient each take half the GEMM FLOPs of direct convolution. Transforms and GEMMs run together in
-the compiled kernels of :mod:`dfl.native`, a few dozen outputs at a time, so operands never leave
+the compiled kernels of :mod:`dfl.kernels.native`, a few dozen outputs at a time, so operands never leave
 the cache.
 
 Time splits into blocks of 4d rows; within a block, phase p (0 ≤ p < d) owns the 4 outputs
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from dfl.native import CpuKernels, cpu_kernels
+from dfl.kernels.native import CpuKernels, cpu_kernels
 
 
 def kernels_for(*tensors: torch.Tensor) -> CpuKernels | None:

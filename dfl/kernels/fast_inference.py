@@ -15,7 +15,7 @@ Two layouts of the same computation:
   accumulating GEMMs over shifted row slices (no im2col copy, no per-layer
   padding copy), bias and leaky ReLU applied while the tile is in cache. On a
   2-core CPU this beats oneDNN's dilated ``Conv1d`` by about 2×. Where the
-  compiled kernels of :mod:`dfl.native` are available, each layer instead uses
+  compiled kernels of :mod:`dfl.kernels.native` are available, each layer instead uses
   Winograd F(4,3) along time: 6 GEMMs per 4 outputs instead of 12, a further
   ~1.4× (the same outputs to float32 rounding).
 """
@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfl.models import AdaptiveBatchNorm, BatchNorm, ContextAggregationNet, winograd
-from dfl.models.fused_layer import channels_last_batch_stats
-from dfl.native import channel_mean_var, cpu_kernels
+from dfl.kernels import winograd
+from dfl.kernels.fused_layer import channels_last_batch_stats
+from dfl.kernels.native import channel_mean_var, cpu_kernels
+from dfl.models import AdaptiveBatchNorm, BatchNorm, ContextAggregationNet
 
 
 def _norm_coefficients(norm: nn.Module, channels: int):
@@ -190,7 +191,7 @@ class FastContextAggregationNet(nn.Module):
 
     def _batch_norm_act_native(self, layer: _Layer, z: torch.Tensor, kernels, parts: list) -> None:
         """Norm with the statistics of ``z [batch, rows, C]`` + leaky ReLU, in place: from the conv's moments
-        ``parts`` (see :meth:`dfl.native.CpuKernels.merge_moments`) when it has them, else in one more pass."""
+        ``parts`` (see :meth:`dfl.kernels.native.CpuKernels.merge_moments`) when it has them, else in one more pass."""
         mean, var = kernels.merge_moments(parts) if parts else channel_mean_var(kernels, z)
         scale, offset = layer.batch_affine(mean.float(), torch.rsqrt(var + layer.eps).float())
         for zb in z:

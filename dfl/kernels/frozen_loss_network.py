@@ -5,7 +5,7 @@ A frozen :class:`~dfl.models.loss_network.LossNetwork` in eval mode with running
 conv's taps and a bias, each layer is a few matrix products on ``[batch, time, channels]`` buffers
 plus the activation. oneDNN's path for these strided 1-D convs reorders every tensor to a 2-D layout
 and back, and BN adds a pass forward and backward; here a layer reads its padded input through strided
-views (no copies) and writes its output once. With the compiled kernels (:mod:`dfl.native`) a layer is one
+views (no copies) and writes its output once. With the compiled kernels (:mod:`dfl.kernels.native`) a layer is one
 pass: an output's taps lie side by side in its input buffer, so they are one GEMM operand, and bias and
 activation are applied as the products are stored. Only the input gradient is computed: the network is
 frozen. Same results as the module's own forward, to float32 rounding.
@@ -13,7 +13,7 @@ frozen. Same results as the module's own forward, to float32 rounding.
 :func:`frozen_distances` is the deep feature loss's part in one op (what ``FeatureLoss`` runs when this path
 applies): both signals through the layers with one set of folded weights, the per-layer mean absolute
 differences without an autograd graph, and a backward that adds each layer's ``sign(est − ref) / count`` as
-it reaches that layer. With the compiled kernels (:mod:`dfl.native`) each distance is one pass that never
+it reaches that layer. With the compiled kernels (:mod:`dfl.kernels.native`) each distance is one pass that never
 writes ``est − ref``, and the backward forms the sign term, adds the gradient from above and applies the
 leaky ReLU's gradient in one pass per layer.
 """
@@ -24,9 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dfl.kernels.native import cpu_kernels
 from dfl.models.adaptive_bn import BatchNorm
 from dfl.models.padding import tf_same_padding
-from dfl.native import cpu_kernels
 
 
 def applies(net, x: torch.Tensor) -> bool:

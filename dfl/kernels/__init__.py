@@ -1,0 +1,1 @@
+"""The CPU speed code, behind one entry point."""
