@@ -149,6 +149,13 @@ def test_every_console_script_answers_help(tmp_path):
         assert "usage:" in proc.stdout or "Powered by Hydra" in proc.stdout, f"{name} --help: {proc.stdout[:500]}"
 
 
+@pytest.mark.parametrize("markdown", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_command_the_docs_name_is_installed(markdown):
+    named = set(re.findall(r"(?<![\w./-])dfl-[a-z][a-z-]*[a-z]", markdown.read_text()))
+    unknown = named - set(console_scripts())
+    assert not unknown, f"{markdown.name} names commands pyproject.toml does not install: {sorted(unknown)}"
+
+
 def test_the_readmes_commands_parse_and_compose(tmp_path):
     """argparse commands parse as written; Hydra commands compose (`--cfg job`) with each override applied."""
     commands = readme_commands()
