@@ -110,10 +110,10 @@ def console_scripts() -> dict[str, str]:
     return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
 
 
-def readme_commands() -> list[list[str]]:
-    """Every command line of the README's bash blocks that runs one of dfl's console scripts, as argv."""
+def shell_commands(markdown: Path) -> list[list[str]]:
+    """Every command line of `markdown`'s bash blocks that runs one of dfl's console scripts, as argv."""
     commands = []
-    for block in re.findall(r"^```bash\n(.*?)^```", README.read_text(), re.M | re.S):
+    for block in re.findall(r"^```bash\n(.*?)^```", markdown.read_text(), re.M | re.S):
         for line in block.replace("\\\n", " ").splitlines():
             argv = shlex.split(line, comments=True)
             if argv and argv[0] in console_scripts():
@@ -156,30 +156,53 @@ def test_every_command_the_docs_name_is_installed(markdown):
     assert not unknown, f"{markdown.name} names commands pyproject.toml does not install: {sorted(unknown)}"
 
 
-def test_the_readmes_commands_parse_and_compose(tmp_path):
+def same_value(composed, override: str) -> bool:
+    """Whether a composed config value is what the command line said (`3e-4` is Hydra's 0.0003)."""
+    try:
+        return float(composed) == float(override)
+    except (TypeError, ValueError):
+        return str(composed) == str(yaml.safe_load(override))
+
+
+def check_command(argv: list[str], where: str, cwd: Path) -> None:
     """argparse commands parse as written; Hydra commands compose (`--cfg job`) with each override applied."""
-    commands = readme_commands()
+    module = importlib.import_module(console_scripts()[argv[0]].split(":")[0])
+    if hasattr(module, "build_parser"):  # argparse: the options exist and take what the docs give them
+        args = [a.strip("[]") for a in argv[1:]]  # `[--device cuda]`: an optional part, shown
+        args = [a for i, a in enumerate(args) if a != "|" and (i == 0 or args[i - 1] != "|")]  # `a | b`: a
+        try:
+            module.build_parser().parse_args(args)
+        except SystemExit:
+            pytest.fail(f"{where}: `{shlex.join(argv)}` does not parse (its error is printed above)")
+        return
+    for run in sweep_points(argv):
+        proc = run_script(run[0], [*run[1:], "--cfg", "job"], cwd)
+        assert proc.returncode == 0, f"{where}: `{shlex.join(run)} --cfg job`: {proc.stderr[-2000:]}"
+        config = yaml.safe_load(proc.stdout)
+        for override in run[1:]:
+            key, _, value = override.lstrip("+").partition("=")
+            node = config
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is not None and not isinstance(node, dict):  # a value (a group choice composes a node)
+                assert same_value(node, value), f"{where}: `{shlex.join(run)}`: {key} is {node}"
+
+
+def test_the_readmes_commands_parse_and_compose(tmp_path):
+    commands = shell_commands(README)
     assert {argv[0] for argv in commands} >= {"dfl-train", "dfl-eval", "dfl-denoise", "dfl-prepare", "dfl-import-tf"}
     for argv in commands:
-        module = importlib.import_module(console_scripts()[argv[0]].split(":")[0])
-        if hasattr(module, "build_parser"):  # argparse: the README's options exist and take what it gives them
-            try:
-                module.build_parser().parse_args(argv[1:])
-            except SystemExit:
-                pytest.fail(f"README.md: `{shlex.join(argv)}` does not parse (its error is printed above)")
-            continue
-        for run in sweep_points(argv):
-            proc = run_script(run[0], [*run[1:], "--cfg", "job"], tmp_path)
-            assert proc.returncode == 0, f"{shlex.join(run)} --cfg job: {proc.stderr[-2000:]}"
-            config = yaml.safe_load(proc.stdout)
-            for override in run[1:]:
-                key, _, value = override.lstrip("+").partition("=")
-                node = config
-                for part in key.split("."):
-                    node = node.get(part) if isinstance(node, dict) else None
-                if node is not None and not isinstance(node, dict):  # a value (a group choice composes a node)
-                    assert str(node) == str(yaml.safe_load(value)), f"{shlex.join(run)}: {key} is {node}"
+        check_command(argv, "README.md", tmp_path)
     assert not list(tmp_path.iterdir()), "--cfg job must not write into the working directory"
+
+
+@pytest.mark.parametrize("markdown", [p for p in DOCS[1:] if shell_commands(p)], ids=lambda p: p.name)
+def test_the_guides_commands_parse_and_compose(markdown, tmp_path):
+    """The same for the guides, except commands with a `...` placeholder for the reader's own settings."""
+    runnable = [argv for argv in shell_commands(markdown) if "..." not in argv]
+    assert runnable
+    for argv in runnable:
+        check_command(argv, markdown.name, tmp_path)
 
 
 # --- the README's project structure ------------------------------------------------------------------------
