@@ -1,4 +1,4 @@
-"""The documentation: short README, links that resolve, and the README's commands run as written.
+"""The documentation: a short README, links that resolve, and the commands of the README and the guides as written.
 
 Everything is read from the files themselves (links, commands, the console scripts of pyproject.toml), so the
 tests follow the code when modules move.
@@ -17,7 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python 3.11")
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pytest's own dependency
+    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
