@@ -23,7 +23,7 @@ from dfl.models import ContextAggregationNet, LossNetwork
 from dfl.models.adaptive_bn import AdaptiveBatchNorm, BatchNorm
 
 # -- the documented facts -------------------------------------------------------------------------
-# The paper's context-aggregation network (Germain, Chen & Koltun 2019; README "Named configs"): 16 layers,
+# The paper's context-aggregation network (Germain, Chen & Koltun 2019; docs/training.md "Named configs"): 16 layers,
 # a 3-tap conv, 13 dilated 3-tap convs with dilation 2^0 .. 2^12, a 3-tap conv, then a 1x1 output conv;
 # 64 channels, adaptive BN, leaky ReLU 0.2, receptive field 16 387 samples (1.02 s at 16 kHz).
 PAPER_DILATED = [2**i for i in range(13)]
@@ -46,7 +46,7 @@ FACTS_LOSSNET = {
     "paper": dict(n_layers=15, base=32, every=5, kernel=3, slope=0.2, bn_eps=1e-5, bn_gamma=True, batch_stats=False),
     "authors": dict(n_layers=14, base=32, every=5, kernel=3, slope=0.2, bn_eps=1e-3, bn_gamma=False, batch_stats=True),
 }
-# Loss configs (README "Named configs" / "Sweeps and loss ablations"): which terms, which layers of which network.
+# Loss configs (docs/training.md "Named configs" / "Sweeps and loss ablations"): which terms, which layers of which network.
 # The MR-STFT resolutions are Parallel WaveGAN's (Yamamoto et al. 2020): FFT 512/1024/2048 with hop 50/120/240
 # and window 240/600/1200.
 PWG_RESOLUTIONS = {(512, 50, 240), (1024, 120, 600), (2048, 240, 1200)}
@@ -118,7 +118,7 @@ def test_model_config_builds_the_documented_denoiser(name):
 
 
 def test_can_paper_has_sixteen_layers_and_a_one_second_receptive_field():
-    """The README's figures for the default denoiser, from its built modules."""
+    """The documented figures for the default denoiser, from its built modules."""
     net = build(compose_train().model)
     assert len(net.convs) + 1 == 16
     assert net.receptive_field / 16000 == pytest.approx(1.02, abs=0.005)
@@ -201,7 +201,7 @@ def test_fl_random_ignores_a_pretrained_checkpoint(tmp_path):
     check_lossnet(build(cfg.loss).loss_network, FACTS_LOSSNET["authors"])
 
 
-# Experiments (README and each experiment's header): the paper's recipe is VoiceBank-DEMAND, can_paper, the
+# Experiments (docs/training.md and each experiment's header): the paper's recipe is VoiceBank-DEMAND, can_paper, the
 # feature loss over every layer of the paper's loss network, 10 balancing epochs (mean over them), Adam 1e-4,
 # batch size 1 whole utterances, 320 epochs; paper_l1/l2 swap the loss. The demo narrows can_paper to 32
 # channels (same layers and receptive field), identity init, synthetic data in 1-s crops of 4, lr 1e-3,

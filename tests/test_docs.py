@@ -227,9 +227,6 @@ def structure_paths() -> list[str]:
     return paths
 
 
-@pytest.mark.skipif(not (REPO / "dfl" / "cli").is_dir(),
-                    reason="the README describes the layout after issue #27's moves (dfl/cli, dfl/kernels, "
-                           "dfl/preparation); this runs once they are merged")  # fmt: skip
 def test_the_readmes_project_structure_is_the_repository():
     named = structure_paths()
     missing = [p for p in named if not (REPO / p).exists()]
