@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements/lock.txt
 UV_VERSION := 0.13.9
 
-.PHONY: install lock smoke demo test test-full bench lint pretrain-demo clean
+.PHONY: install lock smoke demo compare test test-full bench lint pretrain-demo clean
 
 install: $(STAMP)
 
@@ -44,6 +44,32 @@ $(DEMO_LOSSNET):
 
 pretrain-demo: install
 	WANDB_MODE=offline $(BIN)/dfl-pretrain pretrain/experiment=demo
+
+# The method in miniature: the demo trained with each loss under the same data, steps, model and selection
+# rule, each scored on the synthetic test split and (when present) the real pairs in REAL_PAIRS
+# (noisy/ + clean/ folders), then one table. fl_random's random loss network has the pretrained one's shape.
+COMPARE_LOSSES ?= fl l1 fl_random
+COMPARE_METRICS := [pesq,stoi,si_sdr,dnsmos_ovrl]
+REAL_PAIRS ?= ../shared/data/vbdmd_sample
+compare: install $(DEMO_LOSSNET)
+	set -e; dir=outputs/compare/$$(date +%Y-%m-%d_%H-%M-%S); rows=""; \
+	if [ -d "$(REAL_PAIRS)/noisy" ]; then \
+		mkdir -p $$dir/real_pairs && ln -s "$$(cd $(REAL_PAIRS) && pwd)/noisy" $$dir/real_pairs/testset_noisy && \
+		ln -s "$$(cd $(REAL_PAIRS) && pwd)/clean" $$dir/real_pairs/testset_clean; \
+	else echo "compare: no real pairs at $(REAL_PAIRS) (set REAL_PAIRS=): synthetic split only"; fi; \
+	for loss in $(COMPARE_LOSSES); do \
+		arch=""; [ $$loss = fl_random ] && arch="lossnet.n_layers=13 lossnet.base_channels=16"; \
+		WANDB_MODE=offline $(BIN)/dfl-train experiment=demo loss=$$loss $$arch hydra.run.dir=$$dir/$$loss; \
+		WANDB_MODE=offline $(BIN)/dfl-eval experiment=eval_demo checkpoint=$$dir/$$loss \
+			hydra.run.dir=$$dir/$$loss/eval metrics=$(COMPARE_METRICS) progress=false; \
+		rows="$$rows $$loss/synthetic=$$dir/$$loss/eval"; \
+		if [ -d $$dir/real_pairs ]; then \
+			WANDB_MODE=offline $(BIN)/dfl-eval checkpoint=$$dir/$$loss data_dir=$$dir/real_pairs \
+				hydra.run.dir=$$dir/$$loss/eval_real metrics=$(COMPARE_METRICS) progress=false plots.num_spectrograms=0; \
+			rows="$$rows $$loss/real=$$dir/$$loss/eval_real"; \
+		fi; \
+	done; \
+	$(BIN)/python -m dfl.demo_table $$rows | tee $$dir/compare.md
 
 # The fast subset; test-full adds the slow end-to-end trainings (what CI runs).
 test: install

@@ -34,6 +34,9 @@ class SyntheticSpeechDataModule(PairedFolderDataModule):
         min_seconds: float = 1.0,
         max_seconds: float = 3.0,
         snr_range: tuple[float, float] = (-5.0, 20.0),
+        noise_kinds=None,
+        tts_fraction: float = 0.0,
+        max_noise_layers: int = 1,
         **paired_kwargs,
     ) -> None:
         super().__init__(root=root, **paired_kwargs)
@@ -46,7 +49,11 @@ class SyntheticSpeechDataModule(PairedFolderDataModule):
             max_seconds=max_seconds,
             snr_range=tuple(snr_range),
             sample_rate=self.sample_rate,
+            tts_fraction=tts_fraction,
+            max_noise_layers=max_noise_layers,
         )
+        if noise_kinds is not None:  # None: the generator's default set
+            self.generator_settings["noise_kinds"] = tuple(noise_kinds)
 
     def prepare_data(self) -> None:
         # Runs on one process per node before setup(); generation is skipped when up to date.

@@ -39,6 +39,9 @@ from dfl.audio import atomic_write
 # Bump when the generated signals change, so cached corpora are regenerated.
 GENERATOR_VERSION = 1
 NOISE_KINDS = ("white", "pink", "brown", "babble", "hum", "clicks", "bursts")
+# Kinds chosen by name only (not in the default set): noise with a random smooth spectral
+# envelope, and babble of eSpeak NG talkers (needs ``espeakng-loader``).
+EXTRA_NOISE_KINDS = ("coloured", "tts_babble")
 SPLITS = ("trainset", "valset", "testset")
 MARKER = ".complete"
 MANIFEST = "manifest.csv"
@@ -457,6 +460,34 @@ def _bursts(rng, n, sample_rate):
     return out
 
 
+def _coloured(rng, n, sample_rate):
+    """Stationary-ish noise with a random smooth spectrum: a 1/f**a slope (a in 0..2.5) times a
+    random envelope of ~8 bumps across the band (fans, rooms, traffic, vents), slowly modulated."""
+    spec = sp_fft.rfft(rng.standard_normal(n))
+    f = np.fft.rfftfreq(n, 1.0 / sample_rate)
+    slope = np.maximum(f, 30.0) ** (-rng.uniform(0.0, 2.5) / 2)
+    knots = np.linspace(0, sample_rate / 2, 10)
+    envelope_db = np.interp(f, knots, rng.uniform(-12.0, 12.0, len(knots)))
+    spec *= slope * 10 ** (envelope_db / 20)
+    spec[0] = 0.0
+    x = sp_fft.irfft(spec, n)
+    t = np.arange(n) / sample_rate
+    depth = rng.uniform(0.0, 0.6)  # level changes like passing traffic or a fan's surge
+    return x * (1 + depth * np.sin(2 * np.pi * rng.uniform(0.1, 1.5) * t + rng.uniform(0, 2 * np.pi)))
+
+
+def _tts_babble(rng, n, sample_rate):
+    from datamodules.tts_speech import tts_utterance
+
+    seconds = max(n / sample_rate, MIN_UTTERANCE_SECONDS)
+    out = np.zeros(n)
+    for _ in range(int(rng.integers(2, 7))):
+        talk = tts_utterance(rng, sample_rate, seconds).astype(np.float64)[:n]
+        talk = np.roll(np.pad(talk, (0, n - len(talk))), int(rng.integers(n)))
+        out += rng.uniform(0.5, 1.0) * talk / (np.sqrt(np.mean(talk**2)) + 1e-12)
+    return out
+
+
 _NOISES = {
     "white": lambda rng, n, sr: rng.standard_normal(n),
     "pink": lambda rng, n, sr: _spectral_shape(rng, n, sr, 1.0, 20.0),
@@ -465,14 +496,17 @@ _NOISES = {
     "hum": _hum,
     "clicks": _clicks,
     "bursts": _bursts,
+    "coloured": _coloured,
+    "tts_babble": _tts_babble,
 }
-assert tuple(_NOISES) == NOISE_KINDS
+assert tuple(_NOISES) == NOISE_KINDS + EXTRA_NOISE_KINDS
 
 
 def synthesize_noise(kind: str, rng: np.random.Generator, n: int, sample_rate: int = 16_000) -> np.ndarray:
-    """``n`` samples of noise ``kind`` (one of :data:`NOISE_KINDS`), float32 at RMS 0.1."""
+    """``n`` samples of noise ``kind`` (one of :data:`NOISE_KINDS` or :data:`EXTRA_NOISE_KINDS`),
+    float32 at RMS 0.1."""
     if kind not in _NOISES:
-        raise ValueError(f"unknown noise kind {kind!r}; choose from {', '.join(NOISE_KINDS)}")
+        raise ValueError(f"unknown noise kind {kind!r}; choose from {', '.join(_NOISES)}")
     if int(n) < 1:
         raise ValueError(f"noise length n must be at least 1 sample, got {n}")
     sample_rate = _check_sample_rate(sample_rate)
@@ -505,7 +539,17 @@ def _check_sample_rate(sample_rate) -> int:
 
 
 def _settings(
-    seed, n_train, n_val, n_test, min_seconds, max_seconds, snr_range, sample_rate, noise_kinds
+    seed,
+    n_train,
+    n_val,
+    n_test,
+    min_seconds,
+    max_seconds,
+    snr_range,
+    sample_rate,
+    noise_kinds,
+    tts_fraction=0.0,
+    max_noise_layers=1,
 ) -> dict:
     """Validate the corpus settings; return them normalised (JSON-friendly)."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -528,11 +572,17 @@ def _settings(
     kinds = (noise_kinds,) if isinstance(noise_kinds, str) else tuple(str(k) for k in noise_kinds)
     if not kinds:
         raise ValueError(f"noise_kinds must name at least one of {', '.join(NOISE_KINDS)}")
-    unknown = [k for k in kinds if k not in NOISE_KINDS]
+    unknown = [k for k in kinds if k not in _NOISES]
     if unknown:
-        raise ValueError(
-            f"noise_kinds: unknown noise kind(s) {unknown}; choose from {', '.join(NOISE_KINDS)}"
-        )
+        raise ValueError(f"noise_kinds: unknown noise kind(s) {unknown}; choose from {', '.join(_NOISES)}")
+    tts_fraction = float(tts_fraction)
+    if not 0.0 <= tts_fraction <= 1.0:
+        raise ValueError(f"tts_fraction must be in [0, 1], got {tts_fraction}")
+    if isinstance(max_noise_layers, bool) or not isinstance(max_noise_layers, (int, np.integer)) or max_noise_layers < 1:
+        raise ValueError(f"max_noise_layers must be an integer of at least 1, got {max_noise_layers!r}")
+    extra = {}
+    if tts_fraction > 0 or max_noise_layers > 1:  # absent at the defaults: older corpora keep their hash
+        extra = dict(tts_fraction=tts_fraction, max_noise_layers=int(max_noise_layers))
     return dict(
         generator_version=GENERATOR_VERSION,
         seed=int(seed),
@@ -542,6 +592,7 @@ def _settings(
         snr_range=[lo, hi],
         sample_rate=_check_sample_rate(sample_rate),
         noise_kinds=list(kinds),
+        **extra,
     )
 
 
@@ -588,16 +639,30 @@ def _make_pair(ss: np.random.SeedSequence, settings: dict) -> tuple[np.ndarray, 
     kinds = settings["noise_kinds"]
     kind = kinds[int(meta_rng.integers(len(kinds)))]
     snr = float(meta_rng.uniform(*settings["snr_range"]))
-    clean = synthesize_utterance(clean_rng, sr, n / sr).astype(np.float64)[:n]
+    tts_fraction = settings.get("tts_fraction", 0.0)
+    # Drawn only when used, so corpora without TTS keep their exact streams.
+    use_tts = tts_fraction > 0 and meta_rng.random() < tts_fraction
+    n_layers = int(meta_rng.integers(1, settings.get("max_noise_layers", 1) + 1))
+    if use_tts:
+        from datamodules.tts_speech import tts_utterance
+
+        clean = tts_utterance(clean_rng, sr, n / sr).astype(np.float64)[:n]
+    else:
+        clean = synthesize_utterance(clean_rng, sr, n / sr).astype(np.float64)[:n]
     clean = np.pad(clean, (0, n - len(clean)))
-    noisy = mix_at_snr(clean, synthesize_noise(kind, noise_rng, n, sr), snr)
+    noise = synthesize_noise(kind, noise_rng, n, sr).astype(np.float64)
+    for _ in range(n_layers - 1):  # real scenes mix sources: add quieter layers of other kinds
+        extra_kind = kinds[int(meta_rng.integers(len(kinds)))]
+        noise += 10 ** (meta_rng.uniform(-15.0, 0.0) / 20) * synthesize_noise(extra_kind, noise_rng, n, sr)
+        kind = f"{kind}+{extra_kind}"
+    noisy = mix_at_snr(clean, noise, snr)
     peak = np.max(np.abs(noisy))
     if peak > 0.99:  # scale the pair together: keeps the SNR, avoids clipping if saved as PCM
         clean, noisy = clean * (0.99 / peak), noisy * (0.99 / peak)
     return (
         noisy.astype(np.float32),
         clean.astype(np.float32),
-        dict(noise=kind, snr_db=round(snr, 4), samples=n),
+        dict(noise=kind, snr_db=round(snr, 4), samples=n, speech="tts" if use_tts else "source_filter"),
     )
 
 
@@ -615,7 +680,7 @@ def _write_corpus(tmp: Path, settings: dict) -> None:
             rows.append(dict(split=split, name=name, **meta))
     buf = io.StringIO()
     writer = csv.DictWriter(
-        buf, fieldnames=["split", "name", "noise", "snr_db", "samples"], lineterminator="\n"
+        buf, fieldnames=["split", "name", "noise", "snr_db", "samples", "speech"], lineterminator="\n"
     )
     writer.writeheader()
     writer.writerows(rows)
@@ -634,6 +699,8 @@ def generate_paired_corpus(
     snr_range: tuple[float, float] = (-5.0, 20.0),
     sample_rate: int = 16_000,
     noise_kinds=NOISE_KINDS,
+    tts_fraction: float = 0.0,
+    max_noise_layers: int = 1,
 ) -> Path:
     """Write (or reuse) the synthetic corpus at ``root`` and return ``root``.
 
@@ -644,9 +711,26 @@ def generate_paired_corpus(
     generated into a temporary sibling directory and renamed into place, so
     ``root`` never holds a half-written corpus. A non-empty ``root`` that is not
     a corpus written here is never deleted.
+
+    ``tts_fraction`` of the utterances (drawn per pair) are eSpeak NG sentences
+    (:func:`datamodules.tts_speech.tts_utterance`) instead of source-filter speech;
+    each pair's noise is 1 to ``max_noise_layers`` kinds summed (the extra ones 0-15 dB
+    quieter). eSpeak NG's output can differ by a little breath noise between runs, so
+    a corpus with TTS is reproducible in its texts, voices, noises and SNRs, and its
+    files are reused through the settings hash rather than regenerated.
     """
     settings = _settings(
-        seed, n_train, n_val, n_test, min_seconds, max_seconds, snr_range, sample_rate, noise_kinds
+        seed,
+        n_train,
+        n_val,
+        n_test,
+        min_seconds,
+        max_seconds,
+        snr_range,
+        sample_rate,
+        noise_kinds,
+        tts_fraction,
+        max_noise_layers,
     )
     digest = settings_hash(settings)
     root = Path(root)

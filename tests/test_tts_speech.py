@@ -1,0 +1,142 @@
+"""The demo's realistic data: eSpeak NG sentences, coloured noise, TTS babble, layered noises in the corpus."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+pytest.importorskip("espeakng_loader", reason="the TTS speech needs the espeakng-loader package")
+
+from datamodules.synthetic_speech import (  # noqa: E402
+    MARKER,
+    generate_paired_corpus,
+    synthesize_noise,
+    synthesize_utterance,
+)
+from datamodules.tts_speech import WORDS, random_sentence, tts_plan, tts_utterance  # noqa: E402
+
+SR = 16_000
+
+
+def _band_fraction(x, lo, hi, sr=SR):
+    spec = np.abs(np.fft.rfft(np.asarray(x, np.float64))) ** 2
+    f = np.fft.rfftfreq(len(x), 1 / sr)
+    return spec[(f >= lo) & (f < hi)].sum() / spec.sum()
+
+
+def test_plan_is_exact_by_seed_and_varies_with_it():
+    a, b = tts_plan(np.random.default_rng(4), 2.0), tts_plan(np.random.default_rng(4), 2.0)
+    assert a == b
+    plans = [tts_plan(np.random.default_rng(s), 2.0) for s in range(8)]
+    assert len({p["text"] for p in plans}) == 8 and len({p["voice"] for p in plans}) > 3
+    for p in plans:
+        assert 130 <= p["rate"] <= 210 and 25 <= p["pitch"] <= 75
+        # enough words to fill 2 s at the drawn rate (words per minute)
+        assert len(p["text"].split()) >= 2.0 * p["rate"] / 60
+
+
+def test_sentence_uses_the_word_list():
+    text = random_sentence(np.random.default_rng(0), 12)
+    words = text.rstrip(".?!").replace(",", "").split()
+    assert len(words) == 12 and set(words) <= set(WORDS)
+
+
+def test_utterance_shape_level_and_speech_activity():
+    x = tts_utterance(np.random.default_rng(1), SR, 1.7)
+    assert x.dtype == np.float32 and x.shape == (int(1.7 * SR),)
+    assert np.isfinite(x).all() and np.abs(x).max() <= 0.9 + 1e-6
+    rms_db = 10 * np.log10(np.mean(x.astype(np.float64) ** 2))
+    assert -30.5 <= rms_db <= -19.5 or np.abs(x).max() >= 0.9 - 1e-6
+    frames = x[: len(x) // 320 * 320].reshape(-1, 320)
+    active = 10 * np.log10(np.mean(frames**2, axis=1) + 1e-20) > rms_db - 15
+    assert 0.3 < active.mean() < 1.0, "speech with pauses, not silence or a constant tone"
+
+
+def test_same_seed_gives_near_identical_audio():
+    # eSpeak NG keeps some state between calls (and adds breath noise): compare energy envelopes.
+    a = tts_utterance(np.random.default_rng(9), SR, 1.5).astype(np.float64)
+    b = tts_utterance(np.random.default_rng(9), SR, 1.5).astype(np.float64)
+    c = tts_utterance(np.random.default_rng(10), SR, 1.5).astype(np.float64)
+
+    def envelope(x):
+        return np.log(np.mean(x[: len(x) // 400 * 400].reshape(-1, 400) ** 2, axis=1) + 1e-10)
+
+    assert np.corrcoef(envelope(a), envelope(b))[0, 1] > 0.9
+    assert np.corrcoef(envelope(a), envelope(c))[0, 1] < np.corrcoef(envelope(a), envelope(b))[0, 1]
+
+
+def test_tts_speech_has_energy_across_the_band():
+    """Real speech keeps ~1-3 % of its power above 3 kHz (fricatives, F3-F5); the source-filter
+    generator alone has far less, which is what let the demo's models learn a low-pass filter."""
+    tts = np.concatenate([tts_utterance(np.random.default_rng(s), SR, 2.0) for s in range(6)])
+    old = np.concatenate([synthesize_utterance(np.random.default_rng(s), SR, 2.0) for s in range(6)])
+    above_3k = _band_fraction(tts, 3000, 8000)
+    assert 0.01 < above_3k < 0.3
+    assert above_3k > 2 * _band_fraction(old, 3000, 8000)
+    assert _band_fraction(tts, 100, 1500) > 0.4, "most of the power stays in the voiced low band"
+
+
+def test_coloured_noise_is_deterministic_and_its_spectrum_varies_by_seed():
+    a = synthesize_noise("coloured", np.random.default_rng(3), SR)
+    np.testing.assert_array_equal(a, synthesize_noise("coloured", np.random.default_rng(3), SR))
+    assert a.shape == (SR,) and np.sqrt(np.mean(a.astype(np.float64) ** 2)) == pytest.approx(0.1, rel=1e-3)
+    tilts = [
+        _band_fraction(synthesize_noise("coloured", np.random.default_rng(s), SR), 3000, 8000) for s in range(6)
+    ]
+    assert max(tilts) > 3 * min(tilts), "different seeds give differently coloured noises"
+
+
+def test_tts_babble_is_speech_band_noise():
+    x = synthesize_noise("tts_babble", np.random.default_rng(2), SR)
+    assert x.shape == (SR,) and np.isfinite(x).all()
+    assert _band_fraction(x, 100, 4000) > 0.8
+
+
+def test_corpus_with_tts_and_noise_layers(tmp_path):
+    settings = dict(
+        n_train=4, n_val=1, n_test=1, min_seconds=0.6, max_seconds=0.9, snr_range=(0.0, 20.0),
+        noise_kinds=["pink", "coloured", "hum"], tts_fraction=1.0, max_noise_layers=2,
+    )  # fmt: skip
+    root = generate_paired_corpus(tmp_path / "synth", seed=1, **settings)
+    rows = list(csv.DictReader((root / "manifest.csv").open()))
+    assert len(rows) == 6 and {r["speech"] for r in rows} == {"tts"}
+    for r in rows:
+        parts = r["noise"].split("+")
+        assert 1 <= len(parts) <= 2 and set(parts) <= {"pink", "coloured", "hum"}
+        assert 0.0 <= float(r["snr_db"]) <= 20.0
+        x, _ = sf.read(root / f"{r['split']}_noisy" / r["name"])
+        s, _ = sf.read(root / f"{r['split']}_clean" / r["name"])
+        snr = 10 * np.log10(np.sum(s**2) / np.sum((x - s) ** 2))
+        assert snr == pytest.approx(float(r["snr_db"]), abs=0.01)
+    assert json.loads((root / MARKER).read_text())["settings"]["tts_fraction"] == 1.0
+    # Same settings: the cached corpus is reused as is (eSpeak NG output is not regenerated).
+    before = (root / "trainset_clean" / rows[0]["name"]).read_bytes()
+    generate_paired_corpus(tmp_path / "synth", seed=1, **settings)
+    assert (root / "trainset_clean" / rows[0]["name"]).read_bytes() == before
+
+
+def test_defaults_keep_the_settings_of_older_corpora(tmp_path):
+    root = generate_paired_corpus(
+        tmp_path / "synth", seed=0, n_train=1, n_val=1, n_test=1, min_seconds=0.5, max_seconds=0.5
+    )
+    settings = json.loads((root / MARKER).read_text())["settings"]
+    assert "tts_fraction" not in settings and "max_noise_layers" not in settings
+    rows = list(csv.DictReader((root / "manifest.csv").open()))
+    assert {r["speech"] for r in rows} == {"source_filter"}
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(tts_fraction=1.5), "tts_fraction"),
+        (dict(max_noise_layers=0), "max_noise_layers"),
+        (dict(noise_kinds=["rain"]), "unknown noise kind"),
+    ],
+)
+def test_bad_settings_are_refused_by_name(tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        generate_paired_corpus(tmp_path / "synth", n_train=1, n_val=1, n_test=1, **bad)
