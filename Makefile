@@ -69,7 +69,7 @@ compare: install $(DEMO_LOSSNET)
 			rows="$$rows $$loss/real=$$dir/$$loss/eval_real"; \
 		fi; \
 	done; \
-	$(BIN)/python -m dfl.demo_table $$rows | tee $$dir/compare.md
+	$(BIN)/python -m dfl.cli.demo_table $$rows | tee $$dir/compare.md
 
 # The fast subset; test-full adds the slow end-to-end trainings (what CI runs).
 test: install

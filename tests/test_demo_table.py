@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dfl.demo_table import main, table
+from dfl.cli.demo_table import main, table
 
 
 def _summary(folder, pesq_noisy, pesq_enhanced):

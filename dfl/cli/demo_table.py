@@ -1,4 +1,4 @@
-"""``python -m dfl.demo_table LABEL=EVAL_DIR ...``: one markdown table of ``dfl-eval`` summaries.
+"""``python -m dfl.cli.demo_table LABEL=EVAL_DIR ...``: one markdown table of ``dfl-eval`` summaries.
 
 `make compare` uses it to print the losses side by side: one row per (label, metric), the noisy and
 enhanced means and their paired difference, read from each ``EVAL_DIR/summary.json``.
