@@ -230,10 +230,10 @@ def test_checkpoints_record_the_architecture_not_how_it_runs(tmp_path):
 
 def test_training_after_fast_inference_in_the_same_thread():
     # nothing the inference path leaves behind (an inference tensor, say) may break the next training step
-    from dfl.kernels.fast_inference import FastContextAggregationNet
+    from dfl.kernels.folded_inference import FoldedInferenceNet
 
     plain, fused = _pair()
-    FastContextAggregationNet(fused.eval(), winograd=True).forward_cpu(torch.randn(1, 4000))
+    FoldedInferenceNet(fused.eval(), winograd=True).forward_cpu(torch.randn(1, 4000))
     fused.train()
     y = fused(torch.randn(2, 9000))
     y.square().mean().backward()

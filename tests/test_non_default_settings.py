@@ -6,7 +6,7 @@ default that ignoring it changes the result:
 
 - training through the fused layers (``model.fused=true``) against the plain PyTorch layers;
 - the frozen loss network's fast path against the module;
-- the fast inference path (``FastContextAggregationNet``) against the plain model.
+- the fast inference path (``FoldedInferenceNet``) against the plain model.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dfl.kernels import frozen_loss_network, winograd
-from dfl.kernels.fast_inference import FastContextAggregationNet
+from dfl.kernels.folded_inference import FoldedInferenceNet
 from dfl.losses import FeatureLoss
 from dfl.models import ContextAggregationNet, LossNetwork
 from dfl.models.adaptive_bn import AdaptiveBatchNorm
@@ -184,6 +184,6 @@ def test_fast_inference_follows_the_settings(config, winograd_convs):
     x = 0.3 * torch.randn(1 if config.get("batch_stats_at_eval") else 2, 1500, generator=torch.Generator().manual_seed(7))
     with torch.inference_mode():
         expected = model(x)
-    fast = FastContextAggregationNet(model, tile=256, winograd=winograd_convs)
+    fast = FoldedInferenceNet(model, tile=256, winograd=winograd_convs)
     torch.testing.assert_close(fast.forward_cpu(x), expected, atol=2e-5 * expected.abs().max().item(), rtol=0)
     torch.testing.assert_close(fast(x), expected, atol=2e-5 * expected.abs().max().item(), rtol=0)

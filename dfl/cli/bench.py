@@ -36,7 +36,9 @@ import torch
 
 from dfl import SAMPLE_RATE
 from dfl.audio import atomic_write
-from dfl.kernels.fast_inference import FastContextAggregationNet
+from dfl.kernels import accelerate
+from dfl.kernels.folded_inference import FoldedInferenceNet
+from dfl.kernels.fused_training import FusedTrainingNet
 from dfl.kernels.native import cpu_kernels
 from dfl.memory import keep_freed_memory
 from dfl.models import ContextAggregationNet, LossNetwork
@@ -113,8 +115,8 @@ def trained_like(config: dict, seed: int = 0) -> ContextAggregationNet:
 
 def bench_inference(name: str, config: dict, args, gemm: float, cuda_gemm: dict | None = None) -> dict:
     """Every inference path of one model; ``gemm`` (and ``cuda_gemm`` per dtype) is each device's GEMM GFLOP/s."""
-    model = trained_like({**config, "fused": False})  # the plain PyTorch layers: the reference
-    fast = FastContextAggregationNet(model)
+    model = trained_like(config)  # the plain PyTorch layers: the reference
+    fast = FoldedInferenceNet(model)
     seconds = args.seconds
     x = 0.1 * torch.randn(1, int(seconds * SAMPLE_RATE), generator=torch.Generator().manual_seed(1))
     flops_per_audio_second = fast.flops_per_sample() * SAMPLE_RATE
@@ -154,17 +156,19 @@ def bench_inference(name: str, config: dict, args, gemm: float, cuda_gemm: dict 
             flush=True,
         )
 
-    def plain() -> torch.Tensor:
+    def plain_call(net: torch.nn.Module) -> torch.Tensor:
         with torch.inference_mode():
-            return model(x)
+            return net(x)
+
+    def plain() -> torch.Tensor:
+        return plain_call(model)
 
     skip_cpu = getattr(args, "skip_cpu", False)
     if not skip_cpu:
         record("plain_fp32", plain, result["cpu"])
-        model.fused = True  # what model(x) runs by default on a CPU: the fused layers
-        record("fused_layers_fp32", plain, result["cpu"])
-        model.fused = False
-        direct = FastContextAggregationNet(model, winograd=False)
+        fused = FusedTrainingNet(model)  # what training and validation run on a CPU: the fused layers
+        record("fused_layers_fp32", lambda: plain_call(fused), result["cpu"])
+        direct = FoldedInferenceNet(model, winograd=False)
         record("fast_direct_fp32", lambda: direct.forward_cpu(x), result["cpu"])
         record("fast_fp32", lambda: fast.forward_cpu(x), result["cpu"])  # Winograd where the kernels compiled
     if not args.skip_onnxruntime and not skip_cpu:
@@ -178,7 +182,7 @@ def bench_inference(name: str, config: dict, args, gemm: float, cuda_gemm: dict 
     if torch.cuda.is_available() and not args.skip_cuda:
         result["cuda"] = {}
         dev = torch.device("cuda")
-        xg, model_g, fast_g = x.to(dev), trained_like(config).to(dev), FastContextAggregationNet(model).to(dev)
+        xg, model_g, fast_g = x.to(dev), trained_like(config).to(dev), FoldedInferenceNet(model).to(dev)
         sync, peak = torch.cuda.synchronize, torch.cuda.max_memory_allocated
 
         def plain_cuda(dtype):
@@ -263,7 +267,8 @@ def bench_training(device: torch.device, args) -> dict:
     """Audio seconds per second of one feature-loss step (forward, loss, backward, Adam step).
 
     On the CPU both layer implementations run — the plain PyTorch layers and the fused ones
-    (``ContextAggregationNet(fused=True)``, the default) — from the same weights on the same batch.
+    (:class:`dfl.kernels.fused_training.FusedTrainingNet`, what ``dfl-train`` runs) — from the same weights on
+    the same batch, with the same (frozen fast path) feature loss.
     Next to the speeds: how far their losses and gradients are apart, and how far each is from a
     float64 run of the plain layers (the float32 rounding floor).
     """
@@ -277,16 +282,17 @@ def bench_training(device: torch.device, args) -> dict:
     clean = (0.1 * torch.randn(1, int(seconds * SAMPLE_RATE), generator=gen)).to(device)
     torch.manual_seed(0)
     weights = ContextAggregationNet().state_dict()
-    loss_fn = FeatureLoss(LossNetwork(n_layers=14), layers=6).to(device)
+    loss_fn = accelerate(FeatureLoss(LossNetwork(n_layers=14), layers=6).to(device))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def build(fused: bool, dtype=torch.float32) -> ContextAggregationNet:
-        model = ContextAggregationNet(fused=fused)
+    def build(fused: bool, dtype=torch.float32) -> torch.nn.Module:
+        model = ContextAggregationNet()
         model.load_state_dict(weights)
-        return model.to(device, dtype).train()
+        model = model.to(device, dtype).train()
+        return FusedTrainingNet(model) if fused else model
 
     cpu = torch.device("cpu")
-    exact = _loss_and_grads(build(False, torch.float64).to(cpu), copy.deepcopy(loss_fn).to(cpu).double(),
+    exact = _loss_and_grads(build(False, torch.float64).to(cpu), copy.deepcopy(loss_fn.loss).to(cpu).double(),
                             noisy.to(cpu).double(), clean.to(cpu).double())  # fmt: skip
     repeats = args.train_repeats if device.type == "cpu" else max(args.train_repeats, 20)
     result: dict = {"utterance_seconds": seconds}

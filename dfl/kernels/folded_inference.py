@@ -8,9 +8,9 @@ affine map from each input's statistics; such models must see the whole file.
 
 Two layouts of the same computation:
 
-* :meth:`FastContextAggregationNet.forward` — ``F.conv1d`` with dilation; runs
+* :meth:`FoldedInferenceNet.forward` — ``F.conv1d`` with dilation; runs
   on any device, is what ``dfl-export`` scripts/exports (dynamic time axis).
-* :meth:`FastContextAggregationNet.forward_cpu` — channels-last ``[time, channels]``
+* :meth:`FoldedInferenceNet.forward_cpu` — channels-last ``[time, channels]``
   buffers with zero margins, each layer computed tile by tile as three
   accumulating GEMMs over shifted row slices (no im2col copy, no per-layer
   padding copy), bias and leaky ReLU applied while the tile is in cache. On a
@@ -90,7 +90,7 @@ class _Layer(nn.Module):
         return F.leaky_relu(z, negative_slope)[..., :length]
 
 
-class FastContextAggregationNet(nn.Module):
+class FoldedInferenceNet(nn.Module):
     """Inference-only twin of a trained :class:`ContextAggregationNet` (eval semantics)."""
 
     def __init__(self, model: ContextAggregationNet, tile: int = 2048, winograd: bool | None = None) -> None:
