@@ -4,7 +4,7 @@ The other fast-path tests mostly run the defaults (leaky slope 0.2, BN momentum 
 constant hard-coded where a setting belongs would pass them. Here each setting is moved far enough from its
 default that ignoring it changes the result:
 
-- training through the fused layers (``model.fused=true``) against the plain PyTorch layers;
+- training through the fused layers (``dfl.kernels.accelerate(model, "training")``) against the plain PyTorch layers;
 - the frozen loss network's fast path against the module;
 - the fast inference path (``FoldedInferenceNet``) against the plain model.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dfl.kernels import frozen_loss_network, winograd
+from dfl.kernels import accelerate, frozen_loss_network, winograd
 from dfl.kernels.folded_inference import FoldedInferenceNet
 from dfl.losses import FeatureLoss
 from dfl.models import ContextAggregationNet, LossNetwork
@@ -58,13 +58,17 @@ DENOISER_SETTINGS = [
 ]
 
 
-def _denoiser(fused: bool, config: dict, attrs: dict, seed: int = 0) -> ContextAggregationNet:
+def _denoiser(fused: bool, config: dict, attrs: dict, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    net = ContextAggregationNet(**{"dilations": DILATIONS, "channels": 16, **config, "fused": fused})
+    net = ContextAggregationNet(**{"dilations": DILATIONS, "channels": 16, **config})
     _randomised(net, seed)
     for bn in _bns(net):
         for k, v in attrs.items():
             setattr(bn, k, v)
+    if fused:
+        fast = accelerate(net, "training", verify=False)
+        assert fast is not net
+        return fast
     return net
 
 
@@ -144,9 +148,10 @@ def test_frozen_loss_network_follows_the_settings(config, compiled, monkeypatch)
             if not fast:
                 m.setattr(frozen_loss_network, "applies", lambda *a: False)
             assert frozen_loss_network.applies(net, est) is fast
-            feats = [f.detach() for f in net(est)]
+            feats = [f.detach() for f in accelerate(net, verify=False)(est)]
             x = est.clone().requires_grad_()
-            total, per_layer = FeatureLoss(net, weights=[1.0, 0.5, 2.0, 1.0, 0.3])(x, ref)
+            loss = accelerate(FeatureLoss(net, weights=[1.0, 0.5, 2.0, 1.0, 0.3]), verify=False)
+            total, per_layer = loss(x, ref)
             total.backward()
         return feats, per_layer.detach(), x.grad
 

@@ -43,6 +43,8 @@ def unsupported_reason(module: nn.Module, purpose: str = "training") -> str | No
             return f"{type(module).__name__} subclasses ContextAggregationNet (its forward may differ)"
         if module.kernel_size != 3:
             return f"kernel_size={module.kernel_size} (the kernels compute 3-tap convs)"
+        if purpose == "inference" and module.config["in_channels"] != 1:
+            return f"in_channels={module.config['in_channels']} (the inference kernels take [batch, time] audio)"
         if purpose == "training" and module.config["normalization"] == "none":
             return "normalization=none (the fused layers fuse a batch norm)"
         return None
@@ -119,7 +121,10 @@ def _differs_from_plain(fast: nn.Module, plain: nn.Module, purpose: str) -> str 
     if device.type != "cpu":
         return None  # the fast modules run their plain layers off the CPU: nothing to compare
     generator = torch.Generator().manual_seed(0)
+    in_channels = plain.config.get("in_channels", 1) if isinstance(getattr(plain, "config", None), dict) else 1
     x = torch.randn(2, 1000, generator=generator)
+    if in_channels != 1:  # a multi-channel denoiser takes [batch, channels, time]
+        x = torch.randn(2, in_channels, 1000, generator=generator)
     training = plain.training
     plain.eval()
     try:

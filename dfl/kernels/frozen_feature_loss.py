@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dfl.kernels.frozen_loss_network import applies, frozen_distances, frozen_features
+# the module, not its names: tests switch the fast path off through frozen_loss_network.applies
+from dfl.kernels import frozen_loss_network
 
 
 class FrozenFeaturesNet(nn.Module):
@@ -25,8 +26,8 @@ class FrozenFeaturesNet(nn.Module):
     def forward(self, wav: torch.Tensor, n_layers: int | None = None) -> list[torch.Tensor]:
         """Activations of the first ``n_layers`` layers (all by default) for ``[batch, time]`` audio."""
         x = wav.unsqueeze(1) if wav.dim() == 2 else wav
-        if x.dim() == 3 and x.shape[1] == 1 and applies(self.net, x):
-            return frozen_features(self.net, x[:, 0], n_layers or self.net.n_layers)
+        if x.dim() == 3 and x.shape[1] == 1 and frozen_loss_network.applies(self.net, x):
+            return frozen_loss_network.frozen_features(self.net, x[:, 0], n_layers or self.net.n_layers)
         return self.net(wav, n_layers=n_layers)
 
 
@@ -53,6 +54,14 @@ class FrozenFeatureLoss(nn.Module):
     def term_names(self) -> list[str]:
         return self.loss.term_names
 
+    @property
+    def loss_network(self) -> nn.Module:
+        return self.loss.loss_network
+
+    @property
+    def layers(self) -> list[int]:
+        return self.loss.layers
+
     def distances(
         self, estimate: torch.Tensor, target: torch.Tensor, lengths: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -63,9 +72,9 @@ class FrozenFeatureLoss(nn.Module):
             and estimate.dim() == 2
             and estimate.shape == target.shape
             and target.dtype == estimate.dtype
-            and applies(net, estimate)
+            and frozen_loss_network.applies(net, estimate)
         ):
-            return frozen_distances(net, estimate, target, self.loss.layers)
+            return frozen_loss_network.frozen_distances(net, estimate, target, self.loss.layers)
         return self.loss.distances(estimate, target, lengths, loss_network=self.features)
 
     def forward(

@@ -35,6 +35,15 @@ class FusedTrainingNet(nn.Module):
         super().__init__()
         self.model = model
 
+    @property
+    def config(self) -> dict:
+        """The wrapped model's architecture (what checkpoints record)."""
+        return self.model.config
+
+    @property
+    def receptive_field(self) -> int:
+        return self.model.receptive_field
+
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
         """``[batch, time]`` or ``[batch, 1, time]`` waveform → waveform of the same shape."""
         x = wav.unsqueeze(1) if wav.dim() == 2 else wav
