@@ -38,7 +38,6 @@ from dfl import SAMPLE_RATE
 from dfl.audio import atomic_write
 from dfl.kernels import accelerate
 from dfl.kernels.folded_inference import FoldedInferenceNet
-from dfl.kernels.fused_training import FusedTrainingNet
 from dfl.kernels.native import cpu_kernels
 from dfl.memory import keep_freed_memory
 from dfl.models import ContextAggregationNet, LossNetwork
@@ -166,8 +165,8 @@ def bench_inference(name: str, config: dict, args, gemm: float, cuda_gemm: dict 
     skip_cpu = getattr(args, "skip_cpu", False)
     if not skip_cpu:
         record("plain_fp32", plain, result["cpu"])
-        fused = FusedTrainingNet(model)  # what training and validation run on a CPU: the fused layers
-        record("fused_layers_fp32", lambda: plain_call(fused), result["cpu"])
+        training = accelerate(model, "training")  # what training and validation run on a CPU
+        record("training_kernels_fp32", lambda: plain_call(training), result["cpu"])
         direct = FoldedInferenceNet(model, winograd=False)
         record("fast_direct_fp32", lambda: direct.forward_cpu(x), result["cpu"])
         record("fast_fp32", lambda: fast.forward_cpu(x), result["cpu"])  # Winograd where the kernels compiled
@@ -248,12 +247,13 @@ def _train_step(model, optimizer, loss_fn, noisy, clean) -> None:
     optimizer.step()
 
 
-def _loss_and_grads(model, loss_fn, noisy, clean) -> tuple[torch.Tensor, dict]:
-    """The loss and every parameter's gradient (float64 copies) of one step."""
+def _loss_and_grads(model, loss_fn, noisy, clean, params: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict]:
+    """The loss and every parameter's gradient (float64 copies, named as ``params``'s: by default ``model``'s) of one step."""
     model.zero_grad(set_to_none=True)
     loss, _ = loss_fn(model(noisy), clean)
     loss.backward()
-    return loss.detach().double().cpu(), {n: p.grad.detach().double().cpu() for n, p in model.named_parameters()}
+    named = (params or model).named_parameters()
+    return loss.detach().double().cpu(), {n: p.grad.detach().double().cpu() for n, p in named}
 
 
 def _max_rel_diff(grads: dict, reference: dict) -> float:
@@ -266,9 +266,9 @@ def _max_rel_diff(grads: dict, reference: dict) -> float:
 def bench_training(device: torch.device, args) -> dict:
     """Audio seconds per second of one feature-loss step (forward, loss, backward, Adam step).
 
-    On the CPU both layer implementations run — the plain PyTorch layers and the fused ones
-    (:class:`dfl.kernels.fused_training.FusedTrainingNet`, what ``dfl-train`` runs) — from the same weights on
-    the same batch, with the same (frozen fast path) feature loss.
+    On the CPU both implementations run — the plain PyTorch layers (``plain``) and what
+    :func:`dfl.kernels.accelerate` gives for training (``cpu_kernels``, what ``dfl-train`` runs by default) —
+    from the same weights on the same batch, with the same feature loss (through the kernels too).
     Next to the speeds: how far their losses and gradients are apart, and how far each is from a
     float64 run of the plain layers (the float32 rounding floor).
     """
@@ -282,36 +282,38 @@ def bench_training(device: torch.device, args) -> dict:
     clean = (0.1 * torch.randn(1, int(seconds * SAMPLE_RATE), generator=gen)).to(device)
     torch.manual_seed(0)
     weights = ContextAggregationNet().state_dict()
-    loss_fn = accelerate(FeatureLoss(LossNetwork(n_layers=14), layers=6).to(device))
+    plain_loss = FeatureLoss(LossNetwork(n_layers=14), layers=6).to(device)
+    loss_fn = accelerate(plain_loss)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def build(fused: bool, dtype=torch.float32) -> torch.nn.Module:
+    def build(kernels: bool, dtype=torch.float32) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(the plain model, what runs it: itself or dfl.kernels' training module sharing its parameters)"""
         model = ContextAggregationNet()
         model.load_state_dict(weights)
         model = model.to(device, dtype).train()
-        return FusedTrainingNet(model) if fused else model
+        return model, (accelerate(model, "training") if kernels else model)
 
     cpu = torch.device("cpu")
-    exact = _loss_and_grads(build(False, torch.float64).to(cpu), copy.deepcopy(loss_fn.loss).to(cpu).double(),
+    exact = _loss_and_grads(build(False, torch.float64)[0].to(cpu), copy.deepcopy(plain_loss).to(cpu).double(),
                             noisy.to(cpu).double(), clean.to(cpu).double())  # fmt: skip
     repeats = args.train_repeats if device.type == "cpu" else max(args.train_repeats, 20)
     result: dict = {"utterance_seconds": seconds}
     plain = None
-    # CPU: plain vs fused layers; CUDA: convolutions through cuDNN vs one matmul each (cuda_conv=gemm)
-    variants = {"plain": (False, "cudnn"), "fused": (True, "cudnn")} if device.type == "cpu" else \
+    # CPU: plain layers vs dfl.kernels; CUDA: convolutions through cuDNN vs one matmul each (cuda_conv=gemm)
+    variants = {"plain": (False, "cudnn"), "cpu_kernels": (True, "cudnn")} if device.type == "cpu" else \
         {"plain": (False, "cudnn"), "gemm": (False, "gemm")}  # fmt: skip
-    for label, (fused, cuda_conv) in variants.items():
+    for label, (kernels, cuda_conv) in variants.items():
         set_cuda_conv(cuda_conv)
         try:
-            model = build(fused)
-            loss, grads = _loss_and_grads(model, loss_fn, noisy, clean)
+            params, model = build(kernels)
+            loss, grads = _loss_and_grads(model, loss_fn, noisy, clean, params)
             optimizer = adam(list(model.parameters()), lr=1e-4)  # as dfl-train's
             times = run_times(functools.partial(_train_step, model, optimizer, loss_fn, noisy, clean), repeats, sync)
         finally:
             set_cuda_conv("cudnn")
         t, mean = min(times), sum(times) / len(times)
         entry = {"step_seconds": t, "step_seconds_mean": mean, "audio_seconds_per_second": seconds / t}
-        line = f"  training {device.type} {label:5s}: {seconds / t:.2f} audio-s/s ({t:.3f} s/step, mean {mean:.3f})"
+        line = f"  training {device.type} {label:11s}: {seconds / t:.2f} audio-s/s ({t:.3f} s/step, mean {mean:.3f})"
         entry["max_grad_rel_diff_to_float64"] = _max_rel_diff(grads, exact[1])
         line += f"; max grad Δ to float64 {entry['max_grad_rel_diff_to_float64']:.1e}"
         if plain is None:
