@@ -159,7 +159,7 @@ class FoldedInferenceNet(nn.Module):
         n_rows = length + (-length) % d if layer.pad_to_multiple else length
         tile = self.tile
         # Winograd where both sides have channels in multiples of 8 (not the 1-channel first layer)
-        conv_kernels = kernels if kernels is not None and winograd.kernels_for(x, out) is not None else None
+        conv_kernels = kernels if kernels is not None and winograd.compiled_kernels_for(x, out) is not None else None
         weights = conv_kernels.winograd_weights(layer.weight) if conv_kernels is not None else None
         slope = None if layer.batch_stats else self.negative_slope  # batch statistics: activate after the norm
         parts = []  # the Winograd conv's moments per batch item, for batch statistics

@@ -66,7 +66,7 @@ def fused_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     buf = F.pad(buf, (0, extra)).contiguous()
     first_weight = F.pad(model.convs[0].weight, (0, 0, 0, extra)) if extra else model.convs[0].weight
     slope = model.negative_slope
-    if winograd.kernels_for(buf) is not None and channels % 8 == 0:
+    if winograd.compiled_kernels_for(buf) is not None and channels % 8 == 0:
         # the layers store only their conv outputs (dfl.kernels.fused_layer.lazy_conv)
         below = None
         for i, (conv, norm) in enumerate(zip(model.convs, model.norms)):
