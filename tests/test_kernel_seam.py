@@ -213,3 +213,24 @@ def test_dfl_denoise(name, tmp_path, monkeypatch):
     audio, sr = sf.read(written, dtype="float32")
     assert sr == 16000
     _close(audio, _plain_eval(model, x)[0])
+
+
+@pytest.mark.parametrize("cpu_kernels", [True, False])
+def test_the_training_system_goes_through_the_seam(cpu_kernels):
+    """DenoisingSystem trains through accelerate by default (system.cpu_kernels=true), else plain; the same step."""
+    from dfl.kernels.frozen_feature_loss import FrozenFeatureLoss
+    from dfl.losses import FeatureLoss
+    from dfl.models import LossNetwork
+    from dfl.systems import DenoisingSystem
+
+    denoiser = _trained_like("conf/model/can_paper.yaml").train()
+    reference = copy.deepcopy(denoiser)
+    loss = FeatureLoss(LossNetwork(n_layers=4, base_channels=8), layers=3)
+    system = DenoisingSystem(denoiser, loss, metrics=[], cpu_kernels=cpu_kernels)
+    assert isinstance(system._run_denoiser, FusedTrainingNet) is cpu_kernels
+    assert isinstance(system._run_loss, FrozenFeatureLoss) is cpu_kernels
+    assert system.state_dict().keys() == DenoisingSystem(reference, loss, metrics=[], cpu_kernels=False).state_dict().keys()
+    noisy, clean = _signal(batch=2, length=3001), _signal(batch=2, length=3001, seed=5)
+    got, _ = system._loss(system(noisy), clean, None)
+    want, _ = loss(reference(noisy), clean)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
