@@ -92,19 +92,28 @@ class Denoiser:
     def from_model(
         cls, model: torch.nn.Module, device: str | torch.device = "cpu", *, fast: bool = True, **kwargs
     ) -> Denoiser:
-        """Wrap a ``ContextAggregationNet`` (eval semantics); ``fast`` uses :mod:`dfl.kernels.fast_inference`."""
-        from dfl.kernels.fast_inference import FastContextAggregationNet
+        """Wrap a denoiser (eval semantics), by default through :func:`dfl.kernels.accelerate` (``fast=False``: as is).
+
+        Args:
+            model: a ``ContextAggregationNet`` (or a subclass: any module with its ``config`` and
+                ``receptive_field``); the kernels run it where they compute its architecture.
+            device: where it runs.
+            fast: go through the kernels' inference module where it applies.
+            **kwargs: :class:`Denoiser` settings (``chunk_seconds``, ``batch_size``, ``description``).
+
+        Returns:
+            The :class:`Denoiser`.
+        """
+        from dfl.kernels import accelerate
 
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was requested but CUDA is not available on this machine")
         model = model.eval()
         batch_stats = bool(model.config.get("batch_stats_at_eval", False))
-        if fast:
-            net = FastContextAggregationNet(model).to(device)
-            run = net.run
-        else:
-            net = model.to(device)
+        net = (accelerate(model, "inference") if fast else model).to(device)
+        run = getattr(net, "run", None)
+        if run is None:
 
             def run(x: torch.Tensor) -> torch.Tensor:
                 with torch.inference_mode():

@@ -8,9 +8,9 @@ import torch
 from dfl.cli.bench import bench_training
 
 
-def test_training_bench_compares_fused_and_plain_layers():
+def test_training_bench_compares_the_kernels_and_plain_layers():
     result = bench_training(torch.device("cpu"), argparse.Namespace(train_repeats=1))
-    plain, fused = result["plain"], result["fused"]
+    plain, fused = result["plain"], result["cpu_kernels"]
     assert result["utterance_seconds"] == 3.0
     for entry in (plain, fused):
         assert entry["step_seconds"] > 0
@@ -34,7 +34,7 @@ def test_inference_bench_reports_every_cpu_path():
     assert result["native_kernels"] is True
     assert result["gflop_per_audio_second"] > 4  # 14 64×64 3-tap layers at 16 kHz: ~5.1 GFLOP
     rows = result["cpu"]
-    assert list(rows) == ["plain_fp32", "fused_layers_fp32", "fast_direct_fp32", "fast_fp32"]
+    assert list(rows) == ["plain_fp32", "training_kernels_fp32", "fast_direct_fp32", "fast_fp32"]
     for label, row in rows.items():
         assert row["rtf"] > 0 and row["gflops"] == pytest.approx(result["gflop_per_audio_second"] / row["rtf"])
         assert row["fraction_of_gemm"] == pytest.approx(row["gflops"] / 100.0)

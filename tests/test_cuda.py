@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from dfl.kernels.fast_inference import FastContextAggregationNet
+from dfl.kernels.folded_inference import FoldedInferenceNet
 from dfl.losses import FeatureLoss
 from dfl.models import ContextAggregationNet, LossNetwork
 from tests.helpers.small_denoisers import BATCH_STATS, saved_denoiser, small_denoiser
@@ -44,7 +44,7 @@ def test_plain_and_fast_inference_on_cuda_match_the_cpu(config, no_tf32):
         reference = model.double()(x.double())
         model.float()
         gpu = model.to(CUDA)(x.to(CUDA))
-        fast = FastContextAggregationNet(model.cpu()).to(CUDA)
+        fast = FoldedInferenceNet(model.cpu()).to(CUDA)
         fast32 = fast(x.to(CUDA))
         fast16 = fast(x.to(CUDA, torch.bfloat16))
     assert gpu.device == fast32.device == CUDA and fast16.dtype == torch.bfloat16

@@ -1,11 +1,12 @@
-"""The frozen loss network's channels-last fast path (dfl.kernels.frozen_loss_network) against the module."""
+"""The frozen loss network's channels-last fast path (dfl.kernels.frozen_loss_network, reached through
+``dfl.kernels.accelerate``) against the module."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dfl.kernels import frozen_loss_network
+from dfl.kernels import accelerate, frozen_loss_network
 from dfl.losses import FeatureLoss
 from dfl.models import LossNetwork
 
@@ -41,7 +42,7 @@ def _features_and_grad(net, wav, n_layers, fast: bool, monkeypatch):
         if not fast:
             m.setattr(frozen_loss_network, "applies", lambda *a: False)
         x = wav.clone().requires_grad_()
-        feats = net(x, n_layers=n_layers)
+        feats = accelerate(net, verify=False)(x, n_layers=n_layers)
         gen = torch.Generator().manual_seed(1)
         # a smooth loss (no L1 kink): its input gradient measures the backward, not float ties
         loss = sum((f * torch.randn(f.shape, generator=gen)).sum() for f in feats)
@@ -76,7 +77,7 @@ def test_fast_path_matches_the_module(config, n_layers, shape, compiled, calls, 
 
 
 def test_feature_loss_with_lengths_matches_the_module(monkeypatch):
-    loss = FeatureLoss(_frozen(n_layers=6), layers=[0, 2, 5])
+    loss = accelerate(FeatureLoss(_frozen(n_layers=6), layers=[0, 2, 5]), verify=False)
     gen = torch.Generator().manual_seed(3)
     est, ref = 0.1 * torch.randn(2, 3000, generator=gen), 0.1 * torch.randn(2, 3000, generator=gen)
     lengths = torch.tensor([3000, 2100])
@@ -88,15 +89,19 @@ def test_feature_loss_with_lengths_matches_the_module(monkeypatch):
 def test_fast_path_only_where_it_applies(calls):
     wav = torch.randn(1, 500)
     net = _frozen(n_layers=3)
-    net(wav)
+    fast = accelerate(net, verify=False)
+    fast(wav)
     assert len(calls) == 1
-    net.double()(wav.double())  # float64
-    net.float().train()(wav)  # training: batch statistics, moving running ones
+    fast.double()(wav.double())  # float64
+    fast.float().train()(wav)  # training: batch statistics, moving running ones
     net.eval().convs[0].weight.requires_grad_(True)  # not frozen: the weights need gradients
-    net(wav)
+    fast(wav)
     assert len(calls) == 1
-    _frozen(n_layers=3, batch_stats_at_eval=True)(wav)  # the authors' release: batch statistics at eval
-    _frozen(n_layers=3, normalization="adaptive")(wav)
+    net(wav)  # the module itself never takes the fast path
+    net.requires_grad_(False)(wav)
+    assert len(calls) == 1
+    accelerate(_frozen(n_layers=3, batch_stats_at_eval=True), verify=False)(wav)  # the authors' release
+    accelerate(_frozen(n_layers=3, normalization="adaptive"), verify=False)(wav)
     assert len(calls) == 1
 
 
@@ -116,7 +121,8 @@ def _signals_without_split_ties(net, layers, monkeypatch):
             with monkeypatch.context() as m, torch.no_grad():
                 if not fast:
                     m.setattr(frozen_loss_network, "applies", lambda *a: False)
-                fe, fr = net(est, n_layers=depth), net(ref, n_layers=depth)
+                fast = accelerate(net, verify=False)
+                fe, fr = fast(est, n_layers=depth), fast(ref, n_layers=depth)
                 signs.append([(fe[i] - fr[i]).sign() for i in layers])
         if all(torch.equal(a, b) for a, b in zip(*signs)):
             return est, ref, torch.rand(len(layers), generator=gen) + 0.5
@@ -130,7 +136,7 @@ def test_feature_loss_distances_in_one_op_match_the_module(layers, compiled, mon
     with the compiled distance and gradient kernels and without them."""
     if not compiled:
         monkeypatch.setattr(frozen_loss_network, "cpu_kernels", lambda: None)
-    loss = FeatureLoss(_frozen(n_layers=6), layers=layers)
+    loss = accelerate(FeatureLoss(_frozen(n_layers=6), layers=layers), verify=False)
     est, ref, weights = _signals_without_split_ties(loss.loss_network, layers, monkeypatch)
     seen = []
     original = frozen_loss_network._FrozenDistances.apply
@@ -162,7 +168,7 @@ def test_frozen_distances_checks_its_inputs():
     net = _frozen(n_layers=3)
     with pytest.raises(ValueError, match="same"):
         frozen_loss_network.frozen_distances(net, torch.randn(1, 500), torch.randn(1, 400), [0])
-    loss = FeatureLoss(net, layers=2)
+    loss = accelerate(FeatureLoss(net, layers=2), verify=False)
     # [batch, 1, time] signals take the module's path, with the same values
     est, ref = torch.randn(2, 1, 600), torch.randn(2, 1, 600)
     torch.testing.assert_close(loss.distances(est, ref), loss.distances(est[:, 0], ref[:, 0]), rtol=1e-6, atol=0)

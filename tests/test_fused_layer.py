@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dfl.kernels import winograd
+from dfl.kernels import accelerate, winograd
 from dfl.kernels.fused_layer import conv_norm_act, lazy_project
 from dfl.models import ContextAggregationNet, LossNetwork
 
@@ -11,14 +11,17 @@ DILATIONS = [1, 1, 2, 4, 8, 1]
 
 
 def _pair(**config):
-    """The same randomised network twice: plain layers and fused layers."""
+    """The same randomised network twice: plain layers, and a copy through the fused layers
+    (``dfl.kernels.accelerate``; its ``.model`` is the copy)."""
     torch.manual_seed(0)
-    plain = ContextAggregationNet(dilations=DILATIONS, channels=16, fused=False, **config)
+    plain = ContextAggregationNet(dilations=DILATIONS, channels=16, **config)
     with torch.no_grad():
         for p in plain.parameters():
             p.add_(0.3 * torch.randn_like(p))  # α, β, γ, b away from their identity initialisation
-    fused = ContextAggregationNet(dilations=DILATIONS, channels=16, fused=True, **config)
-    fused.load_state_dict(plain.state_dict())
+    copy = ContextAggregationNet(dilations=DILATIONS, channels=16, **config)
+    copy.load_state_dict(plain.state_dict())
+    fused = accelerate(copy, "training", verify=False)
+    assert fused is not copy
     return plain, fused
 
 
@@ -54,7 +57,7 @@ def conv_path(request, monkeypatch):
     """Runs a test with the Winograd convs (and checks they ran) or with the direct GEMMs only."""
     calls = []
     if request.param == "direct":
-        monkeypatch.setattr(winograd, "kernels_for", lambda *tensors: None)
+        monkeypatch.setattr(winograd, "compiled_kernels_for", lambda *tensors: None)
     else:
         from dfl.kernels.native import CpuKernels
 
@@ -108,7 +111,7 @@ def test_eval_mode_and_input_gradient_match_plain_layers(config, conv_path):
     warm = torch.randn(2, config["in_channels"], 500) if "in_channels" in config else torch.randn(2, 500)
     with torch.no_grad():  # give the running statistics something to say
         plain.train()(warm)
-    fused.load_state_dict(plain.state_dict())
+    fused.model.load_state_dict(plain.state_dict())
     plain.eval(), fused.eval()
     shape = (2, config.get("in_channels", 1), 333) if "in_channels" in config else (2, 333)
     x1 = torch.randn(*shape, requires_grad=True)
@@ -171,14 +174,15 @@ def test_output_margins_are_zero_padding_for_the_next_layer():
 
 
 def test_plain_layers_where_the_fused_path_does_not_apply():
-    net = ContextAggregationNet(dilations=[1, 2, 1], channels=4)
+    net = accelerate(ContextAggregationNet(dilations=[1, 2, 1], channels=4), "training")
     x = torch.randn(1, 300)
     assert _fused(net(x))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision: PyTorch's own kernels
         assert not _fused(net(x))
     net.double()  # float64: PyTorch's own kernels
     assert not _fused(net(x.double()))
-    assert not ContextAggregationNet(dilations=[1], channels=4, normalization="none").fused
+    plain = ContextAggregationNet(dilations=[1], channels=4, normalization="none")
+    assert accelerate(plain, "training") is plain
 
 
 def test_conv_norm_act_rejects_other_norms():
@@ -197,7 +201,7 @@ def test_waveform_layer_computes_only_its_weight_gradient_when_the_input_needs_n
     for net in (plain, fused):
         net(x).square().mean().backward()
     assert len(calls) == 2  # once per batch item
-    assert _rel(fused.convs[0].weight.grad, plain.convs[0].weight.grad) < 1e-4
+    assert _rel(fused.model.convs[0].weight.grad, plain.convs[0].weight.grad) < 1e-4
     fused.zero_grad()
     fused(x.clone().requires_grad_()).square().mean().backward()  # the input's gradient: the Winograd backward
     assert len(calls) == 2
@@ -211,29 +215,31 @@ def test_lazy_projection_needs_a_one_channel_1x1_output_conv():
 
 def test_a_single_value_per_channel_is_an_error_as_in_plain_batch_norm():
     for fused, channels in ((False, 4), (True, 4), (True, 16)):  # 16: the lazy layers
-        net = ContextAggregationNet(dilations=[1, 2], channels=channels, fused=fused).train()
+        plain = ContextAggregationNet(dilations=[1, 2], channels=channels).train()
+        net = accelerate(plain, "training") if fused else plain
         with pytest.raises(ValueError, match="more than 1 value per channel"):
             net(torch.randn(1, 1))
-        assert torch.isfinite(net.norms[0].bn.running_var).all()  # nothing half-updated
+        assert torch.isfinite(plain.norms[0].bn.running_var).all()  # nothing half-updated
 
 
 def test_checkpoints_record_the_architecture_not_how_it_runs(tmp_path):
     from dfl.checkpoints import load_model, save_model
 
-    net = ContextAggregationNet(dilations=[1, 2, 1], channels=4, fused=False)
-    assert net.config == ContextAggregationNet(dilations=[1, 2, 1], channels=4).config
+    net = ContextAggregationNet(dilations=[1, 2, 1], channels=4)
+    fused = accelerate(net, "training")
+    assert fused.state_dict().keys() == {f"model.{k}" for k in net.state_dict()}  # it only wraps the model
     loaded = load_model(save_model(tmp_path / "m.pt", "denoiser", net), "denoiser")
-    assert loaded.config == net.config and loaded.fused  # rebuilt models run the fused layers by default
+    assert loaded.config == net.config and type(accelerate(loaded, "training")) is type(fused)
     x = torch.randn(1, 200)
     torch.testing.assert_close(loaded.eval()(x), net.eval()(x), rtol=1e-5, atol=1e-6)
 
 
 def test_training_after_fast_inference_in_the_same_thread():
     # nothing the inference path leaves behind (an inference tensor, say) may break the next training step
-    from dfl.kernels.fast_inference import FastContextAggregationNet
+    from dfl.kernels.folded_inference import FoldedInferenceNet
 
     plain, fused = _pair()
-    FastContextAggregationNet(fused.eval(), winograd=True).forward_cpu(torch.randn(1, 4000))
+    FoldedInferenceNet(fused.model.eval(), winograd=True).forward_cpu(torch.randn(1, 4000))
     fused.train()
     y = fused(torch.randn(2, 9000))
     y.square().mean().backward()

@@ -11,7 +11,7 @@ from dfl import Denoiser
 from dfl.audio import StreamResampler, resample
 from dfl.checkpoints import model_record
 from dfl.inference import ChunkStream
-from dfl.kernels.fast_inference import FastContextAggregationNet
+from dfl.kernels.folded_inference import FoldedInferenceNet
 from dfl.models import ContextAggregationNet
 from tests.helpers.small_denoisers import BATCH_STATS, saved_denoiser, small_denoiser
 
@@ -34,7 +34,7 @@ def plain(model: ContextAggregationNet, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("length", [997, 40])
 def test_fast_paths_match_plain_model(variant, length, winograd):
     model = small_denoiser(**VARIANTS[variant])
-    fast = FastContextAggregationNet(model, tile=128, winograd=winograd)  # several direct-GEMM tiles per layer
+    fast = FoldedInferenceNet(model, tile=128, winograd=winograd)  # several direct-GEMM tiles per layer
     batch = 1 if model.config["batch_stats_at_eval"] else 3
     x = 0.3 * torch.randn(batch, length)
     expected = plain(model, x)
@@ -46,7 +46,7 @@ def test_fast_paths_match_plain_model(variant, length, winograd):
 def test_batch_statistics_span_the_whole_batch_like_the_plain_model():
     model = small_denoiser(**BATCH_STATS)
     x = torch.cat([0.1 * torch.randn(1, 800), 0.5 * torch.randn(1, 800)])
-    torch.testing.assert_close(FastContextAggregationNet(model).forward_cpu(x), plain(model, x), atol=1e-5, rtol=0)
+    torch.testing.assert_close(FoldedInferenceNet(model).forward_cpu(x), plain(model, x), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("batch_stats", [False, True], ids=["can_paper", "can_authors"])
@@ -59,13 +59,13 @@ def test_fast_path_matches_the_real_configs(batch_stats):
     x = 0.2 * torch.randn(1, 6000)
     expected = plain(model, x)
     for winograd in (True, False):
-        fast = FastContextAggregationNet(model, winograd=winograd)
+        fast = FoldedInferenceNet(model, winograd=winograd)
         torch.testing.assert_close(fast.forward_cpu(x), expected, atol=1e-4, rtol=0)
 
 
 def test_fast_path_rejects_other_kernel_sizes():
     with pytest.raises(ValueError, match="kernel_size"):
-        FastContextAggregationNet(ContextAggregationNet(dilations=[1, 2], channels=4, kernel_size=5))
+        FoldedInferenceNet(ContextAggregationNet(dilations=[1, 2], channels=4, kernel_size=5))
 
 
 @pytest.mark.parametrize("fast", [True, False])

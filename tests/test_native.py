@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dfl.kernels import native
-from dfl.kernels.fast_inference import FastContextAggregationNet
+from dfl.kernels.folded_inference import FoldedInferenceNet
 from tests.helpers.small_denoisers import small_denoiser
 
 
@@ -533,9 +533,9 @@ def test_without_a_compiler_the_pytorch_path_is_used(fresh_native, monkeypatch, 
     x = 0.3 * torch.randn(1, 500)
     with torch.inference_mode():
         expected = model(x)
-    torch.testing.assert_close(FastContextAggregationNet(model).forward_cpu(x), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(FoldedInferenceNet(model).forward_cpu(x), expected, atol=1e-5, rtol=0)
     with pytest.raises(RuntimeError, match="winograd=True"):
-        FastContextAggregationNet(model, winograd=True).forward_cpu(x)
+        FoldedInferenceNet(model, winograd=True).forward_cpu(x)
 
 
 def test_native_kernels_can_be_switched_off(fresh_native, monkeypatch):

@@ -4,9 +4,9 @@ The other fast-path tests mostly run the defaults (leaky slope 0.2, BN momentum 
 constant hard-coded where a setting belongs would pass them. Here each setting is moved far enough from its
 default that ignoring it changes the result:
 
-- training through the fused layers (``model.fused=true``) against the plain PyTorch layers;
+- training through the fused layers (``dfl.kernels.accelerate(model, "training")``) against the plain PyTorch layers;
 - the frozen loss network's fast path against the module;
-- the fast inference path (``FastContextAggregationNet``) against the plain model.
+- the fast inference path (``FoldedInferenceNet``) against the plain model.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dfl.kernels import frozen_loss_network, winograd
-from dfl.kernels.fast_inference import FastContextAggregationNet
+from dfl.kernels import accelerate, frozen_loss_network, winograd
+from dfl.kernels.folded_inference import FoldedInferenceNet
 from dfl.losses import FeatureLoss
 from dfl.models import ContextAggregationNet, LossNetwork
 from dfl.models.adaptive_bn import AdaptiveBatchNorm
@@ -58,20 +58,24 @@ DENOISER_SETTINGS = [
 ]
 
 
-def _denoiser(fused: bool, config: dict, attrs: dict, seed: int = 0) -> ContextAggregationNet:
+def _denoiser(fused: bool, config: dict, attrs: dict, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    net = ContextAggregationNet(**{"dilations": DILATIONS, "channels": 16, **config, "fused": fused})
+    net = ContextAggregationNet(**{"dilations": DILATIONS, "channels": 16, **config})
     _randomised(net, seed)
     for bn in _bns(net):
         for k, v in attrs.items():
             setattr(bn, k, v)
+    if fused:
+        fast = accelerate(net, "training", verify=False)
+        assert fast is not net
+        return fast
     return net
 
 
 @pytest.fixture(params=["winograd", "direct"])
 def conv_path(request, monkeypatch):
     if request.param == "direct":
-        monkeypatch.setattr(winograd, "kernels_for", lambda *tensors: None)
+        monkeypatch.setattr(winograd, "compiled_kernels_for", lambda *tensors: None)
     return request.param
 
 
@@ -144,9 +148,10 @@ def test_frozen_loss_network_follows_the_settings(config, compiled, monkeypatch)
             if not fast:
                 m.setattr(frozen_loss_network, "applies", lambda *a: False)
             assert frozen_loss_network.applies(net, est) is fast
-            feats = [f.detach() for f in net(est)]
+            feats = [f.detach() for f in accelerate(net, verify=False)(est)]
             x = est.clone().requires_grad_()
-            total, per_layer = FeatureLoss(net, weights=[1.0, 0.5, 2.0, 1.0, 0.3])(x, ref)
+            loss = accelerate(FeatureLoss(net, weights=[1.0, 0.5, 2.0, 1.0, 0.3]), verify=False)
+            total, per_layer = loss(x, ref)
             total.backward()
         return feats, per_layer.detach(), x.grad
 
@@ -184,6 +189,6 @@ def test_fast_inference_follows_the_settings(config, winograd_convs):
     x = 0.3 * torch.randn(1 if config.get("batch_stats_at_eval") else 2, 1500, generator=torch.Generator().manual_seed(7))
     with torch.inference_mode():
         expected = model(x)
-    fast = FastContextAggregationNet(model, tile=256, winograd=winograd_convs)
+    fast = FoldedInferenceNet(model, tile=256, winograd=winograd_convs)
     torch.testing.assert_close(fast.forward_cpu(x), expected, atol=2e-5 * expected.abs().max().item(), rtol=0)
     torch.testing.assert_close(fast(x), expected, atol=2e-5 * expected.abs().max().item(), rtol=0)

@@ -36,7 +36,8 @@ import torch
 
 from dfl import SAMPLE_RATE
 from dfl.audio import atomic_write
-from dfl.kernels.fast_inference import FastContextAggregationNet
+from dfl.kernels import accelerate
+from dfl.kernels.folded_inference import FoldedInferenceNet
 from dfl.kernels.native import cpu_kernels
 from dfl.memory import keep_freed_memory
 from dfl.models import ContextAggregationNet, LossNetwork
@@ -113,8 +114,8 @@ def trained_like(config: dict, seed: int = 0) -> ContextAggregationNet:
 
 def bench_inference(name: str, config: dict, args, gemm: float, cuda_gemm: dict | None = None) -> dict:
     """Every inference path of one model; ``gemm`` (and ``cuda_gemm`` per dtype) is each device's GEMM GFLOP/s."""
-    model = trained_like({**config, "fused": False})  # the plain PyTorch layers: the reference
-    fast = FastContextAggregationNet(model)
+    model = trained_like(config)  # the plain PyTorch layers: the reference
+    fast = FoldedInferenceNet(model)
     seconds = args.seconds
     x = 0.1 * torch.randn(1, int(seconds * SAMPLE_RATE), generator=torch.Generator().manual_seed(1))
     flops_per_audio_second = fast.flops_per_sample() * SAMPLE_RATE
@@ -154,17 +155,19 @@ def bench_inference(name: str, config: dict, args, gemm: float, cuda_gemm: dict 
             flush=True,
         )
 
-    def plain() -> torch.Tensor:
+    def plain_call(net: torch.nn.Module) -> torch.Tensor:
         with torch.inference_mode():
-            return model(x)
+            return net(x)
+
+    def plain() -> torch.Tensor:
+        return plain_call(model)
 
     skip_cpu = getattr(args, "skip_cpu", False)
     if not skip_cpu:
         record("plain_fp32", plain, result["cpu"])
-        model.fused = True  # what model(x) runs by default on a CPU: the fused layers
-        record("fused_layers_fp32", plain, result["cpu"])
-        model.fused = False
-        direct = FastContextAggregationNet(model, winograd=False)
+        training = accelerate(model, "training")  # what training and validation run on a CPU
+        record("training_kernels_fp32", lambda: plain_call(training), result["cpu"])
+        direct = FoldedInferenceNet(model, winograd=False)
         record("fast_direct_fp32", lambda: direct.forward_cpu(x), result["cpu"])
         record("fast_fp32", lambda: fast.forward_cpu(x), result["cpu"])  # Winograd where the kernels compiled
     if not args.skip_onnxruntime and not skip_cpu:
@@ -178,7 +181,7 @@ def bench_inference(name: str, config: dict, args, gemm: float, cuda_gemm: dict 
     if torch.cuda.is_available() and not args.skip_cuda:
         result["cuda"] = {}
         dev = torch.device("cuda")
-        xg, model_g, fast_g = x.to(dev), trained_like(config).to(dev), FastContextAggregationNet(model).to(dev)
+        xg, model_g, fast_g = x.to(dev), trained_like(config).to(dev), FoldedInferenceNet(model).to(dev)
         sync, peak = torch.cuda.synchronize, torch.cuda.max_memory_allocated
 
         def plain_cuda(dtype):
@@ -244,12 +247,13 @@ def _train_step(model, optimizer, loss_fn, noisy, clean) -> None:
     optimizer.step()
 
 
-def _loss_and_grads(model, loss_fn, noisy, clean) -> tuple[torch.Tensor, dict]:
-    """The loss and every parameter's gradient (float64 copies) of one step."""
+def _loss_and_grads(model, loss_fn, noisy, clean, params: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict]:
+    """The loss and every parameter's gradient (float64 copies, named as ``params``'s: by default ``model``'s) of one step."""
     model.zero_grad(set_to_none=True)
     loss, _ = loss_fn(model(noisy), clean)
     loss.backward()
-    return loss.detach().double().cpu(), {n: p.grad.detach().double().cpu() for n, p in model.named_parameters()}
+    named = (params or model).named_parameters()
+    return loss.detach().double().cpu(), {n: p.grad.detach().double().cpu() for n, p in named}
 
 
 def _max_rel_diff(grads: dict, reference: dict) -> float:
@@ -262,8 +266,9 @@ def _max_rel_diff(grads: dict, reference: dict) -> float:
 def bench_training(device: torch.device, args) -> dict:
     """Audio seconds per second of one feature-loss step (forward, loss, backward, Adam step).
 
-    On the CPU both layer implementations run — the plain PyTorch layers and the fused ones
-    (``ContextAggregationNet(fused=True)``, the default) — from the same weights on the same batch.
+    On the CPU both implementations run — the plain PyTorch layers (``plain``) and what
+    :func:`dfl.kernels.accelerate` gives for training (``cpu_kernels``, what ``dfl-train`` runs by default) —
+    from the same weights on the same batch, with the same feature loss (through the kernels too).
     Next to the speeds: how far their losses and gradients are apart, and how far each is from a
     float64 run of the plain layers (the float32 rounding floor).
     """
@@ -277,35 +282,38 @@ def bench_training(device: torch.device, args) -> dict:
     clean = (0.1 * torch.randn(1, int(seconds * SAMPLE_RATE), generator=gen)).to(device)
     torch.manual_seed(0)
     weights = ContextAggregationNet().state_dict()
-    loss_fn = FeatureLoss(LossNetwork(n_layers=14), layers=6).to(device)
+    plain_loss = FeatureLoss(LossNetwork(n_layers=14), layers=6).to(device)
+    loss_fn = accelerate(plain_loss)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def build(fused: bool, dtype=torch.float32) -> ContextAggregationNet:
-        model = ContextAggregationNet(fused=fused)
+    def build(kernels: bool, dtype=torch.float32) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(the plain model, what runs it: itself or dfl.kernels' training module sharing its parameters)"""
+        model = ContextAggregationNet()
         model.load_state_dict(weights)
-        return model.to(device, dtype).train()
+        model = model.to(device, dtype).train()
+        return model, (accelerate(model, "training") if kernels else model)
 
     cpu = torch.device("cpu")
-    exact = _loss_and_grads(build(False, torch.float64).to(cpu), copy.deepcopy(loss_fn).to(cpu).double(),
+    exact = _loss_and_grads(build(False, torch.float64)[0].to(cpu), copy.deepcopy(plain_loss).to(cpu).double(),
                             noisy.to(cpu).double(), clean.to(cpu).double())  # fmt: skip
     repeats = args.train_repeats if device.type == "cpu" else max(args.train_repeats, 20)
     result: dict = {"utterance_seconds": seconds}
     plain = None
-    # CPU: plain vs fused layers; CUDA: convolutions through cuDNN vs one matmul each (cuda_conv=gemm)
-    variants = {"plain": (False, "cudnn"), "fused": (True, "cudnn")} if device.type == "cpu" else \
+    # CPU: plain layers vs dfl.kernels; CUDA: convolutions through cuDNN vs one matmul each (cuda_conv=gemm)
+    variants = {"plain": (False, "cudnn"), "cpu_kernels": (True, "cudnn")} if device.type == "cpu" else \
         {"plain": (False, "cudnn"), "gemm": (False, "gemm")}  # fmt: skip
-    for label, (fused, cuda_conv) in variants.items():
+    for label, (kernels, cuda_conv) in variants.items():
         set_cuda_conv(cuda_conv)
         try:
-            model = build(fused)
-            loss, grads = _loss_and_grads(model, loss_fn, noisy, clean)
+            params, model = build(kernels)
+            loss, grads = _loss_and_grads(model, loss_fn, noisy, clean, params)
             optimizer = adam(list(model.parameters()), lr=1e-4)  # as dfl-train's
             times = run_times(functools.partial(_train_step, model, optimizer, loss_fn, noisy, clean), repeats, sync)
         finally:
             set_cuda_conv("cudnn")
         t, mean = min(times), sum(times) / len(times)
         entry = {"step_seconds": t, "step_seconds_mean": mean, "audio_seconds_per_second": seconds / t}
-        line = f"  training {device.type} {label:5s}: {seconds / t:.2f} audio-s/s ({t:.3f} s/step, mean {mean:.3f})"
+        line = f"  training {device.type} {label:11s}: {seconds / t:.2f} audio-s/s ({t:.3f} s/step, mean {mean:.3f})"
         entry["max_grad_rel_diff_to_float64"] = _max_rel_diff(grads, exact[1])
         line += f"; max grad Δ to float64 {entry['max_grad_rel_diff_to_float64']:.1e}"
         if plain is None:

@@ -48,7 +48,7 @@ def _conv3(x: torch.Tensor, weight: torch.Tensor, d: int, out: torch.Tensor) -> 
     Without them: direct GEMMs, and None.
     """
     n, c_in = out.shape[1], x.shape[-1]
-    kernels = winograd.kernels_for(x, out)
+    kernels = winograd.compiled_kernels_for(x, out)
     if kernels is not None:
         wino_weights = kernels.winograd_weights(weight) if c_in >= WINOGRAD_MIN_CHANNELS else None
         parts = []
@@ -240,7 +240,7 @@ class _LazyConv(torch.autograd.Function):
         with ``in_scale`` None, an activation buffer with ``d`` zero rows of padding each side. Returns the
         conv output ``z`` and its norm as ``scale·z + offset`` with the ``mean`` it normalises with."""
         d, n, rows, in_slope, shift, eps, momentum, batch_stats = cfg
-        kernels = winograd.kernels_for(x)
+        kernels = winograd.compiled_kernels_for(x)
         bsz, c_out = x.shape[0], weight.shape[0]
         z = x.new_empty(bsz, rows, c_out)
         if in_scale is None:  # an activation buffer (the waveform): _conv3 picks Winograd or a direct conv
@@ -264,7 +264,7 @@ class _LazyConv(torch.autograd.Function):
     def backward(ctx, grad_z, grad_scale, grad_offset, _):
         x, in_scale, in_offset, weight, beta, gamma, bias, z, stats = ctx.saved_tensors
         d, n, rows, in_slope, shift, eps, _, batch_stats = ctx.cfg
-        kernels = winograd.kernels_for(x)
+        kernels = winograd.compiled_kernels_for(x)
         bsz, c_in, c_out = x.shape[0], x.shape[-1], z.shape[-1]
         grads64, coefficients = kernels.norm_backward(
             stats, bsz * rows, beta, gamma, bias, eps, batch_stats,
@@ -319,7 +319,7 @@ class _LazyProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, scale, offset, weight, bias, cfg):
         n, slope, shift = cfg
-        kernels = winograd.kernels_for(z)
+        kernels = winograd.compiled_kernels_for(z)
         y = z.new_empty(z.shape[0], n)
         w = weight.detach().reshape(-1)
         for b in range(z.shape[0]):
@@ -332,7 +332,7 @@ class _LazyProjection(torch.autograd.Function):
     def backward(ctx, grad_y):
         z, scale, offset, weight = ctx.saved_tensors
         n, slope, shift = ctx.cfg
-        kernels = winograd.kernels_for(z)
+        kernels = winograd.compiled_kernels_for(z)
         g = grad_y.contiguous()
         dz = z.new_empty(z.shape)
         sums = torch.zeros(2, z.shape[-1], dtype=torch.float64)

@@ -19,7 +19,7 @@ import torch
 from dfl.kernels.native import CpuKernels, cpu_kernels
 
 
-def kernels_for(*tensors: torch.Tensor) -> CpuKernels | None:
+def compiled_kernels_for(*tensors: torch.Tensor) -> CpuKernels | None:
     """The compiled kernels if they apply to these tensors (CPU float32, channels multiple of 8)."""
     if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.shape[-1] % 8 == 0 for t in tensors):
         return None

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from dfl.kernels import frozen_loss_network
 from dfl.losses.masking import masked_mean
 from dfl.models import LossNetwork
 
@@ -112,7 +111,11 @@ class FeatureLoss(nn.Module):
         return [f"layer_{i}" for i in self.layers]
 
     def distances(
-        self, estimate: torch.Tensor, target: torch.Tensor, lengths: torch.Tensor | None = None
+        self,
+        estimate: torch.Tensor,
+        target: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        loss_network: nn.Module | None = None,
     ) -> torch.Tensor:
         """Raw per-layer mean absolute differences, shape ``[n_layers]``.
 
@@ -124,13 +127,22 @@ class FeatureLoss(nn.Module):
         by a sample when an utterance's length parity at some layer differs from the batch's.
         The difference shrinks with utterance length relative to the layer's stride; see
         ``tests/test_bucketing.py``.
+
+        Args:
+            estimate: ``[batch, time]`` denoised audio (gradients flow to it).
+            target: ``[batch, time]`` clean audio.
+            lengths: valid samples per utterance of a zero-padded batch, or None.
+            loss_network: computes the activations instead of ``self.loss_network`` (the same network
+                run another way, e.g. :class:`dfl.kernels.frozen_feature_loss.FrozenFeaturesNet`).
+
+        Returns:
+            ``[n_layers]`` distances, unweighted.
         """
-        if lengths is None and self._frozen_fast_path(estimate, target):
-            return frozen_loss_network.frozen_distances(self.loss_network, estimate, target, self.layers)
+        net = self.loss_network if loss_network is None else loss_network
         depth = max(self.layers) + 1
-        feats_est = self.loss_network(estimate, n_layers=depth)
+        feats_est = net(estimate, n_layers=depth)
         with torch.no_grad():
-            feats_ref = self.loss_network(target, n_layers=depth)
+            feats_ref = net(target, n_layers=depth)
         if lengths is None:
             # sum / count, not mean(): mean's backward materialises a [batch, channels, time] tensor, slow
             # against features in another memory layout (the frozen fast path's channels-last views)
@@ -139,18 +151,6 @@ class FeatureLoss(nn.Module):
         hops = self._layer_hops(estimate.shape[-1], [f.shape[-1] for f in feats_est])
         return torch.stack(
             [masked_mean((feats_est[i] - feats_ref[i]).abs(), -(-lengths // hops[i])) for i in self.layers]
-        )
-
-    def _frozen_fast_path(self, estimate: torch.Tensor, target: torch.Tensor) -> bool:
-        """Whether the distances run as one op through the frozen network's fast path
-        (:func:`dfl.kernels.frozen_loss_network.frozen_distances`): a :class:`LossNetwork` where that path
-        applies, ``[batch, time]`` signals of one shape."""
-        return (
-            isinstance(self.loss_network, LossNetwork)
-            and estimate.dim() == 2
-            and estimate.shape == target.shape
-            and target.dtype == estimate.dtype
-            and frozen_loss_network.applies(self.loss_network, estimate)
         )
 
     def _layer_hops(self, n_samples: int, frames: list[int]) -> list[int]:

@@ -8,8 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfl.kernels import winograd
-from dfl.kernels.fused_layer import conv_norm_act, lazy_conv, lazy_project
 from dfl.models.adaptive_bn import make_norm
 from dfl.models.conv import Conv1d
 from dfl.models.padding import pad_to_multiple
@@ -38,10 +36,6 @@ class ContextAggregationNet(nn.Module):
             ``tf_authors``: each dilated layer runs on the signal zero-padded at the end to a
             multiple of its dilation, BN sees that padded length, and the tail is cut after the
             activation — exactly the authors' TensorFlow graph.
-        fused: on the CPU in float32, run the conv → BN → leaky ReLU layers as hand-written ops on
-            channels-last buffers (:mod:`dfl.kernels.fused_layer`; same parameters and results,
-            about 3× faster training). Used with 3-tap convs and BN-based normalisation;
-            ``False`` always runs the plain PyTorch layers.
     """
 
     def __init__(
@@ -57,7 +51,6 @@ class ContextAggregationNet(nn.Module):
         negative_slope: float = 0.2,
         padding: str = "same",
         init: str = "default",
-        fused: bool = True,
     ) -> None:
         super().__init__()
         if kernel_size % 2 != 1:
@@ -80,12 +73,11 @@ class ContextAggregationNet(nn.Module):
             negative_slope=negative_slope,
             padding=padding,
             init=init,
-        )  # the architecture (what checkpoints record); `fused` only chooses how it runs
+        )  # the architecture (what checkpoints record; dfl.kernels recognises it)
         self.dilations = self.config["dilations"]
         self.kernel_size = kernel_size
         self.negative_slope = negative_slope
         self.padding = padding
-        self.fused = bool(fused) and kernel_size == 3 and normalization != "none"
         bias = normalization == "none"
         bn = dict(eps=bn_eps, scale=bn_scale, batch_stats_at_eval=batch_stats_at_eval)
         self.convs = nn.ModuleList()
@@ -138,9 +130,6 @@ class ContextAggregationNet(nn.Module):
         x = wav.unsqueeze(1) if squeeze else wav
         if x.dim() != 3:
             raise ValueError(f"expected [batch, time] or [batch, 1, time], got shape {tuple(wav.shape)}")
-        if self._can_fuse(x):
-            y = self._forward_fused(x)
-            return y if squeeze else y.unsqueeze(1)
         half = self.kernel_size // 2
         for conv, norm, d in zip(self.convs, self.norms, self.dilations):
             if self.padding == "tf_authors" and d > 1:
@@ -151,37 +140,3 @@ class ContextAggregationNet(nn.Module):
                 x = F.leaky_relu(norm(conv(F.pad(x, (half * d, half * d)))), self.negative_slope)
         x = self.output(x)
         return x.squeeze(1) if squeeze else x
-
-    def _can_fuse(self, x: torch.Tensor) -> bool:
-        return (
-            self.fused
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()
-        )
-
-    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """``[batch, channels, time]`` → ``[batch, time]`` through channels-last buffers (see ``fused``)."""
-        d, n = self.dilations, x.shape[-1]
-        # rows each layer computes: the authors' padding extends dilated layers to a multiple of d
-        rows = [n + ((-n) % di if self.padding == "tf_authors" and di > 1 else 0) for di in d]
-        # input channels padded with zeros to a multiple of 8 (zero weights too), so the compiled kernels
-        # take the 1-channel first layer as well: the same result, without PyTorch's slower path
-        extra = (-x.shape[1]) % 8 if self.config["channels"] % 8 == 0 else 0
-        buf = F.pad(x, (d[0], d[0] + rows[0] - n)).transpose(1, 2)
-        buf = F.pad(buf, (0, extra)).contiguous()
-        first_weight = F.pad(self.convs[0].weight, (0, 0, 0, extra)) if extra else self.convs[0].weight
-        if winograd.kernels_for(buf) is not None and self.config["channels"] % 8 == 0:
-            # the layers store only their conv outputs (dfl.kernels.fused_layer.lazy_conv)
-            below = None
-            for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-                weight = first_weight if i == 0 else conv.weight
-                buf, *below = lazy_conv(buf, below, weight, norm, d[i], n, rows[i], self.negative_slope)
-            return lazy_project(buf, below, self.output, n, self.negative_slope)
-        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-            weight = first_weight if i == 0 else conv.weight
-            # zero margins: the next layer's padding
-            margins = (d[i + 1], d[i + 1] + rows[i + 1] - n) if i + 1 < len(d) else (0, 0)
-            buf = conv_norm_act(buf, weight, norm, d[i], n, margins, self.negative_slope, rows=rows[i])
-        return buf @ self.output.weight[0, :, 0] + self.output.bias

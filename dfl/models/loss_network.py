@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfl.kernels import frozen_loss_network
 from dfl.models.adaptive_bn import make_norm
 from dfl.models.conv import Conv1d
 from dfl.models.padding import tf_same_padding
@@ -16,8 +15,7 @@ class LossNetwork(nn.Module):
     """``n_layers`` k-tap convs, stride 2 except the last, BN + leaky ReLU.
 
     Layer ``i`` has ``base_channels · 2^(i // channel_block)`` channels. ``forward``
-    returns every layer's activation ``[batch, channels, time_i]`` (frozen, in eval mode, on the CPU:
-    through :mod:`dfl.kernels.frozen_loss_network`, the same features faster). Optional
+    returns every layer's activation ``[batch, channels, time_i]``. Optional
     classifier heads (1×1 convs on the time-averaged last layer) serve the
     pretraining tasks; ``heads`` maps a head name to its number of outputs.
     """
@@ -81,8 +79,6 @@ class LossNetwork(nn.Module):
         x = wav.unsqueeze(1) if wav.dim() == 2 else wav
         if x.dim() != 3:
             raise ValueError(f"expected [batch, time] or [batch, 1, time], got shape {tuple(wav.shape)}")
-        if frozen_loss_network.applies(self, x) and x.shape[1] == 1:
-            return frozen_loss_network.frozen_features(self, x[:, 0], n_layers or self.n_layers)
         feats = []
         for conv, norm, s in zip(self.convs[: n_layers or None], self.norms, self.strides):
             x = F.pad(x, tf_same_padding(x.shape[-1], self.kernel_size, s))

@@ -1,5 +1,5 @@
-/* Kernels of the CPU fast paths (dfl/models/winograd.py, fused_layer.py, fast_inference.py), loaded by
- * dfl/native/__init__.py. Rows are channels-last [time, C] float32 with C % 8 == 0; loops over rows run on
+/* Kernels of the CPU fast paths (dfl/kernels/winograd.py, fused_layer.py, folded_inference.py), loaded by
+ * dfl/kernels/native/__init__.py. Rows are channels-last [time, C] float32 with C % 8 == 0; loops over rows run on
  * OpenMP threads.
  *
  * Winograd F(4,3) along time: a 3-tap conv with dilation d gives 4 outputs t, t+d, t+2d, t+3d from the 6

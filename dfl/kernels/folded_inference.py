@@ -8,9 +8,9 @@ affine map from each input's statistics; such models must see the whole file.
 
 Two layouts of the same computation:
 
-* :meth:`FastContextAggregationNet.forward` — ``F.conv1d`` with dilation; runs
+* :meth:`FoldedInferenceNet.forward` — ``F.conv1d`` with dilation; runs
   on any device, is what ``dfl-export`` scripts/exports (dynamic time axis).
-* :meth:`FastContextAggregationNet.forward_cpu` — channels-last ``[time, channels]``
+* :meth:`FoldedInferenceNet.forward_cpu` — channels-last ``[time, channels]``
   buffers with zero margins, each layer computed tile by tile as three
   accumulating GEMMs over shifted row slices (no im2col copy, no per-layer
   padding copy), bias and leaky ReLU applied while the tile is in cache. On a
@@ -90,7 +90,7 @@ class _Layer(nn.Module):
         return F.leaky_relu(z, negative_slope)[..., :length]
 
 
-class FastContextAggregationNet(nn.Module):
+class FoldedInferenceNet(nn.Module):
     """Inference-only twin of a trained :class:`ContextAggregationNet` (eval semantics)."""
 
     def __init__(self, model: ContextAggregationNet, tile: int = 2048, winograd: bool | None = None) -> None:
@@ -159,7 +159,7 @@ class FastContextAggregationNet(nn.Module):
         n_rows = length + (-length) % d if layer.pad_to_multiple else length
         tile = self.tile
         # Winograd where both sides have channels in multiples of 8 (not the 1-channel first layer)
-        conv_kernels = kernels if kernels is not None and winograd.kernels_for(x, out) is not None else None
+        conv_kernels = kernels if kernels is not None and winograd.compiled_kernels_for(x, out) is not None else None
         weights = conv_kernels.winograd_weights(layer.weight) if conv_kernels is not None else None
         slope = None if layer.batch_stats else self.negative_slope  # batch statistics: activate after the norm
         parts = []  # the Winograd conv's moments per batch item, for batch statistics
