@@ -106,7 +106,7 @@ def enhance_with_model(
     """
     from tqdm import tqdm
 
-    from dfl.cli.denoise import Job, denoise_file
+    from dfl.denoise_files import Job, denoise_file
     from dfl.inference import Denoiser
 
     for _, noisy, _ in pairs:  # metrics never resample: refuse before running the model

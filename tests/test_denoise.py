@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from dfl import Denoiser
-from dfl.cli import denoise as denoise_cli
+from dfl import Denoiser, denoise_files
 from dfl.cli.denoise import main
 from tests.helpers.small_denoisers import BATCH_STATS, saved_denoiser
 
@@ -171,7 +170,7 @@ def test_a_failed_write_leaves_no_partial_file(tree, tmp_path, model_path, monke
 
     monkeypatch.setattr(sf, "write", write_half_then_fail)
     monkeypatch.setattr(sf.SoundFile, "write", write_one_block_then_fail)
-    monkeypatch.setattr(denoise_cli, "BLOCK_FRAMES", 1000)
+    monkeypatch.setattr(denoise_files, "BLOCK_FRAMES", 1000)
     out = tmp_path / "out"
     args = [str(tree / "a.wav"), "-o", str(out), "--model", str(model_path), "--quiet", "--chunk-seconds", chunk_seconds]
     assert main(args) == 1
@@ -182,7 +181,7 @@ def test_nan_found_mid_stream_leaves_no_partial_file(tmp_path, model_path, monke
     data = noise(30_000, 1, 11)
     data[25_000] = np.nan  # found after several blocks were denoised and written
     sf.write(tmp_path / "late_nan.wav", data, 16_000, subtype="FLOAT")
-    monkeypatch.setattr(denoise_cli, "BLOCK_FRAMES", 2000)
+    monkeypatch.setattr(denoise_files, "BLOCK_FRAMES", 2000)
     out = tmp_path / "out"
     args = [str(tmp_path / "late_nan.wav"), "-o", str(out), "--model", str(model_path), "--chunk-seconds", "0.1"]
     assert main(args) == 1
@@ -208,7 +207,7 @@ def test_streamed_files_match_whole_file_processing(tmp_path, wide_model_path, m
     writes = []
     real_block_write = sf.SoundFile.write
     monkeypatch.setattr(sf.SoundFile, "write", lambda self, data: writes.append(len(data)) or real_block_write(self, data))
-    monkeypatch.setattr(denoise_cli, "BLOCK_FRAMES", 4000 if frames % 4000 == 0 else 3000)
+    monkeypatch.setattr(denoise_files, "BLOCK_FRAMES", 4000 if frames % 4000 == 0 else 3000)
     out = tmp_path / "out"
     args = [str(source), "-o", str(out), "--model", str(wide_model_path), "--quiet", "--chunk-seconds", "0.05"]
     assert main(args) == 0
@@ -243,7 +242,7 @@ def test_recursive_glob_visits_each_real_folder_once(tmp_path, model_path):
     sf.write(root / "x.wav", noise(800, 1, 1), 16_000)
     sf.write(root / "sub" / "y.wav", noise(800, 1, 2), 16_000)
     (root / "self").symlink_to(".")  # one loop
-    jobs, errors = denoise_cli.collect_jobs([str(root / "**" / "*.wav")])
+    jobs, errors = denoise_files.collect_jobs([str(root / "**" / "*.wav")])
     assert errors == [] and [job.relative.as_posix() for job in jobs] == ["sub/y.wav", "x.wav"]
 
     out = tmp_path / "out"
@@ -252,7 +251,7 @@ def test_recursive_glob_visits_each_real_folder_once(tmp_path, model_path):
 
     (root / "sub" / "back").symlink_to("..")  # a second loop: glob.glob never ends here
     (root / "also").symlink_to("sub")  # a second way into sub: listed once
-    jobs, errors = denoise_cli.collect_jobs([str(root / "**" / "*.wav"), str(root)])
+    jobs, errors = denoise_files.collect_jobs([str(root / "**" / "*.wav"), str(root)])
     assert errors == []
     assert [job.relative.as_posix() for job in jobs] == ["also/y.wav", "x.wav", "sub/y.wav", "x.wav"]
     assert len({job.source.resolve() for job in jobs[:2]}) == 2
@@ -267,11 +266,11 @@ def test_glob_follows_links_to_other_folders_and_keeps_glob_rules(tmp_path):
         sf.write(data / rel, noise(400, 1, 3), 16_000)
     (root / "linked").symlink_to(data)
     (data / "deep" / "loop").symlink_to(root)
-    got = [p.relative_to(root).as_posix() for p in denoise_cli.expand_glob(str(root / "**" / "*.wav"))]
+    got = [p.relative_to(root).as_posix() for p in denoise_files.expand_glob(str(root / "**" / "*.wav"))]
     assert got == ["linked/deep/a.wav"]  # hidden names skipped, as glob does
-    got = [p.relative_to(root).as_posix() for p in denoise_cli.expand_glob(str(root / "linked" / "**"))]
+    got = [p.relative_to(root).as_posix() for p in denoise_files.expand_glob(str(root / "linked" / "**"))]
     assert got == ["linked/b.flac", "linked/deep/a.wav"]
-    assert denoise_cli.expand_glob(str(root / "*" / "*.flac")) == [root / "linked" / "b.flac"]
+    assert denoise_files.expand_glob(str(root / "*" / "*.flac")) == [root / "linked" / "b.flac"]
 
 
 def test_output_folder_inside_the_input_folder_is_never_read_as_input(tree, model_path, capsys):
@@ -307,8 +306,8 @@ def test_failures_name_the_input_and_the_output(tree, tmp_path, model_path, monk
     def fail(*args, **kwargs):
         raise OSError(20, "Not a directory")
 
-    monkeypatch.setattr(denoise_cli, "atomic_write", fail)
-    monkeypatch.setattr(denoise_cli, "write_audio", fail)
+    monkeypatch.setattr(denoise_files, "atomic_write", fail)
+    monkeypatch.setattr(denoise_files, "write_audio", fail)
     out = tmp_path / "out"
     assert main([str(tree / "a.wav"), str(tree / "d.wav"), "-o", str(out), "--model", str(model_path), "--quiet"]) == 1
     report = capsys.readouterr().out
