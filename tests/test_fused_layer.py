@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dfl.kernels import accelerate, winograd
-from dfl.kernels.fused_layer import conv_norm_act, lazy_project
+from dfl.kernels.fused_layer import conv_norm_act, output_conv_deferred_norm
 from dfl.models import ContextAggregationNet, LossNetwork
 
 DILATIONS = [1, 1, 2, 4, 8, 1]
@@ -36,11 +36,11 @@ def _graph_ops(t: torch.Tensor) -> set[str]:
     return {type(f).__name__ for f in seen}
 
 
-FUSED_OPS = {"_ConvNormActBackward", "_LazyConvBackward"}
+FUSED_OPS = {"_ConvNormActBackward", "_ConvDeferredNormBackward"}
 
 
 def _fused(t: torch.Tensor) -> bool:
-    """Whether the graph of ``t`` ran through the fused layers (per-layer or lazy)."""
+    """Whether the graph of ``t`` ran through the fused layers (per-layer or deferred-norm)."""
     return bool(FUSED_OPS & _graph_ops(t))
 
 
@@ -48,8 +48,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).detach())
 
 
-# the lazy layers' kernels, the output conv's (lazy_project) included
-SPIED = ("winograd_conv", "winograd_conv_backward", "lazy_project", "lazy_project_backward", "direct_conv")
+# the deferred-norm layers' kernels, the output conv's included
+SPIED = ("winograd_conv", "winograd_conv_backward", "output_conv_deferred_norm", "output_conv_deferred_norm_backward",
+         "direct_conv")
 
 
 @pytest.fixture(params=["winograd", "direct"])
@@ -207,14 +208,14 @@ def test_waveform_layer_computes_only_its_weight_gradient_when_the_input_needs_n
     assert len(calls) == 2
 
 
-def test_lazy_projection_needs_a_one_channel_1x1_output_conv():
+def test_output_conv_deferred_norm_needs_a_one_channel_1x1_output_conv():
     below = (torch.ones(8), torch.zeros(8), torch.zeros(8))
     with pytest.raises(ValueError, match="1×1 conv to one channel"):
-        lazy_project(torch.zeros(1, 4, 8), below, torch.nn.Conv1d(8, 2, 1), 4, 0.2)
+        output_conv_deferred_norm(torch.zeros(1, 4, 8), below, torch.nn.Conv1d(8, 2, 1), 4, 0.2)
 
 
 def test_a_single_value_per_channel_is_an_error_as_in_plain_batch_norm():
-    for fused, channels in ((False, 4), (True, 4), (True, 16)):  # 16: the lazy layers
+    for fused, channels in ((False, 4), (True, 4), (True, 16)):  # 16: the deferred-norm layers
         plain = ContextAggregationNet(dilations=[1, 2], channels=channels).train()
         net = accelerate(plain, "training") if fused else plain
         with pytest.raises(ValueError, match="more than 1 value per channel"):

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dfl.kernels import native
+from dfl.kernels import native, norm_affine
 from dfl.kernels.folded_inference import FoldedInferenceNet
+from dfl.models import AdaptiveBatchNorm, BatchNorm
 from tests.helpers.small_denoisers import small_denoiser
 
 
@@ -254,6 +255,46 @@ def test_norm_kernels_are_adaptive_batch_norm_and_its_backward(kernels, adaptive
     torch.testing.assert_close(grads[2 + c :], beta.double() * grad_offset.double())
 
 
+@pytest.mark.parametrize("kind", ["adaptive", "batch_norm", "batch_norm_without_scale"])
+def test_norm_forward_is_norm_affine(kernels, kind):
+    """The C norm (``dfl_norm_forward``) is :func:`dfl.kernels.norm_affine.affine` with the coefficients of
+    :func:`~dfl.kernels.norm_affine.norm_coefficients`: random moments and parameters, batch and running statistics."""
+    gen = torch.Generator().manual_seed(11)
+    bsz, rows, c, eps = 3, 40, 24, 1e-3
+    if kind == "adaptive":
+        norm = AdaptiveBatchNorm(c, eps=eps)
+    else:
+        norm = BatchNorm(c, eps=eps, scale=kind == "batch_norm")
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+        bn = norm.bn if kind == "adaptive" else norm
+        bn.running_mean.copy_(3 * torch.randn(c, generator=gen))
+        bn.running_var.copy_(torch.rand(c, generator=gen) + 0.1)
+    moments = torch.stack([3 * torch.randn(bsz, c, generator=gen, dtype=torch.float64),
+                           rows * (torch.rand(bsz, c, generator=gen, dtype=torch.float64) + 0.1)], 1)  # fmt: skip
+    alpha, beta, _ = norm_affine.norm_parts(norm, torch.ones(()))
+    params = (alpha.detach(), beta.detach(), None if bn.weight is None else bn.weight.detach(), bn.bias.detach())
+    coefficients = norm_affine.norm_coefficients(norm, c, torch.float64)[:3]
+    for batch_stats in (True, False):
+        out, stats = kernels.norm_forward(moments if batch_stats else None, rows, *params, eps, bn.running_mean,
+                                          bn.running_var)  # fmt: skip
+        mean, var = stats.unbind(0)
+        if batch_stats:  # the merge of the parts' moments
+            mean_b, sq_b = moments.unbind(1)
+            torch.testing.assert_close(mean, mean_b.mean(0), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(var, (sq_b.sum(0) + rows * (mean_b - mean).square().sum(0)) / (bsz * rows))
+            scale, offset = norm_affine.affine(mean, norm_affine.inv_std(var, eps), *coefficients)
+        else:
+            torch.testing.assert_close(var, bn.running_var.double(), rtol=0, atol=0)
+            scale, offset = norm_affine.running_affine(norm, c, torch.float64)
+        # float32 rounding of the same float64 values (the two orders of operations differ by float64 rounding)
+        size = ((scale - coefficients[0]) * mean).abs().max() + coefficients[2].abs().max()  # the terms of offset
+        torch.testing.assert_close(out[0].double(), scale, rtol=1e-7, atol=1e-12 * scale.abs().max())
+        torch.testing.assert_close(out[1].double(), offset, rtol=1e-7, atol=1e-12 * size)
+        torch.testing.assert_close(out[2].double(), mean, rtol=1e-7, atol=0)
+
+
 def test_norm_grads_are_the_scale_and_offset_gradients(kernels):
     """From a reader's Σdy and Σdy·(z − shift) to ∂L/∂scale = Σdy·z and ∂L/∂offset = Σdy."""
     dy, z, shift = torch.randn(300, 8, dtype=torch.float64), torch.randn(300, 8) + 4, torch.full((8,), 4.0)
@@ -321,8 +362,8 @@ def test_norm_kernels_refuse_bad_inputs(kernels):
         kernels.norm_backward(torch.zeros(2, 8, dtype=torch.float64), 10, one, ones, zeros, 1e-5, True, ones, ones[:2])
 
 
-def test_lazy_projection_is_the_output_conv_of_the_activation(kernels):
-    """``lazy_project``: the 1×1 output conv of ``leaky_relu(scale·z + offset)``; its backward gives the z-gradient
+def test_output_conv_deferred_norm_is_the_output_conv_of_the_activation(kernels):
+    """``output_conv_deferred_norm``: the 1×1 output conv of ``leaky_relu(scale·z + offset)``; its backward gives the z-gradient
     ``scale·dy``, ``Σdy``, ``Σdy·(z − shift)`` and the weight gradient, rows past ``n`` untouched."""
     torch.manual_seed(5)
     n, c = 1000, 24
@@ -331,7 +372,7 @@ def test_lazy_projection_is_the_output_conv_of_the_activation(kernels):
     scale, offset, shift = torch.rand(c) + 0.5, torch.randn(c), torch.randn(c)
     weight, bias = torch.randn(c), torch.randn(1)
     y = torch.empty(n)
-    kernels.lazy_project(z, n, scale, offset, 0.3, weight, bias, y)
+    kernels.output_conv_deferred_norm(z, n, scale, offset, 0.3, weight, bias, y)
     zs = z[:n].double().requires_grad_()
     pre = zs * scale.double() + offset.double()
     act = F.leaky_relu(pre, 0.3)
@@ -343,7 +384,7 @@ def test_lazy_projection_is_the_output_conv_of_the_activation(kernels):
     (y64 * grad.double()).sum().backward()
     dz = torch.full((n + 3, c), float("nan"))
     sums, weight_grad = torch.ones(2, c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)  # added to
-    kernels.lazy_project_backward(grad, z, scale, offset, 0.3, weight, shift, dz, sums, weight_grad)
+    kernels.output_conv_deferred_norm_backward(grad, z, scale, offset, 0.3, weight, shift, dz, sums, weight_grad)
     dy = torch.where(pre > 0, act.grad, 0.3 * act.grad).detach()
     torch.testing.assert_close(dz[:n].double(), zs.grad, atol=1e-5 * zs.grad.abs().max().item(), rtol=0)
     assert dz[n:].isnan().all()
@@ -352,15 +393,15 @@ def test_lazy_projection_is_the_output_conv_of_the_activation(kernels):
                                atol=1e-5 * (dy * zs.detach()).abs().sum().item() / c, rtol=0)  # fmt: skip
     torch.testing.assert_close(weight_grad - 1, w64.grad, atol=1e-5 * act.detach().abs().sum().item() / c, rtol=0)
     with pytest.raises(ValueError, match=r"n = 1004 rows outside z's 1003"):
-        kernels.lazy_project(z, n + 4, scale, offset, 0.3, weight, bias, torch.empty(n + 4))
+        kernels.output_conv_deferred_norm(z, n + 4, scale, offset, 0.3, weight, bias, torch.empty(n + 4))
     with pytest.raises(ValueError, match="weight must be 24"):
-        kernels.lazy_project(z, n, scale, offset, 0.3, weight[:8], bias, y)
+        kernels.output_conv_deferred_norm(z, n, scale, offset, 0.3, weight[:8], bias, y)
     with pytest.raises(ValueError, match="y must be 1000"):
-        kernels.lazy_project(z, n, scale, offset, 0.3, weight, bias, y[:10])
+        kernels.output_conv_deferred_norm(z, n, scale, offset, 0.3, weight, bias, y[:10])
     with pytest.raises(ValueError, match=r"dz: rows \[0, 1000\) fall outside its 10 rows"):
-        kernels.lazy_project_backward(grad, z, scale, offset, 0.3, weight, shift, dz[:10], sums, weight_grad)
+        kernels.output_conv_deferred_norm_backward(grad, z, scale, offset, 0.3, weight, shift, dz[:10], sums, weight_grad)
     with pytest.raises(ValueError, match="weight_grad must be 24 contiguous float64"):
-        kernels.lazy_project_backward(grad, z, scale, offset, 0.3, weight, shift, dz, sums, weight_grad.float())
+        kernels.output_conv_deferred_norm_backward(grad, z, scale, offset, 0.3, weight, shift, dz, sums, weight_grad.float())
 
 
 @pytest.mark.parametrize("d", [1, 5])
@@ -416,8 +457,8 @@ def test_results_do_not_depend_on_the_thread_count(kernels):
                                        wgrad, d, x_norm=(scale, offset, 0.2, n), below=(shift, sums))  # fmt: skip
         out, dz2 = torch.empty(n), torch.empty(n, c)
         sums2, w_grad = torch.zeros(2, c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
-        kernels.lazy_project(z, n, scale, offset, 0.2, w_out, torch.zeros(1), out)
-        kernels.lazy_project_backward(grad[:, 0].contiguous(), z, scale, offset, 0.2, w_out, shift, dz2, sums2, w_grad)
+        kernels.output_conv_deferred_norm(z, n, scale, offset, 0.2, w_out, torch.zeros(1), out)
+        kernels.output_conv_deferred_norm_backward(grad[:, 0].contiguous(), z, scale, offset, 0.2, w_out, shift, dz2, sums2, w_grad)
         channel_sums = torch.zeros(2, c, dtype=torch.float64)
         kernels.channel_moments(z, channel_sums, shift)
         wave = F.pad(z_below[:, :8], (0, 0, d, d))  # the direct conv's zero-padded input
@@ -508,6 +549,18 @@ def test_a_library_others_can_write_is_not_loaded(fresh_native, caplog):
     assert "refusing to load" in caplog.text
     library.chmod(0o644)
     assert native.build() == library
+
+
+def test_library_is_keyed_by_the_source(fresh_native, monkeypatch, caplog):
+    """Another source (a kernel renamed) builds another library, never loaded in place of the current one; and
+    a library lacking a kernel the wrappers need is not used: the PyTorch path runs."""
+    current = native.build()
+    old = native.build(native.SOURCE_TEXT.replace("dfl_output_conv_deferred_norm", "dfl_previous_name"))
+    assert old != current and old.exists() and current.exists()
+    monkeypatch.setattr(native, "build", lambda: old)
+    with caplog.at_level(logging.WARNING, logger="dfl.kernels.native"):
+        assert native.cpu_kernels() is None
+    assert "dfl_output_conv_deferred_norm" in caplog.text
 
 
 def test_library_is_keyed_by_the_cpu(fresh_native, monkeypatch):

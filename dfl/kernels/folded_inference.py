@@ -26,25 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfl.kernels import winograd
+from dfl.kernels import norm_affine, winograd
 from dfl.kernels.fused_layer import channels_last_batch_stats
 from dfl.kernels.native import channel_mean_var, cpu_kernels
-from dfl.models import AdaptiveBatchNorm, BatchNorm, ContextAggregationNet
-
-
-def _norm_coefficients(norm: nn.Module, channels: int):
-    """(alpha, gain, shift) such that norm(z) = alpha·z + gain·(z − μ)/√(σ²+ε) + shift."""
-    ones, zeros = torch.ones(channels), torch.zeros(channels)
-    if isinstance(norm, nn.Identity):
-        return zeros + 1, zeros, zeros, None
-    if isinstance(norm, AdaptiveBatchNorm):
-        alpha, beta, bn = norm.alpha.detach(), norm.beta.detach(), norm.bn
-    elif isinstance(norm, BatchNorm):
-        alpha, beta, bn = torch.zeros(()), torch.ones(()), norm
-    else:  # pragma: no cover - the model only builds the three kinds above
-        raise TypeError(f"unsupported normalisation module {type(norm).__name__}")
-    gamma = bn.weight.detach() if bn.weight is not None else ones
-    return alpha * ones, beta * gamma, beta * bn.bias.detach(), bn
+from dfl.models import ContextAggregationNet
 
 
 class _Layer(nn.Module):
@@ -54,28 +39,24 @@ class _Layer(nn.Module):
         super().__init__()
         w = conv.weight.detach().float()
         cb = conv.bias.detach().float() if conv.bias is not None else torch.zeros(w.shape[0])
-        alpha, gain, shift, bn = _norm_coefficients(norm, w.shape[0])
+        alpha, gain, shift, bn = norm_affine.norm_coefficients(norm, w.shape[0])
         self.dilation = dilation
         self.batch_stats = bool(bn is not None and bn.batch_stats_at_eval)
         self.pad_to_multiple = pad_to_multiple and self.batch_stats  # only changes the batch statistics
         self.eps = float(bn.eps) if bn is not None else 0.0
-        if bn is None or self.batch_stats:
-            scale = torch.ones(w.shape[0])
-            bias = cb
-        else:  # fold the running-statistics affine map into the conv
-            inv_std = torch.rsqrt(bn.running_var.detach().float() + bn.eps)
-            scale = alpha + gain * inv_std
-            bias = scale * cb + shift - gain * inv_std * bn.running_mean.detach().float()
-        self.register_buffer("weight", (w * scale[:, None, None]).contiguous())
-        self.register_buffer("bias", bias.contiguous())
-        # only used with batch statistics: z ↦ (alpha + gain·s)·z + shift − gain·s·μ
+        if bn is not None and not self.batch_stats:  # fold the running-statistics affine map into the conv
+            mean, inv_std = bn.running_mean.detach().float(), norm_affine.running_inv_std(bn)
+            w, cb = norm_affine.fold_into_conv(w, cb, *norm_affine.affine(mean, inv_std, alpha, gain, shift))
+        self.register_buffer("weight", w.contiguous())
+        self.register_buffer("bias", cb.contiguous())
+        # only used with batch statistics: the norm's affine map for each input's statistics (norm_affine.affine)
         self.register_buffer("alpha", alpha.float())
         self.register_buffer("gain", gain.float())
         self.register_buffer("shift", shift.float())
 
     def batch_affine(self, mean: torch.Tensor, inv_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (scale, offset) of the norm for batch statistics ``mean``, ``1/√(var + eps)``."""
-        return self.alpha + self.gain * inv_std, self.shift - self.gain * inv_std * mean
+        return norm_affine.affine(mean, inv_std, self.alpha, self.gain, self.shift)
 
     def forward(self, x: torch.Tensor, negative_slope: float) -> torch.Tensor:
         d = self.dilation
@@ -85,7 +66,7 @@ class _Layer(nn.Module):
         z = F.conv1d(F.pad(x, (d, d)), self.weight.to(x.dtype), self.bias.to(x.dtype), dilation=d)
         if self.batch_stats:
             var, mean = torch.var_mean(z.float(), dim=(0, 2), unbiased=False)
-            scale, offset = self.batch_affine(mean, torch.rsqrt(var + self.eps))
+            scale, offset = self.batch_affine(mean, norm_affine.inv_std(var, self.eps))
             z = z * scale.to(z.dtype)[None, :, None] + offset.to(z.dtype)[None, :, None]
         return F.leaky_relu(z, negative_slope)[..., :length]
 
@@ -193,7 +174,7 @@ class FoldedInferenceNet(nn.Module):
         """Norm with the statistics of ``z [batch, rows, C]`` + leaky ReLU, in place: from the conv's moments
         ``parts`` (see :meth:`dfl.kernels.native.CpuKernels.merge_moments`) when it has them, else in one more pass."""
         mean, var = kernels.merge_moments(parts) if parts else channel_mean_var(kernels, z)
-        scale, offset = layer.batch_affine(mean.float(), torch.rsqrt(var + layer.eps).float())
+        scale, offset = layer.batch_affine(mean.float(), norm_affine.inv_std(var, layer.eps).float())
         for zb in z:
             kernels.affine_leaky_relu(zb, scale.contiguous(), offset.contiguous(), self.negative_slope)
 

@@ -20,10 +20,13 @@ leaky ReLU's gradient in one pass per layer.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dfl.kernels import norm_affine
 from dfl.kernels.native import cpu_kernels
 from dfl.models.adaptive_bn import BatchNorm
 from dfl.models.padding import tf_same_padding
@@ -47,15 +50,20 @@ def applies(net, x: torch.Tensor) -> bool:
     )
 
 
+class _FrozenSpec(NamedTuple):
+    """The frozen layers as :func:`_features` and :func:`_input_grad` run them."""
+
+    layers: tuple  # per layer, (taps [k, Cin, Cout], bias [Cout]) with the norm folded in (_folded)
+    strides: tuple
+    kernel_size: int
+    negative_slope: float
+
+
 def _folded(conv, norm) -> tuple[torch.Tensor, torch.Tensor]:
     """``(taps [k, Cin, Cout], bias [Cout])`` of ``norm(conv(x))``, folded in float64."""
     w = conv.weight.detach().double()
     if isinstance(norm, BatchNorm):
-        scale = torch.rsqrt(norm.running_var.double() + norm.eps)
-        if norm.weight is not None:
-            scale = scale * norm.weight.detach().double()
-        bias = norm.bias.detach().double() - norm.running_mean.double() * scale
-        w = w * scale[:, None, None]
+        w, bias = norm_affine.fold_into_conv(w, None, *norm_affine.running_affine(norm, w.shape[0], torch.float64))
     else:
         bias = conv.bias.detach().double()
     return w.permute(2, 1, 0).float().contiguous(), bias.float()
@@ -100,9 +108,9 @@ def _geometry(n: int, strides, kernel: int) -> tuple[list[int], list[tuple[int, 
     return lengths, [tf_same_padding(length, kernel, s) for length, s in zip(lengths, strides)]
 
 
-def _features(wav: torch.Tensor, cfg, lengths, pads) -> list[torch.Tensor]:
+def _features(wav: torch.Tensor, spec: _FrozenSpec, lengths, pads) -> list[torch.Tensor]:
     """The layers' activations ``[batch, time_i, channels_i]``, each a view of the next layer's padded input."""
-    layers, strides, _, slope = cfg
+    layers, strides, slope = spec.layers, spec.strides, spec.negative_slope
     batch = wav.shape[0]
     x = _padded(wav, batch, lengths[0], pads[0], 1)
     x[:, pads[0][0] : pads[0][0] + lengths[0], 0] = wav
@@ -140,11 +148,11 @@ def _leaky_relu_grad(feats, outside, slope: float):
     return grad
 
 
-def _input_grad(activation_grad, cfg, lengths, pads) -> torch.Tensor | None:
+def _input_grad(activation_grad, spec: _FrozenSpec, lengths, pads) -> torch.Tensor | None:
     """``∂L/∂wav`` ``[batch, time]`` through the frozen layers. ``activation_grad(i, dh)``: the gradient at the
     input of layer i's leaky ReLU given ``dh``, the gradient reaching its output from the layers above
     (None: none), or None when there is none."""
-    layers, strides, kernel, slope = cfg
+    layers, strides, kernel = spec.layers, spec.strides, spec.kernel_size
     dh = None
     for i in reversed(range(len(layers))):
         dy = activation_grad(i, dh)
@@ -171,28 +179,28 @@ def _input_grad(activation_grad, cfg, lengths, pads) -> torch.Tensor | None:
 
 class _FrozenFeatures(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, wav, cfg):
-        lengths, pads = _geometry(wav.shape[-1], cfg[1], cfg[2])
-        feats = _features(wav, cfg, lengths, pads)
-        ctx.cfg, ctx.pads, ctx.lengths = cfg, pads, lengths
+    def forward(ctx, wav, spec: _FrozenSpec):
+        lengths, pads = _geometry(wav.shape[-1], spec.strides, spec.kernel_size)
+        feats = _features(wav, spec, lengths, pads)
+        ctx.spec, ctx.pads, ctx.lengths = spec, pads, lengths
         ctx.set_materialize_grads(False)  # layers outside the loss get no gradient: None, not zeros
         ctx.save_for_backward(*feats)
         return tuple(feats)
 
     @staticmethod
     def backward(ctx, *grads):
-        activation_grad = _leaky_relu_grad(ctx.saved_tensors, grads.__getitem__, ctx.cfg[3])
-        return _input_grad(activation_grad, ctx.cfg, ctx.lengths, ctx.pads), None
+        activation_grad = _leaky_relu_grad(ctx.saved_tensors, grads.__getitem__, ctx.spec.negative_slope)
+        return _input_grad(activation_grad, ctx.spec, ctx.lengths, ctx.pads), None
 
 
 class _FrozenDistances(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, estimate, target, cfg, selected):
-        lengths, pads = _geometry(estimate.shape[-1], cfg[1], cfg[2])
-        feats = _features(estimate, cfg, lengths, pads)
-        refs = _features(target, cfg, lengths, pads)
+    def forward(ctx, estimate, target, spec: _FrozenSpec, selected):
+        lengths, pads = _geometry(estimate.shape[-1], spec.strides, spec.kernel_size)
+        feats = _features(estimate, spec, lengths, pads)
+        refs = _features(target, spec, lengths, pads)
         kernels = cpu_kernels()
-        ctx.cfg, ctx.pads, ctx.lengths, ctx.selected, ctx.kernels = cfg, pads, lengths, selected, kernels
+        ctx.spec, ctx.pads, ctx.lengths, ctx.selected, ctx.kernels = spec, pads, lengths, selected, kernels
         if kernels is not None:
             # Σ|est − ref| per layer in one pass each, the difference never written; the backward redoes the sign
             sums = [sum(kernels.abs_diff_sum(feats[i][b], refs[i][b]) for b in range(estimate.shape[0])) for i in selected]
@@ -206,7 +214,7 @@ class _FrozenDistances(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        saved, selected, slope, kernels = ctx.saved_tensors, ctx.selected, ctx.cfg[3], ctx.kernels
+        saved, selected, slope, kernels = ctx.saved_tensors, ctx.selected, ctx.spec.negative_slope, ctx.kernels
         # ∂(Σ|est − ref| / count)/∂est = sign(est − ref) / count, for each time a layer is listed
         weights: dict[int, np.float32] = {}
         for i, g in zip(selected, grad.tolist()):
@@ -218,7 +226,7 @@ class _FrozenDistances(torch.autograd.Function):
             def outside(i):
                 return signs[i].mul_(float(weights[i])) if i in signs else None
 
-            return _input_grad(_leaky_relu_grad(feats, outside, slope), ctx.cfg, ctx.lengths, ctx.pads), None, None, None
+            return _input_grad(_leaky_relu_grad(feats, outside, slope), ctx.spec, ctx.lengths, ctx.pads), None, None, None
         depth = len(saved) - len(ctx.ref_layers)
         feats, refs = saved[:depth], dict(zip(ctx.ref_layers, saved[depth:]))
 
@@ -231,12 +239,13 @@ class _FrozenDistances(torch.autograd.Function):
                                      out=out[b])  # fmt: skip
             return out
 
-        return _input_grad(activation_grad, ctx.cfg, ctx.lengths, ctx.pads), None, None, None
+        return _input_grad(activation_grad, ctx.spec, ctx.lengths, ctx.pads), None, None, None
 
 
-def _config(net, n_layers: int) -> tuple:
+def _spec(net, n_layers: int) -> _FrozenSpec:
     folded = tuple(_folded(conv, norm) for conv, norm in zip(net.convs[:n_layers], net.norms))
-    return folded, tuple(net.strides[:n_layers]), net.kernel_size, float(net.negative_slope)
+    return _FrozenSpec(layers=folded, strides=tuple(net.strides[:n_layers]), kernel_size=int(net.kernel_size),
+                       negative_slope=float(net.negative_slope))  # fmt: skip
 
 
 def frozen_distances(net, estimate: torch.Tensor, target: torch.Tensor, layers: list[int]) -> torch.Tensor:
@@ -247,10 +256,10 @@ def frozen_distances(net, estimate: torch.Tensor, target: torch.Tensor, layers: 
     if estimate.shape != target.shape or estimate.dim() != 2:
         raise ValueError(f"estimate {tuple(estimate.shape)} and target {tuple(target.shape)} must be the same [batch, time]")
     depth = max(layers) + 1
-    return _FrozenDistances.apply(estimate.contiguous(), target.detach().contiguous(), _config(net, depth), tuple(layers))
+    return _FrozenDistances.apply(estimate.contiguous(), target.detach().contiguous(), _spec(net, depth), tuple(layers))
 
 
 def frozen_features(net, wav: torch.Tensor, n_layers: int) -> list[torch.Tensor]:
     """The first ``n_layers`` activations ``[batch, channels, time_i]`` of ``net`` for ``[batch, time]``
     audio (see :func:`applies`); views of channels-last buffers, differentiable in ``wav``."""
-    return [f.transpose(1, 2) for f in _FrozenFeatures.apply(wav.contiguous(), _config(net, n_layers))]
+    return [f.transpose(1, 2) for f in _FrozenFeatures.apply(wav.contiguous(), _spec(net, n_layers))]

@@ -4,12 +4,15 @@ The plain layer runs a dilated ``Conv1d``, BN, the adaptive mix (two muls and an
 ReLU on ``[batch, channels, time]`` tensors: eight or so passes over memory forward and as many
 backward, plus a padding copy and oneDNN's slow dilated-conv weight gradient. Here activations live
 as ``[batch, time, channels]`` buffers, and BN + adaptive mix is one per-channel affine map
-``scale·z + offset`` (batch or running statistics). Two implementations:
+``scale·z + offset`` (batch or running statistics; the arithmetic is :mod:`dfl.kernels.norm_affine`'s).
+Two implementations:
 
-* **Lazy layers** (:func:`lazy_conv`, where the compiled kernels of :mod:`dfl.kernels.native` apply, channels a
-  multiple of 8). Each op takes the layer below's conv output ``z`` and that layer's ``scale``,
-  ``offset``; the Winograd F(4,3) conv (:mod:`dfl.kernels.winograd`: half the GEMM FLOPs) applies
-  ``leaky_relu(scale·z + offset)`` to its input rows as it reads them, so activations are never stored.
+* **Deferred-norm layers** (:func:`conv_deferred_norm`, where the compiled kernels of :mod:`dfl.kernels.native`
+  apply, channels a multiple of 8). A layer keeps only its conv output ``z`` and hands its norm on as
+  ``scale``, ``offset`` for the next layer to apply while reading: each op takes the layer below's ``z``
+  and that layer's ``scale``, ``offset``; the Winograd F(4,3) conv (:mod:`dfl.kernels.winograd`: half the
+  GEMM FLOPs) applies ``leaky_relu(scale·z + offset)`` to its input rows as it reads them, so activations
+  are never stored.
   It returns its own ``z`` and its norm as ``scale``, ``offset``, from the batch moments the conv kernel
   sums from rows still in cache (:meth:`~dfl.kernels.native.CpuKernels.norm_forward`: the per-channel math in one
   call, not a dozen small autograd ops, each slow after a kernel has flushed the caches). Backward gets
@@ -20,7 +23,7 @@ as ``[batch, time, channels]`` buffers, and BN + adaptive mix is one per-channel
   gradients). Per layer that is one pass over memory forward and one backward, besides the GEMMs.
   The waveform layer (one input channel, zero-padded to 8) runs a direct conv (:meth:`~dfl.kernels.native.CpuKernels.direct_conv`)
   and, when its input needs no gradient, computes only its weight gradient; the output conv (1×1 to one
-  channel) reads the last layer's ``z`` through its norm the same way (:func:`lazy_project`).
+  channel) reads the last layer's ``z`` through its norm the same way (:func:`output_conv_deferred_norm`).
 * **Per-layer ops** (:func:`conv_norm_act`, the PyTorch fallback): direct GEMMs over row-shifted views
   (no padding copy), PyTorch's channels-last BN kernels, the activation stored in a buffer whose zero
   margins are the next layer's padding.
@@ -30,10 +33,12 @@ Same parameters, running statistics and results as the plain layer, to float rou
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
-from dfl.kernels import winograd
+from dfl.kernels import norm_affine, winograd
 
 # Below this many input channels the forward conv runs direct: Winograd's transforms round more than a
 # 3-term sum, which shows on the waveform layer (1 channel, padded to 8), where a direct conv is cheap anyway.
@@ -88,26 +93,41 @@ def channels_last_batch_stats(z: torch.Tensor, eps: float) -> tuple[torch.Tensor
     return mean, invstd
 
 
-def _backward_torch(grad_out, act, x, weight, z, mean, invstd, run_mean, run_var, alpha, beta, gamma, cfg):
+class _ConvNormActSpec(NamedTuple):
+    """The non-tensor arguments of :class:`_ConvNormAct` (see :func:`conv_norm_act`)."""
+
+    dilation: int
+    length: int  # output rows kept
+    rows: int  # rows the conv and BN compute (≥ length: the authors' padding)
+    front: int  # zero rows before the output in its buffer
+    back: int  # and after it
+    eps: float
+    momentum: float
+    negative_slope: float
+    batch_stats: bool  # normalise with the batch's statistics (else the running ones)
+    update_running: bool  # update the running statistics (training)
+
+
+def _backward_torch(grad_out, act, x, weight, z, mean, invstd, run_mean, run_var, alpha, gain, spec: _ConvNormActSpec):
     """``(dx, ∂L/∂weight [Cout, Cin, 3], Σdy·x̂, Σdy)``: BN's channels-last backward kernel, then direct GEMMs."""
-    d, n, rows, (front, _), eps, _, slope, batch_stats, _ = cfg
+    d, n, rows, front = spec.dilation, spec.length, spec.rows, spec.front
     taps = weight.permute(2, 1, 0)  # [3, Cin, Cout]
     bsz, _, cout = z.shape
-    dy = torch.ops.aten.leaky_relu_backward(grad_out[:, front : front + n], act, slope, True)
+    dy = torch.ops.aten.leaky_relu_backward(grad_out[:, front : front + n], act, spec.negative_slope, True)
     if rows > n:  # the cut rows get no gradient, but BN's statistics saw them
         dy = torch.cat([dy, dy.new_zeros(bsz, rows - n, cout)], dim=1)
     dy = dy.contiguous()
-    # BN backward with weight β·γ gives β·∂BN/∂z; its sums Σ dy·x̂ and Σ dy give every parameter grad.
+    # BN backward with weight gain = β·γ gives β·∂BN/∂z; its sums Σ dy·x̂ and Σ dy give every parameter grad.
     gi, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
         _as_nchw_channels_last(dy),
         _as_nchw_channels_last(z),
-        (beta * gamma).expand(cout).contiguous(),
+        gain.expand(cout).contiguous(),
         run_mean,
         run_var,
         mean,
         invstd,
-        batch_stats,
-        eps,
+        spec.batch_stats,
+        spec.eps,
         [True, True, True],
     )
     # dz = β·∂BN/∂z + α·dy, in a buffer with d zero rows on each side: the input gradient's padding
@@ -127,8 +147,8 @@ def _backward_torch(grad_out, act, x, weight, z, mean, invstd, run_mean, run_var
 
 class _ConvNormAct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, alpha, beta, gamma, bn_bias, running_mean, running_var, cfg):
-        d, n, rows, (front, back), eps, momentum, slope, batch_stats, update_running = cfg
+    def forward(ctx, x, weight, alpha, beta, gamma, bn_bias, running_mean, running_var, spec: _ConvNormActSpec):
+        d, n, rows, front, back = spec.dilation, spec.length, spec.rows, spec.front, spec.back
         bsz = x.shape[0]
         z = x.new_empty(bsz, rows, weight.shape[0])
         _conv3(x, weight, d, z)
@@ -136,37 +156,40 @@ class _ConvNormAct(torch.autograd.Function):
         out[:, :front].zero_()
         out[:, front + n :].zero_()
         act = out[:, front : front + n]  # rows beyond n (tf_authors padding) are cut after the activation
-        if batch_stats:
+        gain, shift = norm_affine.gain_shift(beta, gamma, bn_bias)
+        if spec.batch_stats:
             # PyTorch's channels-last BN kernel: batch statistics (and F.batch_norm's running update),
-            # with weight β·γ and bias β·b its output is β·BN(z); α·z is added on the way out.
+            # with weight gain = β·γ and bias shift = β·b its output is β·BN(z); α·z is added on the way out.
             bn_out, mean, invstd = torch.ops.aten.native_batch_norm(
                 _as_nchw_channels_last(z),
-                (beta * gamma).expand(z.shape[-1]).contiguous(),
-                (beta * bn_bias).expand(z.shape[-1]).contiguous(),
-                running_mean if update_running else None,
-                running_var if update_running else None,
+                gain.expand(z.shape[-1]).contiguous(),
+                shift.expand(z.shape[-1]).contiguous(),
+                running_mean if spec.update_running else None,
+                running_var if spec.update_running else None,
                 True,
-                momentum,
-                eps,
+                spec.momentum,
+                spec.eps,
             )
             torch.add(bn_out.squeeze(-1).permute(0, 2, 1)[:, :n], z[:, :n], alpha=float(alpha), out=act)
-        else:  # running statistics: a per-channel affine map s·z + c
+        else:  # running statistics: a per-channel affine map scale·z + offset
             mean, var = running_mean.clone(), running_var.clone()
-            invstd = torch.rsqrt(var + eps)
-            g = gamma * invstd
-            torch.addcmul(beta * (bn_bias - g * mean), z[:, :n], alpha + beta * g, out=act)
-        F.leaky_relu_(act, slope)
-        ctx.cfg = cfg
-        running = (mean, var) if not batch_stats else (None, None)
+            invstd = norm_affine.inv_std(var, spec.eps)
+            scale, offset = norm_affine.affine(mean, invstd, alpha, gain, shift)
+            torch.addcmul(offset, z[:, :n], scale, out=act)
+        F.leaky_relu_(act, spec.negative_slope)
+        ctx.spec = spec
+        running = (mean, var) if not spec.batch_stats else (None, None)
         ctx.save_for_backward(x, weight, z, out, mean, invstd, *running, alpha, beta, gamma, bn_bias)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, z, out, mean, invstd, run_mean, run_var, alpha, beta, gamma, bn_bias = ctx.saved_tensors
-        _, n, _, (front, _), _, _, _, _, _ = ctx.cfg
-        dx, dweight, sum_dy_xhat, sum_dy = _backward_torch(grad_out, out[:, front : front + n], x, weight, z, mean,
-                                                           invstd, run_mean, run_var, alpha, beta, gamma, ctx.cfg)  # fmt: skip
+        spec = ctx.spec
+        act = out[:, spec.front : spec.front + spec.length]
+        gain, _ = norm_affine.gain_shift(beta, gamma, bn_bias)
+        dx, dweight, sum_dy_xhat, sum_dy = _backward_torch(grad_out, act, x, weight, z, mean, invstd, run_mean, run_var,
+                                                           alpha, gain, spec)  # fmt: skip
         need = ctx.needs_input_grad
         grads = [None] * 9
         if need[0]:
@@ -182,17 +205,6 @@ class _ConvNormAct(torch.autograd.Function):
         if need[5]:
             grads[5] = (beta * sum_dy).reshape(bn_bias.shape)
         return tuple(grads)
-
-
-def _norm_parts(norm: torch.nn.Module, like: torch.Tensor) -> tuple:
-    """``(α, β, bn)`` of ``α·z + β·BN(z)``: an ``AdaptiveBatchNorm``'s, or ``(0, 1, norm)`` for a ``BatchNorm``."""
-    from dfl.models.adaptive_bn import AdaptiveBatchNorm, BatchNorm
-
-    if isinstance(norm, AdaptiveBatchNorm):
-        return norm.alpha, norm.beta, norm.bn
-    if isinstance(norm, BatchNorm):
-        return like.new_zeros(()), like.new_ones(()), norm
-    raise TypeError(f"the fused layers need AdaptiveBatchNorm or BatchNorm, got {type(norm).__name__}")
 
 
 def _check_batch_values(batch_stats: bool, x: torch.Tensor, weight: torch.Tensor, rows: int) -> None:
@@ -221,25 +233,41 @@ def conv_norm_act(
     ``norm`` is an ``AdaptiveBatchNorm`` or a ``BatchNorm``; it uses batch statistics (and updates its
     running ones) in training mode, running statistics in eval mode unless ``batch_stats_at_eval``.
     """
-    alpha, beta, bn = _norm_parts(norm, x)
+    alpha, beta, bn = norm_affine.norm_parts(norm, x)
     rows = length if rows is None else int(rows)
     if rows < length or x.shape[1] < rows + 2 * dilation:
         raise ValueError(f"buffer of {x.shape[1]} rows too short for {rows} rows at dilation {dilation}")
     gamma = bn.weight if bn.weight is not None else x.new_ones(weight.shape[0])
     batch_stats = bn.training or bn.batch_stats_at_eval
     _check_batch_values(batch_stats, x, weight, rows)
-    cfg = (int(dilation), int(length), rows, (int(margins[0]), int(margins[1])), float(bn.eps),
-           float(bn.momentum), float(negative_slope), bool(batch_stats), bool(bn.training))  # fmt: skip
-    return _ConvNormAct.apply(x, weight, alpha, beta, gamma, bn.bias, bn.running_mean, bn.running_var, cfg)
+    spec = _ConvNormActSpec(dilation=int(dilation), length=int(length), rows=rows, front=int(margins[0]),
+                            back=int(margins[1]), eps=float(bn.eps), momentum=float(bn.momentum),
+                            negative_slope=float(negative_slope), batch_stats=bool(batch_stats),
+                            update_running=bool(bn.training))  # fmt: skip
+    return _ConvNormAct.apply(x, weight, alpha, beta, gamma, bn.bias, bn.running_mean, bn.running_var, spec)
 
 
-class _LazyConv(torch.autograd.Function):
+class _DeferredConvSpec(NamedTuple):
+    """The non-tensor arguments of :class:`_ConvDeferredNorm` (see :func:`conv_deferred_norm`)."""
+
+    dilation: int
+    length: int  # rows of the layer below read (its output rows; past them: zero padding)
+    rows: int  # rows the conv and its norm's statistics cover
+    negative_slope: float  # of the activation the layer below's z is read through
+    shift: torch.Tensor | None  # the layer below's mean (its sums are taken about it), None: no layer below
+    eps: float
+    momentum: float | None  # None: the running statistics are not updated
+    batch_stats: bool  # normalise with the batch's statistics (else the running ones)
+
+
+class _ConvDeferredNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, in_scale, in_offset, weight, alpha, beta, gamma, bias, running_mean, running_var, cfg):
+    def forward(ctx, x, in_scale, in_offset, weight, alpha, beta, gamma, bias, running_mean, running_var,
+                spec: _DeferredConvSpec):  # fmt: skip
         """``x``: ``[B, rows_below, Cin]`` z of the layer below (read through ``in_scale``, ``in_offset``), or,
         with ``in_scale`` None, an activation buffer with ``d`` zero rows of padding each side. Returns the
         conv output ``z`` and its norm as ``scale·z + offset`` with the ``mean`` it normalises with."""
-        d, n, rows, in_slope, shift, eps, momentum, batch_stats = cfg
+        d, rows = spec.dilation, spec.rows
         kernels = winograd.compiled_kernels_for(x)
         bsz, c_out = x.shape[0], weight.shape[0]
         z = x.new_empty(bsz, rows, c_out)
@@ -249,13 +277,14 @@ class _LazyConv(torch.autograd.Function):
         else:
             weights = kernels.winograd_weights(weight)
             moments = torch.empty(bsz, 2, c_out, dtype=torch.float64)
+            x_norm = (in_scale, in_offset, spec.negative_slope, spec.length)
             for b in range(bsz):
-                kernels.winograd_conv(x[b], 0, weights, z[b], 0, rows, d, None, None, moments[b],
-                                      x_norm=(in_scale, in_offset, in_slope, n))  # fmt: skip
-        norm, stats = kernels.norm_forward(moments if batch_stats else None, rows, alpha, beta, gamma, bias, eps,
-                                           running_mean, running_var, momentum)  # fmt: skip
+                kernels.winograd_conv(x[b], 0, weights, z[b], 0, rows, d, None, None, moments[b], x_norm=x_norm)
+        # norm_affine.affine in C, from the moments (or the running statistics), the running update included
+        norm, stats = kernels.norm_forward(moments if spec.batch_stats else None, rows, alpha, beta, gamma, bias,
+                                           spec.eps, running_mean, running_var, spec.momentum)  # fmt: skip
         scale, offset, mean = norm.unbind(0)
-        ctx.cfg = cfg
+        ctx.spec = spec
         ctx.save_for_backward(x, in_scale, in_offset, weight, beta, gamma, bias, z, stats)
         ctx.mark_non_differentiable(mean)
         return z, scale, offset, mean
@@ -263,11 +292,12 @@ class _LazyConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_z, grad_scale, grad_offset, _):
         x, in_scale, in_offset, weight, beta, gamma, bias, z, stats = ctx.saved_tensors
-        d, n, rows, in_slope, shift, eps, _, batch_stats = ctx.cfg
+        spec = ctx.spec
+        d, n, rows = spec.dilation, spec.length, spec.rows
         kernels = winograd.compiled_kernels_for(x)
         bsz, c_in, c_out = x.shape[0], x.shape[-1], z.shape[-1]
         grads64, coefficients = kernels.norm_backward(
-            stats, bsz * rows, beta, gamma, bias, eps, batch_stats,
+            stats, bsz * rows, beta, gamma, bias, spec.eps, spec.batch_stats,
             None if grad_scale is None else grad_scale.contiguous(), None if grad_offset is None else grad_offset.contiguous(),
         )  # fmt: skip
         # the norm's parameters: α, β, γ, bias
@@ -294,62 +324,79 @@ class _LazyConv(torch.autograd.Function):
                 kernels.winograd_conv_backward(g[bi, :n], z[bi], rows, (b, e), x[bi], flipped, dx[bi], wino_grad, d)
             else:
                 dx[bi, n:].zero_()
-                kernels.winograd_conv_backward(g[bi, :n], z[bi], rows, (b, e), x[bi], flipped, dx[bi], wino_grad,
-                                               d, x_norm=(in_scale, in_offset, in_slope, n), below=(shift, sums))  # fmt: skip
-        grad_scale, grad_offset = kernels.norm_grads(sums, shift) if sums is not None else (None, None)
+                kernels.winograd_conv_backward(g[bi, :n], z[bi], rows, (b, e), x[bi], flipped, dx[bi], wino_grad, d,
+                                               x_norm=(in_scale, in_offset, spec.negative_slope, n),
+                                               below=(spec.shift, sums))  # fmt: skip
+        grad_scale, grad_offset = kernels.norm_grads(sums, spec.shift) if sums is not None else (None, None)
         return (dx, grad_scale, grad_offset, kernels.winograd_taps_grad(wino_grad), *param_grads, None, None, None)
 
 
-def lazy_conv(x, below: tuple | None, weight, norm, dilation: int, length: int, rows: int, negative_slope: float):
-    """One lazy layer: ``(z, scale, offset, mean)`` for the conv of ``x`` (see :class:`_LazyConv`), its norm
-    as ``scale·z + offset`` and the mean it normalises with; ``below`` is the layer below's
-    ``(scale, offset, mean)``, or None when ``x`` is an activation buffer with zero margins."""
-    alpha, beta, bn = _norm_parts(norm, x)
+def conv_deferred_norm(x, below: tuple | None, weight, norm, dilation: int, length: int, rows: int,
+                       negative_slope: float):  # fmt: skip
+    """One deferred-norm layer: ``(z, scale, offset, mean)`` for the conv of ``x`` (see :class:`_ConvDeferredNorm`),
+    its norm as ``scale·z + offset`` (applied by the next layer as it reads ``z``) and the mean it normalises
+    with; ``below`` is the layer below's ``(scale, offset, mean)``, or None when ``x`` is an activation buffer
+    with zero margins."""
+    alpha, beta, bn = norm_affine.norm_parts(norm, x)
     batch_stats = bn.training or bn.batch_stats_at_eval
     _check_batch_values(batch_stats, x, weight, rows)
     in_scale, in_offset, shift = (None, None, None) if below is None else (below[0].contiguous(), below[1].contiguous(),
                                                                           below[2].detach().contiguous())  # fmt: skip
-    cfg = (int(dilation), int(length), int(rows), float(negative_slope), shift, float(bn.eps),
-           float(bn.momentum) if bn.training else None, bool(batch_stats))  # fmt: skip
-    return _LazyConv.apply(x, in_scale, in_offset, weight, alpha, beta, bn.weight, bn.bias,
-                           bn.running_mean, bn.running_var, cfg)  # fmt: skip
+    spec = _DeferredConvSpec(dilation=int(dilation), length=int(length), rows=int(rows),
+                             negative_slope=float(negative_slope), shift=shift, eps=float(bn.eps),
+                             momentum=float(bn.momentum) if bn.training else None,
+                             batch_stats=bool(batch_stats))  # fmt: skip
+    return _ConvDeferredNorm.apply(x, in_scale, in_offset, weight, alpha, beta, bn.weight, bn.bias,
+                                   bn.running_mean, bn.running_var, spec)  # fmt: skip
 
 
-class _LazyProjection(torch.autograd.Function):
+class _OutputConvSpec(NamedTuple):
+    """The non-tensor arguments of :class:`_OutputConvDeferredNorm` (see :func:`output_conv_deferred_norm`)."""
+
+    length: int  # output rows
+    negative_slope: float  # of the activation the last layer's z is read through
+    shift: torch.Tensor  # that layer's mean (its sums are taken about it)
+
+
+class _OutputConvDeferredNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, scale, offset, weight, bias, cfg):
-        n, slope, shift = cfg
+    def forward(ctx, z, scale, offset, weight, bias, spec: _OutputConvSpec):
         kernels = winograd.compiled_kernels_for(z)
-        y = z.new_empty(z.shape[0], n)
+        y = z.new_empty(z.shape[0], spec.length)
         w = weight.detach().reshape(-1)
         for b in range(z.shape[0]):
-            kernels.lazy_project(z[b], n, scale, offset, slope, w, bias.detach(), y[b])
-        ctx.cfg = cfg
+            kernels.output_conv_deferred_norm(z[b], spec.length, scale, offset, spec.negative_slope, w, bias.detach(),
+                                              y[b])  # fmt: skip
+        ctx.spec = spec
         ctx.save_for_backward(z, scale, offset, weight)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         z, scale, offset, weight = ctx.saved_tensors
-        n, slope, shift = ctx.cfg
+        spec = ctx.spec
         kernels = winograd.compiled_kernels_for(z)
         g = grad_y.contiguous()
         dz = z.new_empty(z.shape)
         sums = torch.zeros(2, z.shape[-1], dtype=torch.float64)
         weight_grad = torch.zeros(z.shape[-1], dtype=torch.float64)
         for b in range(z.shape[0]):
-            dz[b, n:].zero_()  # rows past the output's (the authors' padding) get gradient from BN's statistics only
-            kernels.lazy_project_backward(g[b], z[b], scale, offset, slope, weight.detach().reshape(-1), shift, dz[b],
-                                          sums, weight_grad)  # fmt: skip
-        grad_scale, grad_offset = kernels.norm_grads(sums, shift)
+            # rows past the output's (the authors' padding) get gradient from BN's statistics only
+            dz[b, spec.length :].zero_()
+            kernels.output_conv_deferred_norm_backward(g[b], z[b], scale, offset, spec.negative_slope,
+                                                       weight.detach().reshape(-1), spec.shift, dz[b], sums,
+                                                       weight_grad)  # fmt: skip
+        grad_scale, grad_offset = kernels.norm_grads(sums, spec.shift)
         return dz, grad_scale, grad_offset, weight_grad.float().view_as(weight), g.sum().reshape(1), None
 
 
-def lazy_project(z: torch.Tensor, below: tuple, output: torch.nn.Conv1d, length: int, negative_slope: float):
-    """The output conv (1×1, to one channel) of the activation of a lazy layer's ``z``: ``[batch, length]``.
-    ``below``: that layer's ``(scale, offset, mean)`` (see :func:`lazy_conv`)."""
+def output_conv_deferred_norm(z: torch.Tensor, below: tuple, output: torch.nn.Conv1d, length: int,
+                              negative_slope: float):  # fmt: skip
+    """The output conv (1×1, to one channel) of the activation of a deferred-norm layer's ``z``, its norm applied
+    as ``z`` is read: ``[batch, length]``. ``below``: that layer's ``(scale, offset, mean)`` (see
+    :func:`conv_deferred_norm`)."""
     if output.weight.shape[0] != 1 or output.weight.shape[2] != 1 or output.bias is None:
-        raise ValueError(f"lazy_project needs a 1×1 conv to one channel with a bias, got {output}")
+        raise ValueError(f"output_conv_deferred_norm needs a 1×1 conv to one channel with a bias, got {output}")
     scale, offset, mean = (t.contiguous() for t in below)
-    cfg = (int(length), float(negative_slope), mean.detach())
-    return _LazyProjection.apply(z, scale, offset, output.weight, output.bias, cfg)
+    spec = _OutputConvSpec(length=int(length), negative_slope=float(negative_slope), shift=mean.detach())
+    return _OutputConvDeferredNorm.apply(z, scale, offset, output.weight, output.bias, spec)

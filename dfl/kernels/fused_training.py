@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfl.kernels import winograd
-from dfl.kernels.fused_layer import conv_norm_act, lazy_conv, lazy_project
+from dfl.kernels.fused_layer import conv_deferred_norm, conv_norm_act, output_conv_deferred_norm
 
 
 def runs_fused(x: torch.Tensor) -> bool:
@@ -67,12 +67,13 @@ def fused_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     first_weight = F.pad(model.convs[0].weight, (0, 0, 0, extra)) if extra else model.convs[0].weight
     slope = model.negative_slope
     if winograd.compiled_kernels_for(buf) is not None and channels % 8 == 0:
-        # the layers store only their conv outputs (dfl.kernels.fused_layer.lazy_conv)
+        # the layers store only their conv outputs; each applies the norm of the one below as it reads
+        # (dfl.kernels.fused_layer.conv_deferred_norm)
         below = None
         for i, (conv, norm) in enumerate(zip(model.convs, model.norms)):
             weight = first_weight if i == 0 else conv.weight
-            buf, *below = lazy_conv(buf, below, weight, norm, d[i], n, rows[i], slope)
-        return lazy_project(buf, below, model.output, n, slope)
+            buf, *below = conv_deferred_norm(buf, below, weight, norm, d[i], n, rows[i], slope)
+        return output_conv_deferred_norm(buf, below, model.output, n, slope)
     for i, (conv, norm) in enumerate(zip(model.convs, model.norms)):
         weight = first_weight if i == 0 else conv.weight
         # zero margins: the next layer's padding

@@ -5,7 +5,8 @@ Why compiled at run time: the kernels are a few vector loops tuned with
 (no PyTorch headers) and build in well under a second. The library is cached
 under ``$DFL_CACHE_DIR`` (default ``~/.cache/dfl/native``), keyed by the source,
 the compiler and the CPU, so a home directory shared by different cluster nodes
-never loads a library built for another CPU. Without a compiler, or with
+never loads a library built for another CPU, and a changed or renamed kernel
+always compiles a new library (one without a kernel the wrappers need is not used). Without a compiler, or with
 ``DFL_NATIVE=0``, :func:`cpu_kernels` returns ``None`` and callers use their
 pure-PyTorch code, which gives the same results more slowly. Every call is
 bounds-checked here first: a wrong shape raises, it never touches memory
@@ -136,7 +137,8 @@ def _check_sums(name: str, t: torch.Tensor, channels: int) -> None:
 
 class CpuKernels:
     """The kernels of ``kernels.c``: Winograd F(4,3) convs along time and their backward, the direct conv of few
-    input channels, the 1×1 output conv of a lazily read activation, BN moments, affine + leaky ReLU.
+    input channels, the 1×1 output conv of an activation read through its deferred norm, BN moments, affine +
+    leaky ReLU.
 
     Results do not depend on the number of threads: work is split into fixed chunks and sums are added
     chunk by chunk in order."""
@@ -163,10 +165,10 @@ class CpuKernels:
         self._taps_grad = lib.dfl_winograd_taps_grad
         self._taps_grad.argtypes = [ptr, i64, i64, ptr]
         self._taps_grad.restype = None
-        self._project = lib.dfl_lazy_project
+        self._project = lib.dfl_output_conv_deferred_norm
         self._project.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_float, ptr, ptr, ptr]
         self._project.restype = None
-        self._project_backward = lib.dfl_lazy_project_backward
+        self._project_backward = lib.dfl_output_conv_deferred_norm_backward
         self._project_backward.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ctypes.c_float, ptr, ptr, ptr, ptr, ptr]
         self._project_backward.restype = ctypes.c_int
         self._direct = lib.dfl_direct_conv
@@ -396,21 +398,21 @@ class CpuKernels:
             _check_channels(name, t, channels)
         return channels
 
-    def lazy_project(self, z, n: int, scale, offset, negative_slope: float, weight, bias, y) -> None:
+    def output_conv_deferred_norm(self, z, n: int, scale, offset, negative_slope: float, weight, bias, y) -> None:
         """``y[t] = weight · leaky_relu(scale·z[t] + offset) + bias`` for ``t < n``: a 1×1 conv to one channel of
-        the activation a layer's conv output ``z [rows, C]`` gives through its norm (``weight [C]``,
-        ``bias [1]``, ``y [n]``)."""
+        the activation a layer's conv output ``z [rows, C]`` gives through its deferred norm, applied as ``z`` is
+        read (``weight [C]``, ``bias [1]``, ``y [n]``)."""
         channels = self._check_projection(z, n, scale, offset, weight)
         _check_channels("bias", bias, 1)
         _check_channels("y", y, n)
         self._project(z.data_ptr(), n, channels, scale.data_ptr(), offset.data_ptr(), float(negative_slope),
                       weight.data_ptr(), bias.data_ptr(), y.data_ptr())  # fmt: skip
 
-    def lazy_project_backward(self, grad, z, scale, offset, negative_slope: float, weight, shift, dz, sums,
-                              weight_grad) -> None:  # fmt: skip
-        """Backward of :meth:`lazy_project` for ``grad [n]``: writes rows ``0 … n`` of ``dz`` (the z-gradient,
-        as :meth:`winograd_conv_backward`'s ``below`` does) and adds ``Σdy``, ``Σdy·(z − shift)`` to ``sums``
-        and the weight's gradient to ``weight_grad`` (float64 ``(2, C)`` and ``(C,)``)."""
+    def output_conv_deferred_norm_backward(self, grad, z, scale, offset, negative_slope: float, weight, shift, dz,
+                                           sums, weight_grad) -> None:  # fmt: skip
+        """Backward of :meth:`output_conv_deferred_norm` for ``grad [n]``: writes rows ``0 … n`` of ``dz`` (the
+        z-gradient, as :meth:`winograd_conv_backward`'s ``below`` does) and adds ``Σdy``, ``Σdy·(z − shift)`` to
+        ``sums`` and the weight's gradient to ``weight_grad`` (float64 ``(2, C)`` and ``(C,)``)."""
         n = grad.numel()
         channels = self._check_projection(z, n, scale, offset, weight)
         _check_channels("grad", grad, n)
@@ -425,7 +427,7 @@ class CpuKernels:
                                         float(negative_slope), weight.data_ptr(), shift.data_ptr(), dz.data_ptr(),
                                         sums.data_ptr(), weight_grad.data_ptr())  # fmt: skip
         if status != 0:
-            raise MemoryError("dfl_lazy_project_backward: out of memory")
+            raise MemoryError("dfl_output_conv_deferred_norm_backward: out of memory")
 
     @staticmethod
     def _check_direct(x: torch.Tensor, rows: int, dilation: int, c_out: int, y_name: str, y: torch.Tensor) -> None:
@@ -485,6 +487,10 @@ class CpuKernels:
     def norm_forward(self, moments, rows: int, alpha, beta, gamma, bias, eps: float, running_mean, running_var,
                      momentum: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """A layer's norm ``α·z + β·(γ·(z − mean)/√(var + eps) + bias)`` as per-channel ``scale·z + offset``.
+
+        This is :func:`dfl.kernels.norm_affine.affine` (with :func:`~dfl.kernels.norm_affine.norm_coefficients`'
+        gain = β·γ and shift = β·bias) computed in C, in float64, with the moments' merge and the running update
+        around it; ``tests/test_native.py`` checks the two against each other.
 
         ``mean``, ``var``: those of the batch items' ``moments`` (float64 ``[B, 2, C]`` as :meth:`winograd_conv`
         writes them, ``rows`` rows each, merged as :meth:`merge_moments` does), or with ``moments`` None the
@@ -558,7 +564,7 @@ class CpuKernels:
     def norm_grads(self, sums, shift) -> tuple[torch.Tensor, torch.Tensor]:
         """``(∂L/∂scale, ∂L/∂offset)`` of a layer read through ``scale·z + offset``, from the float64 sums ``Σdy``
         and ``Σdy·(z − shift)`` its reader's backward adds (``below`` of :meth:`winograd_conv_backward`,
-        ``sums`` of :meth:`lazy_project_backward`): ``Σdy·z = Σdy·(z − shift) + shift·Σdy``."""
+        ``sums`` of :meth:`output_conv_deferred_norm_backward`): ``Σdy·z = Σdy·(z − shift) + shift·Σdy``."""
         channels = shift.numel()
         _check_sums("sums", sums, channels)
         _check_channels("shift", shift, channels)
@@ -627,6 +633,6 @@ def cpu_kernels() -> CpuKernels | None:
         return None
     try:
         return CpuKernels(build())
-    except (RuntimeError, OSError) as exc:
+    except (RuntimeError, OSError, AttributeError) as exc:  # AttributeError: a kernel missing from the library
         log.warning("dfl: fast CPU kernels unavailable, using the PyTorch path (slower): %s", exc)
         return None

@@ -680,7 +680,8 @@ void dfl_merge_moments(const double *parts, const int64_t *rows, int64_t B, int6
     merge_moments(parts, rows, 0, B, C, stats);
 }
 
-/* A layer's norm α·z + β·(γ·(z − mean)/√(var + eps) + bias) as scale·z + offset per channel. mean and var:
+/* A layer's norm α·z + β·(γ·(z − mean)/√(var + eps) + bias) as scale·z + offset per channel: the float64 twin of
+ * dfl/kernels/norm_affine.py's affine (tests/test_native.py checks them against each other). mean and var:
  * those of `parts` (B batch items' moments as dfl_wino43_conv writes them, [B][2][C], `rows` rows each,
  * merged in order), or with parts NULL the running statistics. With momentum ≥ 0, the running statistics
  * are updated as BatchNorm does in training (variance unbiased). out [3][C]: scale, offset, mean (float32);
@@ -841,8 +842,8 @@ void dfl_affine_leaky_relu(const float *z, float *out, int64_t rows, int64_t C, 
 
 /* The output layer, a 1×1 conv to one channel of the last layer's activation, read through its norm as
  * for a source_t: y[t] = Σ_c w[c]·leaky_relu(scale·z[t] + offset)[c] + bias[0] for t < n. */
-void dfl_lazy_project(const float *z, int64_t n, int64_t C, const float *scale, const float *offset, float slope,
-                      const float *w, const float *bias, float *y) {
+void dfl_output_conv_deferred_norm(const float *z, int64_t n, int64_t C, const float *scale, const float *offset,
+                                   float slope, const float *w, const float *bias, float *y) {
 #pragma omp parallel for schedule(dynamic, 1024)
     for (int64_t t = 0; t < n; t++) {
         v8 acc = {0};
@@ -856,9 +857,9 @@ void dfl_lazy_project(const float *z, int64_t n, int64_t C, const float *scale, 
  * writes it), and per channel sums[0] += Σdy, sums[1] += Σdy·(z − shift), w_grad += Σ gy·activation.
  * Blocks of 64 rows sum in float32, then float64 per chunk, chunks in order. −1 when out of memory. */
 #define PROJECT_BLOCK 64
-int dfl_lazy_project_backward(const float *gy, const float *z, int64_t n, int64_t C, const float *scale,
-                              const float *offset, float slope, const float *w, const float *shift, float *dz,
-                              double *sums, double *w_grad) {
+int dfl_output_conv_deferred_norm_backward(const float *gy, const float *z, int64_t n, int64_t C, const float *scale,
+                                           const float *offset, float slope, const float *w, const float *shift,
+                                           float *dz, double *sums, double *w_grad) {
     const int threads = max_threads();
     const int64_t n_blocks = (n + PROJECT_BLOCK - 1) / PROJECT_BLOCK, chunks = chunk_count(n_blocks);
     double *partial = calloc((size_t)chunks * 3 * C + 1, sizeof(double));
