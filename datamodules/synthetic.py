@@ -21,6 +21,10 @@ class SyntheticSpeechDataModule(PairedFolderDataModule):
         min_seconds: shortest utterance.
         max_seconds: longest utterance.
         snr_range: ``(low, high)`` mixing SNR in dB, drawn uniformly.
+        noise_kinds: the noise kinds drawn from (None: the generator's default set).
+        tts_fraction: share of eSpeak NG sentences among the clean utterances (the rest source-filter speech).
+        max_noise_layers: each pair's noise sums 1 to this many kinds.
+        recording_eq: colour each clean utterance like a microphone and room (low and high shelves).
         **paired_kwargs: the loading settings of :class:`PairedFolderDataModule`.
     """
 
@@ -37,6 +41,7 @@ class SyntheticSpeechDataModule(PairedFolderDataModule):
         noise_kinds=None,
         tts_fraction: float = 0.0,
         max_noise_layers: int = 1,
+        recording_eq: bool = False,
         **paired_kwargs,
     ) -> None:
         super().__init__(root=root, **paired_kwargs)
@@ -51,6 +56,7 @@ class SyntheticSpeechDataModule(PairedFolderDataModule):
             sample_rate=self.sample_rate,
             tts_fraction=tts_fraction,
             max_noise_layers=max_noise_layers,
+            recording_eq=recording_eq,
         )
         if noise_kinds is not None:  # None: the generator's default set
             self.generator_settings["noise_kinds"] = tuple(noise_kinds)

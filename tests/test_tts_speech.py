@@ -14,6 +14,7 @@ pytest.importorskip("espeakng_loader", reason="the TTS speech needs the espeakng
 from datamodules.synthetic_speech import (  # noqa: E402
     MARKER,
     generate_paired_corpus,
+    recording_eq,
     synthesize_noise,
     synthesize_utterance,
 )
@@ -124,7 +125,7 @@ def test_defaults_keep_the_settings_of_older_corpora(tmp_path):
         tmp_path / "synth", seed=0, n_train=1, n_val=1, n_test=1, min_seconds=0.5, max_seconds=0.5
     )
     settings = json.loads((root / MARKER).read_text())["settings"]
-    assert "tts_fraction" not in settings and "max_noise_layers" not in settings
+    assert not {"tts_fraction", "max_noise_layers", "recording_eq"} & set(settings)
     rows = list(csv.DictReader((root / "manifest.csv").open()))
     assert {r["speech"] for r in rows} == {"source_filter"}
 
@@ -134,9 +135,46 @@ def test_defaults_keep_the_settings_of_older_corpora(tmp_path):
     [
         (dict(tts_fraction=1.5), "tts_fraction"),
         (dict(max_noise_layers=0), "max_noise_layers"),
+        (dict(recording_eq="yes"), "recording_eq"),
         (dict(noise_kinds=["rain"]), "unknown noise kind"),
     ],
 )
 def test_bad_settings_are_refused_by_name(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
         generate_paired_corpus(tmp_path / "synth", n_train=1, n_val=1, n_test=1, **bad)
+
+
+def test_recording_eq_boosts_the_lows_and_keeps_level_and_length():
+    x = 0.05 * np.random.default_rng(1).standard_normal(2 * SR)
+    outs = [recording_eq(np.random.default_rng(seed), x, SR) for seed in range(20)]
+    for y in outs:
+        assert y.shape == x.shape and np.isfinite(y).all()
+        assert np.sqrt(np.mean(y**2)) == pytest.approx(np.sqrt(np.mean(x**2)), rel=1e-9)
+        # the low shelf is 0..+12 dB, the high shelf -9..+3 dB: below 100 Hz never loses to 5-8 kHz
+        assert _band_fraction(y, 20, 100) / _band_fraction(y, 5000, 8000) >= (
+            _band_fraction(x, 20, 100) / _band_fraction(x, 5000, 8000)
+        ) * 10 ** (-3 / 10)
+    low_gain = [_band_fraction(y, 20, 100) / _band_fraction(x, 20, 100) for y in outs]
+    assert max(low_gain) > 3.0 and len({round(g, 6) for g in low_gain}) == len(outs)  # up to +12 dB, varied
+    np.testing.assert_array_equal(recording_eq(np.random.default_rng(3), x, SR), recording_eq(np.random.default_rng(3), x, SR))
+    loud = recording_eq(np.random.default_rng(0), 0.85 * np.sign(x), SR)
+    assert np.max(np.abs(loud)) <= 0.9 + 1e-12  # the peak limit holds even when the colouring raises peaks
+
+
+def test_recording_eq_colours_the_clean_speech_and_changes_nothing_else(tmp_path):
+    settings = dict(n_train=3, n_val=1, n_test=1, min_seconds=0.6, max_seconds=0.9, snr_range=(0.0, 20.0),
+                    noise_kinds=["pink", "hum"])  # fmt: skip
+    plain = generate_paired_corpus(tmp_path / "plain", seed=2, **settings)
+    coloured = generate_paired_corpus(tmp_path / "eq", seed=2, recording_eq=True, **settings)
+    assert json.loads((coloured / MARKER).read_text())["settings"]["recording_eq"] is True
+    rows_plain = list(csv.DictReader((plain / "manifest.csv").open()))
+    rows_eq = list(csv.DictReader((coloured / "manifest.csv").open()))
+    assert rows_plain == rows_eq  # same utterances, noises and SNRs
+    for r in rows_eq:
+        a, _ = sf.read(plain / f"{r['split']}_clean" / r["name"])
+        b, _ = sf.read(coloured / f"{r['split']}_clean" / r["name"])
+        x, _ = sf.read(coloured / f"{r['split']}_noisy" / r["name"])
+        assert a.shape == b.shape and not np.allclose(a, b)
+        assert np.sqrt(np.mean(b**2)) == pytest.approx(np.sqrt(np.mean(a**2)), rel=1e-4)
+        snr = 10 * np.log10(np.sum(b**2) / np.sum((x - b) ** 2))
+        assert snr == pytest.approx(float(r["snr_db"]), abs=0.01)  # mixed at the SNR after colouring
