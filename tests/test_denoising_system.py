@@ -182,3 +182,31 @@ def test_monitoring_a_metric_that_is_not_computed_is_a_clear_error(tmp_path, dat
     trainer = validating_trainer(tmp_path, checkpoint, limit_val_batches=1)
     with pytest.raises(ValueError, match=r"does not compute pesq; add it to system.metrics"):
         trainer.fit(system, datamodule=datamodule(data))
+
+
+class RecordLearningRate(Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_lr_schedule_decays_to_zero_over_the_run_when_cosine(tmp_path, data, schedule):
+    record = RecordLearningRate()
+    system = make_system()
+    system.hparams.lr_schedule = schedule
+    make_trainer(tmp_path, 2, [record], enable_checkpointing=False).fit(system, datamodule=datamodule(data))
+    steps = len(record.lrs)
+    assert steps == 12  # 6 training pairs, batch 1, 2 epochs
+    if schedule == "constant":
+        assert record.lrs == [0.01] * steps
+    else:  # one step of the cosine per optimiser step: 0.01 at the start, half-way at the middle, → 0 at the end
+        expected = [0.005 * (1 + np.cos(np.pi * k / steps)) for k in range(steps)]
+        assert record.lrs == pytest.approx(expected, rel=1e-6)
+
+
+def test_an_unknown_lr_schedule_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"system.lr_schedule must be one of \('constant', 'cosine'\), got 'linear'"):
+        DenoisingSystem(ContextAggregationNet(dilations=[1], channels=4), L1Loss(), lr_schedule="linear")

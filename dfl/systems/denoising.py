@@ -14,6 +14,7 @@ from dfl.checkpoints import model_record
 from dfl.losses.masking import zero_padding
 
 DEFAULT_METRICS = ("pesq", "stoi", "si_sdr")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def adam(params: list[torch.Tensor], lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0) -> torch.optim.Adam:
@@ -51,7 +52,8 @@ class DenoisingSystem(L.LightningModule):
     logged and checkpointed. ``val_metrics_every_n_epochs``: validation epochs whose number + 1 is a
     multiple of it compute the metrics; the others the loss only. ``cpu_kernels``: training and
     validation run the denoiser and the loss through :func:`dfl.kernels.accelerate` (the same results,
-    faster on the CPU); False runs the plain modules.
+    faster on the CPU); False runs the plain modules. ``lr_schedule``: ``constant`` (the paper) or
+    ``cosine`` decay to 0 over the run's optimiser steps.
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class DenoisingSystem(L.LightningModule):
         val_metrics_every_n_epochs: int = 1,
         metric_workers: int | None = None,
         cpu_kernels: bool = True,
+        lr_schedule: str = "constant",
     ) -> None:
         from dfl.kernels import accelerate
         from dfl.metrics import expand_metric_names
@@ -81,6 +84,8 @@ class DenoisingSystem(L.LightningModule):
         if not all(b < 1 for b in betas):
             raise ValueError(f"system.betas={list(betas)}: each must be in [0, 1), e.g. [0.9, 0.999]")
         metrics = expand_metric_names(metrics, "system.metrics")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"system.lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         if val_metrics_every_n_epochs < 1:
             raise ValueError(f"system.val_metrics_every_n_epochs must be >= 1, got {val_metrics_every_n_epochs}")
         self.save_hyperparameters(ignore=["denoiser", "loss"])
@@ -195,7 +200,14 @@ class DenoisingSystem(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.denoiser.parameters() if p.requires_grad]
-        return adam(params, lr=self.hparams.lr, betas=tuple(self.hparams.betas), weight_decay=self.hparams.weight_decay)
+        optimizer = adam(params, lr=self.hparams.lr, betas=tuple(self.hparams.betas), weight_decay=self.hparams.weight_decay)
+        if self.hparams.get("lr_schedule", "constant") == "constant":
+            return optimizer
+        # cosine decay to 0 over the run's optimiser steps (max_epochs × batches, or max_steps); a run that
+        # trainer.max_time stops early ends above 0
+        steps = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- evaluation ---------------------------------------------------------------------------
     def _utterance_ids(self, batch: dict, batch_idx: int) -> list[str]:
