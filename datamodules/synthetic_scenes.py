@@ -14,7 +14,8 @@ read back through the very same datasets and datamodule:
   the chunk (so that random training crops rarely miss it): ``c``/``m``/``f``
   voiced babble with child / adult male / adult female pitch ranges, ``v`` beep
   melodies (video game/TV), ``p`` impacts, ``b`` broadband noise, ``o`` frequency sweeps.
-  A chunk without events is labelled ``S`` (silence), as in CHiME-Home.
+  A chunk without events is labelled ``S`` (silence), as in CHiME-Home. With ``tts_speech_tags``
+  the ``c``/``m``/``f`` events are eSpeak NG sentences of child-like / male / female voices instead.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ PATTERNS = ("stationary", "swells", "bursts")
 # scene label -> (spectral texture, temporal pattern)
 SCENE_RECIPES = {scene: (SPECTRA[i // 3], PATTERNS[i % 3]) for i, scene in enumerate(SCENES)}
 PITCH_RANGES = {"c": (290.0, 400.0), "m": (85.0, 135.0), "f": (170.0, 240.0)}
+# tts_speech_tags: eSpeak NG voice variants and pitch settings (0-99) for the child / male / female tags
+TTS_VOICES = {
+    "c": (("f1", "f2", "f3", "f4", "f5"), (85, 99)),
+    "m": (("m1", "m2", "m3", "m4", "m5", "m6", "m7"), (15, 50)),
+    "f": (("f1", "f2", "f3", "f4", "f5"), (45, 75)),
+}
 
 
 # ------------------------------------------------------------------------------------- signals
@@ -167,7 +174,12 @@ def _sweeps(rng, n, sr):
     return _unit_rms(x)
 
 
-def _event(tag: str, rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
+def _event(tag: str, rng: np.random.Generator, n: int, sr: int, tts: bool = False) -> np.ndarray:
+    if tag in PITCH_RANGES and tts:
+        from datamodules.tts_speech import tts_utterance
+
+        variants, pitch = TTS_VOICES[tag]
+        return _unit_rms(tts_utterance(rng, sr, n / sr, variants, pitch).astype(np.float64)[:n])
     if tag in PITCH_RANGES:
         return _babble(rng, n, sr, PITCH_RANGES[tag])
     if tag == "v":
@@ -181,8 +193,9 @@ def _event(tag: str, rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
     raise ValueError(f"unknown tag {tag!r}")
 
 
-def synthesize_tagging_chunk(tags: list[str], rng: np.random.Generator, n: int, sr: int = 16_000):
-    """One mono chunk ``[1, n]``: a low background plus each event of ``tags`` in a random span."""
+def synthesize_tagging_chunk(tags: list[str], rng: np.random.Generator, n: int, sr: int = 16_000, tts: bool = False):
+    """One mono chunk ``[1, n]``: a low background plus each event of ``tags`` in a random span; with
+    ``tts`` the speech tags (``c``, ``m``, ``f``) are eSpeak NG sentences, speech over the whole band."""
     x = 0.1 * _shaped_noise(rng, n, sr, lambda f: 1 / f)
     for tag in tags:
         length = int(rng.uniform(0.6, 1.0) * n)  # most of the chunk: random crops rarely miss it
@@ -190,7 +203,7 @@ def synthesize_tagging_chunk(tags: list[str], rng: np.random.Generator, n: int, 
         fade = np.ones(length)
         ramp = min(length // 4, int(0.02 * sr))
         fade[:ramp], fade[length - ramp :] = np.linspace(0, 1, ramp), np.linspace(1, 0, ramp)
-        x[start : start + length] += 10 ** (rng.uniform(-4, 4) / 20) * _event(tag, rng, length, sr) * fade
+        x[start : start + length] += 10 ** (rng.uniform(-4, 4) / 20) * _event(tag, rng, length, sr, tts) * fade
     return _limit(10 ** (rng.uniform(-30, -20) / 20) * _unit_rms(x)[None])
 
 
@@ -223,7 +236,8 @@ def _write_set(root: Path, s: dict) -> None:
             rng = _rng(seed, 1, key, i)
             tags = [t for t in TAGS if rng.random() < s["tag_probability"]]
             chunk = f"synthetic_{split[:3]}_chunk{i}"
-            write_audio(chime / "chunks" / f"{chunk}.16kHz.wav", synthesize_tagging_chunk(tags, rng, int(s["chunk_seconds"] * sr), sr), sr)  # fmt: skip
+            wav = synthesize_tagging_chunk(tags, rng, int(s["chunk_seconds"] * sr), sr, s.get("tts_speech_tags", False))
+            write_audio(chime / "chunks" / f"{chunk}.16kHz.wav", wav, sr)
             vote = "".join(tags) or "S"
             (chime / "chunks" / f"{chunk}.csv").write_text(
                 f"segmentname,{chunk}\nchunkname,{chunk}\nannotator_a,{vote}\nmajorityvote,{vote}\n"
@@ -292,6 +306,8 @@ class SyntheticScenesDataModule(DCASE2016DataModule):
         chunks_val: validation tagging chunks.
         chunk_seconds: length of a tagging chunk.
         tag_probability: the chance that each tag is present in a chunk, in (0, 1).
+        tts_speech_tags: the child / male / female speech events are eSpeak NG sentences (speech over
+            the whole band) instead of formant babble below ~3 kHz.
         **datamodule_kwargs: the loading settings of :class:`DCASE2016DataModule`.
     """
 
@@ -306,6 +322,7 @@ class SyntheticScenesDataModule(DCASE2016DataModule):
         chunks_val: int = 200,
         chunk_seconds: float = 4.0,
         tag_probability: float = 0.25,
+        tts_speech_tags: bool = False,
         **datamodule_kwargs,
     ) -> None:
         super().__init__(root=root, **datamodule_kwargs)
@@ -325,6 +342,8 @@ class SyntheticScenesDataModule(DCASE2016DataModule):
             tag_probability=float(tag_probability),
             sample_rate=self.sample_rate,
         )
+        if tts_speech_tags:  # absent when off: older sets keep their hash
+            self.generator_settings["tts_speech_tags"] = True
 
     def prepare_data(self) -> None:
         generate_synthetic_dcase(self.root, **self.generator_settings)

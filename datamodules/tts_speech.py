@@ -164,30 +164,41 @@ def random_sentence(rng: np.random.Generator, n_words: int) -> str:
     return " ".join(words) + str(rng.choice([".", ".", ".", "?", "!"]))
 
 
-def tts_plan(rng: np.random.Generator, seconds: float) -> dict:
+def tts_plan(
+    rng: np.random.Generator, seconds: float, variants: tuple[str, ...] = VARIANTS, pitch: tuple[int, int] = (25, 75)
+) -> dict:
     """What :func:`tts_utterance` says and how: text, voice, rate (words per minute), pitch, range.
 
-    The sentence has enough words to fill ``seconds`` at the drawn rate (130-210 wpm).
+    The sentence has enough words to fill ``seconds`` at the drawn rate (130-210 wpm); the voice is an
+    accent with one of ``variants``, the pitch (eSpeak NG's 0-99 scale) drawn from ``pitch`` (inclusive).
     """
     rate = int(rng.integers(130, 211))
-    voice = f"{ACCENTS[int(rng.integers(len(ACCENTS)))]}+{VARIANTS[int(rng.integers(len(VARIANTS)))]}"
+    voice = f"{ACCENTS[int(rng.integers(len(ACCENTS)))]}+{variants[int(rng.integers(len(variants)))]}"
     words = int(np.ceil(seconds * rate / 60 * 1.3)) + 1
     return dict(
         text=random_sentence(rng, words),
         voice=voice,
         rate=rate,
-        pitch=int(rng.integers(25, 76)),
+        pitch=int(rng.integers(pitch[0], pitch[1] + 1)),
         pitch_range=int(rng.integers(30, 91)),
     )
 
 
-def tts_utterance(rng: np.random.Generator, sample_rate: int = 16_000, seconds: float | None = None) -> np.ndarray:
+def tts_utterance(
+    rng: np.random.Generator,
+    sample_rate: int = 16_000,
+    seconds: float | None = None,
+    variants: tuple[str, ...] = VARIANTS,
+    pitch: tuple[int, int] = (25, 75),
+) -> np.ndarray:
     """One clean TTS utterance, float32 ``[time]`` of exactly ``seconds`` (default: its natural length).
 
     Args:
         rng: draws the :func:`tts_plan`, the silences, the level and the noise floor.
         sample_rate: output rate in Hz (eSpeak NG's 22.05 kHz is resampled to it).
         seconds: output length; the sentence is cut (with a 20 ms fade) or zero-padded to it.
+        variants: the eSpeak NG voice variants drawn from (e.g. only the ``m*`` ones for male voices).
+        pitch: the range of eSpeak NG's pitch setting (0-99) drawn from.
 
     Returns:
         float32 samples; leading/trailing silence trimmed to 50-250 ms each; level set like
@@ -197,7 +208,7 @@ def tts_utterance(rng: np.random.Generator, sample_rate: int = 16_000, seconds: 
     """
     from datamodules.synthetic_speech import _set_level
 
-    plan = tts_plan(rng, seconds if seconds is not None else float(rng.uniform(1.0, 3.0)))
+    plan = tts_plan(rng, seconds if seconds is not None else float(rng.uniform(1.0, 3.0)), variants, pitch)
     wav = _engine().synth(**plan)
     # Trim eSpeak's fixed silences, then keep a natural lead-in.
     loud = np.flatnonzero(np.abs(wav) > 10 ** (-50 / 20) * (np.max(np.abs(wav)) + 1e-12))

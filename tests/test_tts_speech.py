@@ -178,3 +178,36 @@ def test_recording_eq_colours_the_clean_speech_and_changes_nothing_else(tmp_path
         assert np.sqrt(np.mean(b**2)) == pytest.approx(np.sqrt(np.mean(a**2)), rel=1e-4)
         snr = 10 * np.log10(np.sum(b**2) / np.sum((x - b) ** 2))
         assert snr == pytest.approx(float(r["snr_db"]), abs=0.01)  # mixed at the SNR after colouring
+
+
+def test_tts_speech_tags_put_voices_over_the_whole_band():
+    from datamodules.synthetic_scenes import synthesize_tagging_chunk
+
+    n = 2 * SR
+    for tag in ("c", "m", "f"):
+        babble = synthesize_tagging_chunk([tag], np.random.default_rng(4), n)[0]
+        spoken = synthesize_tagging_chunk([tag], np.random.default_rng(4), n, tts=True)[0]
+        assert spoken.shape == babble.shape == (n,) and np.isfinite(spoken).all()
+        # eSpeak's fricatives and bursts reach far above the formant babble's ~3 kHz
+        assert _band_fraction(spoken, 4000, 8000) > 3 * _band_fraction(babble, 4000, 8000)
+    # the tags keep their voices apart: male sentences are lower than the child-like ones
+    low = [_band_fraction(synthesize_tagging_chunk([t], np.random.default_rng(s), n, tts=True)[0], 60, 200)
+           for t in ("m", "c") for s in range(3)]  # fmt: skip
+    assert min(low[:3]) > max(low[3:])
+
+
+def test_tts_speech_tags_are_a_setting_of_the_scene_set(tmp_path):
+    from datamodules.synthetic_scenes import SyntheticScenesDataModule
+
+    settings = dict(scenes_train_per_class=1, scenes_val_per_class=1, scene_seconds=0.2, chunks_train=3,
+                    chunks_val=1, chunk_seconds=0.5, tag_probability=0.9)  # fmt: skip
+    plain = SyntheticScenesDataModule(tmp_path / "plain", **settings)
+    spoken = SyntheticScenesDataModule(tmp_path / "tts", tts_speech_tags=True, **settings)
+    assert "tts_speech_tags" not in plain.generator_settings  # older sets keep their hash
+    plain.prepare_data(), spoken.prepare_data()
+    chunks = sorted((tmp_path / "plain" / "chime_home" / "chunks").glob("*.wav"))
+    assert chunks and [c.name for c in chunks] == sorted(c.name for c in (tmp_path / "tts" / "chime_home" / "chunks").glob("*.wav"))
+    for chunk in chunks:  # same labels, different speech
+        label = chunk.with_name(chunk.name.replace(".16kHz.wav", ".csv"))
+        assert label.read_text() == (tmp_path / "tts" / "chime_home" / "chunks" / label.name).read_text()
+    assert json.loads((tmp_path / "tts" / ".complete").read_text())["settings"]["tts_speech_tags"] is True
