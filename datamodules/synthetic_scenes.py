@@ -331,6 +331,8 @@ class SyntheticScenesDataModule(DCASE2016DataModule):
                 raise ValueError(f"data.{name} must be >= 1, got {value}")
         if not 0 < tag_probability < 1:
             raise ValueError(f"data.tag_probability must be in (0, 1), got {tag_probability}")
+        if not isinstance(tts_speech_tags, (bool, np.bool_)):
+            raise ValueError(f"data.tts_speech_tags must be true or false, got {tts_speech_tags!r}")
         self.generator_settings = dict(
             seed=generator_seed,
             scenes_train_per_class=scenes_train_per_class,

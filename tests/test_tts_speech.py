@@ -211,3 +211,5 @@ def test_tts_speech_tags_are_a_setting_of_the_scene_set(tmp_path):
         label = chunk.with_name(chunk.name.replace(".16kHz.wav", ".csv"))
         assert label.read_text() == (tmp_path / "tts" / "chime_home" / "chunks" / label.name).read_text()
     assert json.loads((tmp_path / "tts" / ".complete").read_text())["settings"]["tts_speech_tags"] is True
+    with pytest.raises(ValueError, match="data.tts_speech_tags must be true or false, got 'yes'"):
+        SyntheticScenesDataModule(tmp_path / "bad", tts_speech_tags="yes", **settings)
