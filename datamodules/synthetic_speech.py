@@ -633,9 +633,8 @@ def recording_eq(rng: np.random.Generator, x: np.ndarray, sample_rate: int) -> n
     of -9 to +3 dB above 2-5 kHz (duller or brighter microphones), both smooth first-order shapes applied
     with zero phase; the RMS and the peak limit (0.9) are kept.
 
-    Close-talk recordings of male voices put a third or more of their energy below 250 Hz, where the
-    generated speech has ~6 % (almost none below 125 Hz): without this, a denoiser learns that low
-    frequencies are noise and thins real voices.
+    Real voices carry much more of their energy below 250 Hz than the generated speech: without this, a
+    denoiser learns that low frequencies are noise and thins real voices (measured in docs/demo_results.md).
     """
     x = np.asarray(x, dtype=np.float64)
     f = np.fft.rfftfreq(len(x), 1.0 / sample_rate)
