@@ -1,7 +1,8 @@
+from callbacks.best_checkpoint import BestCheckpoint
 from callbacks.loss_weight_balancer import LossWeightBalancer
 from callbacks.model_summary import ModelSummary
 from callbacks.preemption import CheckpointOnSigterm
 from callbacks.throughput import TrainingThroughput
 from callbacks.wandb_media import WandbMediaLogger
 
-__all__ = ["CheckpointOnSigterm", "LossWeightBalancer", "ModelSummary", "TrainingThroughput", "WandbMediaLogger"]
+__all__ = ["BestCheckpoint", "CheckpointOnSigterm", "LossWeightBalancer", "ModelSummary", "TrainingThroughput", "WandbMediaLogger"]

@@ -119,3 +119,18 @@ def test_validation_bench_times_serial_and_pooled_scoring():
     assert pooled["added_seconds"] == pytest.approx(pooled["seconds"] - runs["model_only"]["seconds"])
     assert pooled["added_vs_metrics_alone"] == pytest.approx(pooled["added_seconds"] / runs["metrics_alone"]["seconds"])
     assert pooled["pool_start_seconds"] > 0 and "pool_start_seconds" not in runs["serial"]
+
+
+def test_validation_bench_times_a_run_with_the_metrics_serial_and_overlapping_training():
+    from dfl.cli.bench import bench_validation
+
+    result = bench_validation(2, workers=[1], repeats=1, train_steps=2)
+    runs = result["runs"]
+    assert list(runs)[4:] == ["run_no_metrics", "run_serial", "run_overlap_1"] and result["train_steps"] == 2
+    base = runs["run_no_metrics"]["seconds"]
+    assert "added_seconds" not in runs["run_no_metrics"]
+    for label in ("run_serial", "run_overlap_1"):
+        assert runs[label]["added_seconds"] == pytest.approx(runs[label]["seconds"] - base)
+    overlap = runs["run_overlap_1"]
+    assert overlap["added_vs_serial"] == pytest.approx(overlap["added_seconds"] / runs["run_serial"]["added_seconds"])
+    assert torch.get_num_threads() == result["torch_threads"]  # the cores yielded to the worker are taken back

@@ -125,3 +125,29 @@ def test_repeated_utterances_count_once():
              {"id": "batch:a", "loss": 1.0, "n": 1}, {"id": "a", "values": {"enhanced/pesq": 1.0}}]  # the padding
     got = means(unique_by_id(rank0 + rank1))
     assert got == {"loss": 2.0, "enhanced/pesq": 2.0}  # a once; b's failed PESQ left out, not 0
+
+
+def test_scores_merged_while_the_next_epoch_trains_are_exact_under_ddp(runs, tmp_path):
+    """system.val_metrics_overlap with 2 ranks: each epoch's scores are gathered at the next validation's start
+    (or at the end) on both ranks, and equal the exact means over the 3 files (lr=0: the model never changes)."""
+    from dfl.checkpoints import load_model
+    from dfl.kernels import accelerate
+
+    single, _, _ = runs
+    run = tmp_path / "ddp_overlap"
+    proc = dfl_train(f"hydra.run.dir={run}", f"paths.cache_dir={single.parent / 'cache'}", "trainer=ddp_sim",
+                     *SAME_DATA, "trainer.max_epochs=2", "system.metric_workers=1")
+    assert "scored after it ended" in (run / "train.log").read_text() + proc.stdout + proc.stderr
+    model = accelerate(load_model(run / "checkpoints" / "last.ckpt", "denoiser")).eval()
+    want = {"noisy": exact_means(single, "val"), "enhanced": exact_means(single, "val", model)}
+    val = {}
+    for r in csv.DictReader((run / "csv" / "metrics.csv").open()):
+        if r.get("val/enhanced/pesq"):
+            val[int(r["epoch"])] = r
+    assert sorted(val) == [0, 1]
+    for epoch, row in val.items():
+        for kind in ("noisy", "enhanced") if epoch == 0 else ("enhanced",):
+            for name, value in want[kind].items():
+                np.testing.assert_allclose(float(row[f"val/{kind}/{name}"]), value, rtol=1e-4, err_msg=f"{epoch} {kind}/{name}")
+    files = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert len(files) == 2 and "last.ckpt" in files and not any("pending" in f for f in files)

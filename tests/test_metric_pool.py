@@ -2,11 +2,14 @@
 
 import csv
 import json
+from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from dfl.metric_pool import MetricPool, result, score_utterance
 from tests.helpers.metric_signals import noisy_version, speech_like
@@ -46,8 +49,10 @@ def test_metrics_every_second_epoch_in_worker_processes_are_exact(tmp_path):
     run = tmp_path / "run"
     dfl_train(f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path / 'cache'}", *TINY, "data.n_val=3",
               "system.metric_workers=2", "system.val_metrics_every_n_epochs=2", "model.batch_stats_at_eval=true")
-    rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
-    val = {int(r["epoch"]): r for r in rows if r.get("val/loss")}
+    val = {}  # epoch -> its logged values (metrics scored after the epoch come in a row of their own)
+    for r in csv.DictReader((run / "csv" / "metrics.csv").open()):
+        if any(k.startswith("val/") and v for k, v in r.items()):
+            val.setdefault(int(r["epoch"]), {}).update({k: v for k, v in r.items() if v})
     assert sorted(val) == [0, 1]
     assert not val[0].get("val/enhanced/pesq") and not val[0].get("val/noisy/pesq")
     # the denoiser as the system validates with it (through the CPU kernels seam)
@@ -71,3 +76,93 @@ def test_metrics_every_second_epoch_in_worker_processes_are_exact(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["best_epoch"] == 1 and metrics["checkpoint"].endswith("epoch_001.ckpt")
     assert metrics["chosen_on"]["val/enhanced/pesq"] == pytest.approx(float(val[1]["val/enhanced/pesq"]), rel=1e-6)
+
+
+def val_rows(run):
+    rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
+    loss = {int(r["epoch"]): r for r in rows if r.get("val/loss")}
+    scores = {int(r["epoch"]): r for r in rows if r.get("val/enhanced/pesq")}
+    return loss, scores
+
+
+def test_scores_that_overlap_the_next_epoch_equal_scores_merged_at_once(tmp_path):
+    """system.val_metrics_overlap: epoch e's metrics are scored while epoch e+1 trains, logged at e's own
+    epoch and step, and the best checkpoint is chosen on them: the same numbers and the same file as
+    with the metrics merged before the epoch ends."""
+    # one torch thread in both runs, so that they train bit-identically (with 2 the overlapping run trains
+    # on 1 while the worker scores: different float sums; test_training_yields_a_core... covers that)
+    common = [f"paths.cache_dir={tmp_path / 'cache'}", *TINY, "data.n_val=3", "trainer.max_epochs=3", "num_threads=1",
+              "system.metric_workers=1", "system.lr=3e-3", "model.batch_stats_at_eval=true"]
+    runs = {}
+    for overlap in ("true", "false"):
+        run = tmp_path / f"overlap_{overlap}"
+        proc = dfl_train(f"hydra.run.dir={run}", *common, f"system.val_metrics_overlap={overlap}")
+        runs[overlap] = (run, proc.stdout + proc.stderr + (run / "train.log").read_text())
+    (over, over_log), (once, once_log) = runs["true"], runs["false"]
+    assert "scored after it ended" in over_log and "scored after it ended" not in once_log
+    for run in (over, once):
+        loss, scores = val_rows(run)
+        assert sorted(loss) == sorted(scores) == [0, 1, 2]
+        for epoch in scores:  # at the step of the epoch they belong to
+            assert scores[epoch]["step"] == loss[epoch]["step"]
+        files = sorted(p.name for p in (run / "checkpoints").iterdir())
+        best = max(scores, key=lambda e: float(scores[e]["val/enhanced/pesq"]))
+        assert files == sorted(["last.ckpt", f"epoch_{best:03d}.ckpt"])  # no snapshot left behind
+        assert json.loads((run / "metrics.json").read_text())["best_epoch"] == best
+    (_, over_scores), (_, once_scores) = val_rows(over), val_rows(once)
+    for epoch in range(3):
+        noisy = ("val/noisy/pesq",) if epoch == 0 else ()  # the noisy input is scored once
+        for key in ("val/enhanced/pesq", "val/enhanced/stoi", "val/enhanced/si_sdr", *noisy):
+            assert float(over_scores[epoch][key]) == pytest.approx(float(once_scores[epoch][key]), rel=1e-6), (epoch, key)
+    over_metrics, once_metrics = (json.loads((r / "metrics.json").read_text()) for r in (over, once))
+    assert over_metrics["best_epoch"] == once_metrics["best_epoch"]
+    assert over_metrics["enhanced"]["pesq"] == pytest.approx(once_metrics["enhanced"]["pesq"], rel=1e-6)
+
+
+def test_a_plain_model_checkpoint_gets_the_scores_before_the_epoch_ends(tmp_path):
+    """Lightning's own ModelCheckpoint on val/enhanced/pesq cannot wait for late scores: no overlap then."""
+    run = tmp_path / "run"
+    proc = dfl_train(f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path / 'cache'}", *TINY, "system.metric_workers=1",
+                     "callbacks.model_checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint")
+    assert "scored after it ended" not in proc.stdout + proc.stderr + (run / "train.log").read_text()
+    loss, scores = val_rows(run)
+    assert sorted(scores) == [0, 1]
+
+
+class RecordThreads(Callback):
+    def __init__(self):
+        self.at_first_batch: dict[int, int] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            self.at_first_batch[trainer.current_epoch] = torch.get_num_threads()
+
+
+def test_training_yields_a_core_to_the_scoring_workers_and_takes_it_back(tmp_path):
+    """On the CPU, while epoch e's scores are in the worker, epoch e+1 trains on one thread fewer."""
+    from callbacks import BestCheckpoint
+    from dfl.losses import WaveformL1Loss
+    from dfl.models import ContextAggregationNet
+    from dfl.systems import DenoisingSystem
+    from tests.conftest import write_pair_tree
+    from tests.helpers.tiny_training import datamodule
+
+    data = write_pair_tree(tmp_path / "pairs", splits=("train", "val"), n=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        torch.manual_seed(0)
+        system = DenoisingSystem(ContextAggregationNet(dilations=[1, 2, 1], channels=4), WaveformL1Loss(),
+                                 metrics=["si_sdr"], metric_workers=1)
+        record = RecordThreads()
+        best = BestCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/enhanced/si_sdr", mode="max", filename="epoch_{epoch}")
+        trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=3, accelerator="cpu", logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                            callbacks=[record, best])
+        trainer.fit(system, datamodule=datamodule(data))
+        assert record.at_first_batch == {0: 3, 1: 2, 2: 2}
+        assert torch.get_num_threads() == 3  # taken back
+        assert best.best_model_path.endswith(".ckpt") and ".pending" not in best.best_model_path
+        assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [Path(best.best_model_path).name]
+    finally:
+        torch.set_num_threads(threads)

@@ -247,6 +247,27 @@ def _train_step(model, optimizer, loss_fn, noisy, clean) -> None:
     optimizer.step()
 
 
+def _training_step_fn(device: str, seconds: float = 3.0):
+    """One feature-loss training step of ``can_paper`` as dfl-train runs it (``dfl.kernels`` on the CPU)."""
+    from dfl.losses import FeatureLoss
+
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(1)
+    noisy, clean = ((0.1 * torch.randn(1, int(seconds * SAMPLE_RATE), generator=gen)).to(dev) for _ in range(2))
+    torch.manual_seed(1)
+    model = ContextAggregationNet().to(dev).train()
+    loss_fn = accelerate(FeatureLoss(LossNetwork(n_layers=14), layers=6).to(dev))
+    runner = accelerate(model, "training") if dev.type == "cpu" else model
+    optimizer = adam(list(model.parameters()), lr=1e-4)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def step() -> None:
+        _train_step(runner, optimizer, loss_fn, noisy, clean)
+        sync()
+
+    return step
+
+
 def _loss_and_grads(model, loss_fn, noisy, clean, params: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict]:
     """The loss and every parameter's gradient (float64 copies, named as ``params``'s: by default ``model``'s) of one step."""
     model.zero_grad(set_to_none=True)
@@ -438,7 +459,8 @@ def validation_set(utterances: int, seed: int = 0) -> list[tuple[np.ndarray, np.
     return pairs
 
 
-def bench_validation(utterances: int, workers: list[int], seed: int = 0, device: str = "cpu", repeats: int = 3) -> dict:
+def bench_validation(utterances: int, workers: list[int], seed: int = 0, device: str = "cpu", repeats: int = 3,
+                     train_steps: int = 0) -> dict:
     """One validation epoch as ``DenoisingSystem`` runs it: ``can_paper`` on each whole utterance, then
     PESQ/STOI/SI-SDR of the enhanced output (a later epoch's work; the first also scores the noisy input).
 
@@ -450,6 +472,13 @@ def bench_validation(utterances: int, workers: list[int], seed: int = 0, device:
     overlapped. Each figure is the minimum of ``repeats`` runs, the runs of all settings interleaved
     (a busy machine slows them alike). ``added_seconds``: the time above ``model_only``;
     ``added_vs_metrics_alone``: that as a fraction of ``metrics_alone``.
+
+    ``train_steps`` > 0 adds what a run does next: that many training steps (``can_paper``, feature loss,
+    3 s, batch 1) after the validation epoch. ``run_no_metrics``: validation without metrics, then the
+    steps; ``run_serial``: the metrics scored in this process first (``system.metric_workers=0``);
+    ``run_overlap_<k>``: the metrics left to ``k`` workers while the steps run (``system.val_metrics_overlap``;
+    on the CPU the steps use ``k`` threads fewer until the scores are in), then the wait for the scores.
+    ``added_vs_serial``: the time a setting adds above ``run_no_metrics``, over ``run_serial``'s.
     """
     from dfl.metric_pool import MetricPool, result, score_utterance
 
@@ -465,14 +494,40 @@ def bench_validation(utterances: int, workers: list[int], seed: int = 0, device:
         out = model(torch.from_numpy(noisy)[None].to(device))[0]
         return out.cpu().numpy()
 
-    def epoch(pool: MetricPool | None) -> float:
-        start = time.perf_counter()
+    def validate(pool: MetricPool | None) -> list:
         futures = []
         with torch.inference_mode():
             for i, (noisy, clean) in enumerate(pairs):
                 enhanced = enhance(noisy)
                 if pool is not None:
                     futures.append(pool.submit(score_utterance, job(i, clean, enhanced)))
+        return futures
+
+    def epoch(pool: MetricPool | None) -> float:
+        start = time.perf_counter()
+        for f in validate(pool):
+            result(f)
+        return time.perf_counter() - start
+
+    step = _training_step_fn(device) if train_steps > 0 else None
+
+    def validate_then_train(pool: MetricPool | None, overlap: bool) -> float:
+        """Validation, then ``train_steps`` training steps; with ``overlap`` the scores are waited for after them."""
+        start = time.perf_counter()
+        futures = validate(pool)
+        threads = torch.get_num_threads()
+        if not overlap:
+            for f in futures:
+                result(f)
+        elif device == "cpu" and pool is not None:
+            torch.set_num_threads(max(1, threads - pool.num_workers))  # as DenoisingSystem yields cores
+        try:
+            for _ in range(train_steps):
+                step()
+                if torch.get_num_threads() != threads and all(f.done() for f in futures):
+                    torch.set_num_threads(threads)
+        finally:
+            torch.set_num_threads(threads)
         for f in futures:
             result(f)
         return time.perf_counter() - start
@@ -494,6 +549,12 @@ def bench_validation(utterances: int, workers: list[int], seed: int = 0, device:
         starts[label] = time.perf_counter() - start
     settings = {"metrics_alone": metrics_alone, "model_only": lambda: epoch(None),
                 "serial": lambda: epoch(MetricPool(0)), **{k: functools.partial(epoch, p) for k, p in pools.items()}}
+    if train_steps > 0:
+        step()  # warm-up
+        settings.update({"run_no_metrics": lambda: validate_then_train(None, False),
+                         "run_serial": lambda: validate_then_train(MetricPool(0), False),
+                         **{f"run_overlap_{p.num_workers}": functools.partial(validate_then_train, p, True)
+                            for p in pools.values()}})
     times: dict[str, list[float]] = {label: [] for label in settings}
     try:
         for _ in range(repeats):
@@ -505,6 +566,10 @@ def bench_validation(utterances: int, workers: list[int], seed: int = 0, device:
     runs = {label: {"seconds": min(t), "seconds_all": t} for label, t in times.items()}
     alone, model_only = runs["metrics_alone"]["seconds"], runs["model_only"]["seconds"]
     for label, entry in runs.items():
+        if label.startswith("run_"):
+            if label != "run_no_metrics":
+                entry["added_seconds"] = entry["seconds"] - runs["run_no_metrics"]["seconds"]
+            continue
         if label != "metrics_alone":
             entry["utterances_per_second"] = utterances / entry["seconds"]
         if label not in ("metrics_alone", "model_only"):
@@ -512,8 +577,12 @@ def bench_validation(utterances: int, workers: list[int], seed: int = 0, device:
             entry["added_vs_metrics_alone"] = entry["added_seconds"] / alone
         if label in starts:
             entry["pool_start_seconds"] = starts[label]
+    if train_steps > 0:
+        for label, entry in runs.items():
+            if label.startswith("run_") and label not in ("run_no_metrics", "run_serial"):
+                entry["added_vs_serial"] = entry["added_seconds"] / runs["run_serial"]["added_seconds"]
     return {"utterances": utterances, "audio_seconds": audio_seconds, "metrics": metrics, "device": device,
-            "repeats": repeats, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "runs": runs}
+            "repeats": repeats, "train_steps": train_steps, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "runs": runs}
 
 
 def bench_long_file(minutes: float, args) -> dict:
@@ -588,6 +657,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--validation-workers", type=int, nargs="+", default=None, metavar="K",
                         help="pool sizes for --validation-utterances (default: 1 and dfl-train's default); each "
                         "setting runs --repeats times, interleaved, the minimum counts")
+    parser.add_argument("--validation-train-steps", type=int, default=20, metavar="S",
+                        help="with --validation-utterances: also time validation followed by S training steps (3 s, "
+                        "batch 1) with the metrics serial vs overlapping the steps (0: skip)")
     parser.add_argument("--skip-inference", action="store_true", help="no inference rows")
     return parser
 
@@ -650,10 +722,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"validation epoch ({args.validation_utterances} VoiceBank-like utterances, can_paper on "
               f"{'cuda' if use_cuda else 'cpu'} + PESQ/STOI/SI-SDR of the enhanced output):")  # fmt: skip
         v = results["validation"] = bench_validation(args.validation_utterances, workers,
-                                                     device="cuda" if use_cuda else "cpu", repeats=args.repeats)
+                                                     device="cuda" if use_cuda else "cpu", repeats=args.repeats,
+                                                     train_steps=args.validation_train_steps)
         for label, entry in v["runs"].items():
-            extra = "" if "added_seconds" not in entry else (
-                f"; metrics add {entry['added_seconds']:6.1f} s ({entry['added_vs_metrics_alone']:.2f}× metrics_alone)")
+            extra = ""
+            if "added_vs_metrics_alone" in entry:
+                extra = f"; metrics add {entry['added_seconds']:6.1f} s ({entry['added_vs_metrics_alone']:.2f}× metrics_alone)"
+            elif "added_seconds" in entry:
+                extra = f"; metrics add {entry['added_seconds']:6.1f} s" + (
+                    f" ({entry['added_vs_serial']:.2f}× run_serial's)" if "added_vs_serial" in entry else "")
             rate = f", {entry['utterances_per_second']:5.2f} utterances/s" if "utterances_per_second" in entry else ""
             print(f"  {label:13s}: {entry['seconds']:6.1f} s{rate}{extra}", flush=True)
     if args.long_file_minutes > 0:

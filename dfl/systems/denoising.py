@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Sequence
 
 import lightning as L
@@ -15,6 +16,8 @@ from dfl.losses.masking import zero_padding
 
 DEFAULT_METRICS = ("pesq", "stoi", "si_sdr")
 LR_SCHEDULES = ("constant", "cosine")
+
+log = logging.getLogger(__name__)
 
 
 def adam(params: list[torch.Tensor], lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0) -> torch.optim.Adam:
@@ -48,8 +51,12 @@ class DenoisingSystem(L.LightningModule):
     The metrics run in ``metric_workers`` worker processes (:class:`~dfl.metric_pool.MetricPool`;
     None: on GPUs this host's cores shared by its training processes, one left to each, on the CPU
     none; 0: in this process)
-    while the model runs on the next utterances; they are merged at the end of the epoch, before it is
-    logged and checkpointed. ``val_metrics_every_n_epochs``: validation epochs whose number + 1 is a
+    while the model runs on the next utterances. ``val_metrics_overlap`` (with workers, while fitting): an
+    epoch's scores are also left to the workers while the next epoch trains, and merged at the next
+    validation's start or when fitting ends; they are then logged at the epoch and step they belong to, and
+    :class:`~callbacks.BestCheckpoint` decides on that epoch's snapshot (the same best checkpoint as
+    without overlap). Without it they are merged at the end of the epoch, before it is logged and
+    checkpointed. ``val_metrics_every_n_epochs``: validation epochs whose number + 1 is a
     multiple of it compute the metrics; the others the loss only. ``cpu_kernels``: training and
     validation run the denoiser and the loss through :func:`dfl.kernels.accelerate` (the same results,
     faster on the CPU); False runs the plain modules. ``lr_schedule``: ``constant`` (the paper) or
@@ -69,6 +76,7 @@ class DenoisingSystem(L.LightningModule):
         val_metrics: Sequence[str] | None = None,
         val_metrics_every_n_epochs: int = 1,
         metric_workers: int | None = None,
+        val_metrics_overlap: bool = True,
         cpu_kernels: bool = True,
         lr_schedule: str = "constant",
     ) -> None:
@@ -106,6 +114,8 @@ class DenoisingSystem(L.LightningModule):
         self._records: dict[str, list[dict]] = {}  # per stage: this rank's per-utterance results (dfl.systems.scoring)
         self._scoring: dict[str, list] = {}  # per stage: futures of per-utterance metric records (dfl.metric_pool)
         self._metric_pool = None
+        self._pending_val: dict | None = None  # an epoch's validation scores still in the workers (val_metrics_overlap)
+        self._threads_before_yield: int | None = None  # torch threads before yielding cores to the workers
         self.evaluated_utterances: dict[str, int] = {}  # per stage: distinct utterances in the last epoch's means
         self._unchecked_losses: list[tuple[int, torch.Tensor]] = []  # (batch, loss) not yet read: see _check_finite
         self._written_step = True  # this step's values go to the loggers: see _loggers_write_this_step
@@ -194,6 +204,8 @@ class DenoisingSystem(L.LightningModule):
         last = trainer is not None and batch_idx + 1 >= trainer.num_training_batches
         if self._written_step or last:
             self._read_unchecked_losses()
+        if self._threads_before_yield is not None and all(f.done() for f in self._pending_val["futures"]):
+            self._reclaim_cores()  # scores done: this rank's threads back (the merge waits for the next validation)
 
     def on_train_epoch_end(self) -> None:
         self._read_unchecked_losses()
@@ -260,21 +272,89 @@ class DenoisingSystem(L.LightningModule):
             # scored in a worker while this process runs the model on the next utterances
             self._scoring.setdefault(stage, []).append(self._pool().submit(score_utterance, job))
 
-    def _log_epoch_means(self, stage: str) -> dict[str, float]:
+    def _log_epoch_means(self, stage: str, futures: list | None = None) -> dict[str, float]:
         """Wait for this rank's metrics, gather every rank's records, drop repeated utterances, log one
-        mean per metric (the same on all ranks)."""
+        mean per metric (the same on all ranks). ``futures``: this stage's metric futures (default: all
+        pending ones; ``[]`` logs the loss alone)."""
         from dfl.metric_pool import result
-        from dfl.systems.scoring import gather_records, means, unique_by_id
 
-        mine = self._records.pop(stage, []) + [result(f) for f in self._scoring.pop(stage, [])]
-        records = unique_by_id(gather_records(mine))
-        self._epoch_records[stage] = records
-        results = means(records)
-        self.evaluated_utterances[stage] = sum(1 for r in records if "values" in r)
+        futures = self._scoring.pop(stage, []) if futures is None else futures
+        results = self._merge(stage, self._records.pop(stage, []) + [result(f) for f in futures])
         for key, value in results.items():
             # identical on every rank already: their mean is the value itself
             self.log(f"{stage}/{key}", value, batch_size=1, sync_dist=True)
         return results
+
+    def _merge(self, stage: str, mine: list[dict]) -> dict[str, float]:
+        from dfl.systems.scoring import gather_records, means, unique_by_id
+
+        records = unique_by_id(gather_records(mine))
+        self._epoch_records[stage] = records
+        self.evaluated_utterances[stage] = sum(1 for r in records if "values" in r)
+        return means(records)
+
+    # -- validation scores that overlap the next epoch's training (val_metrics_overlap) ---------------
+    def _overlaps_training(self) -> bool:
+        trainer = self._trainer
+        if not (self.hparams.get("val_metrics_overlap", False) and trainer is not None and trainer.state.fn == "fit"
+                and not trainer.sanity_checking and self._pool().num_workers > 0):
+            return False
+        # a callback that reads a metric at the epoch's end (Lightning's ModelCheckpoint, EarlyStopping) needs it then
+        return all(
+            hasattr(cb, "on_validation_scores") for cb in trainer.callbacks
+            if isinstance(getattr(cb, "monitor", None), str) and cb.monitor.startswith("val/") and cb.monitor != "val/loss"
+        )
+
+    def _defer_val_scores(self) -> None:
+        """Log the validation loss now; leave the metrics to the workers while the next epoch trains."""
+        self._log_epoch_means("val", futures=[])
+        # the step Lightning logs this validation's loss at (the loggers' x axis), not global_step
+        step = getattr(self.trainer.fit_loop.epoch_loop, "_batches_that_stepped", self.global_step)
+        self._pending_val = {"epoch": self.current_epoch, "step": step, "futures": self._scoring.pop("val", [])}
+        if self.device.type == "cpu":  # the workers need cores the model's threads would otherwise take
+            threads = torch.get_num_threads()
+            keep = max(1, threads - self._pool().num_workers)
+            if keep < threads:
+                self._threads_before_yield = threads
+                torch.set_num_threads(keep)
+
+    def _reclaim_cores(self) -> None:
+        if self._threads_before_yield is not None:
+            torch.set_num_threads(self._threads_before_yield)
+            self._threads_before_yield = None
+
+    def merge_pending_val_scores(self) -> dict[str, float] | None:
+        """Wait for a deferred epoch's scores, log them at that epoch's step, hand them to the checkpoint
+        callbacks (``on_validation_scores``). Every rank calls this at the same point (a collective gather)."""
+        from dfl.metric_pool import result
+
+        pending, self._pending_val = self._pending_val, None
+        if pending is None:
+            return None
+        try:
+            mine = [result(f) for f in pending["futures"]]
+        finally:
+            self._reclaim_cores()
+        results = {f"val/{k}": v for k, v in self._merge("val", mine).items() if k != "loss"}
+        if self.global_rank == 0:
+            log.info("validation metrics of epoch %d, scored after it ended: %s", pending["epoch"],
+                     ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        records = self._epoch_records.get("val", [])
+        self._check_monitored_metrics(records)
+        self._noisy_scored.add("val")
+        trainer = self.trainer
+        for logger in trainer.loggers:
+            logger.log_metrics({**results, "epoch": pending["epoch"]}, step=pending["step"])
+        # the progress bar and callbacks that read them (EarlyStopping: one epoch late)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in results.items()})
+        for cb in trainer.callbacks:
+            hook = getattr(cb, "on_validation_scores", None)
+            if hook is not None:
+                hook(trainer, self, pending["epoch"], pending["step"], results)
+        return results
+
+    def on_train_end(self) -> None:
+        self.merge_pending_val_scores()  # the last validation's: before the best checkpoint is tested
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, batch_idx, "val")
@@ -283,6 +363,7 @@ class DenoisingSystem(L.LightningModule):
         self._evaluate(batch, batch_idx, "test")
 
     def on_validation_epoch_start(self) -> None:
+        self.merge_pending_val_scores()  # the previous epoch's, scored while this one trained
         self._records["val"], self._scoring["val"] = [], []
 
     def on_test_epoch_start(self) -> None:
@@ -290,6 +371,9 @@ class DenoisingSystem(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         scored = self._metrics_due("val")
+        if scored and self.val_metric_names and self._overlaps_training():
+            self._defer_val_scores()
+            return
         self._log_epoch_means("val")
         if scored and not self.trainer.sanity_checking:
             self._check_monitored_metrics(self._epoch_records.get("val", []))
@@ -335,6 +419,8 @@ class DenoisingSystem(L.LightningModule):
         self._noisy_scored.add("test")
 
     def teardown(self, stage: str) -> None:
+        self._pending_val = None  # scores of an interrupted fit (merged ones were logged)
+        self._reclaim_cores()
         if self._metric_pool is not None:  # after fit / test, and after an exception
             self._metric_pool.close()
             self._metric_pool = None
