@@ -29,6 +29,9 @@ class CheckpointOnSigterm(Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
             return
+        merge = getattr(pl_module, "merge_pending_val_scores", None)
+        if merge is not None:  # the last epoch's scores, still in the metric workers: into this checkpoint's record
+            merge()
         tmp = self.path.with_name(f".{self.path.name}.sigterm.tmp")
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)

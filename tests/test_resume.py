@@ -95,9 +95,10 @@ def row_shape(row):
     return row["epoch"], row["step"], sorted(k for k, v in row.items() if v)
 
 
-def test_sigterm_saves_last_ckpt_and_exits_cleanly_then_resumes(tmp_path, cache):
+@pytest.mark.parametrize("workers", [0, 1], ids=["scores_in_process", "scores_overlapping_training"])
+def test_sigterm_saves_last_ckpt_and_exits_cleanly_then_resumes(tmp_path, cache, workers):
     run = tmp_path / "preempted"
-    proc = start(*run_args(run, cache, "trainer.max_epochs=1000"))
+    proc = start(*run_args(run, cache, "trainer.max_epochs=1000", f"system.metric_workers={workers}"))
     wait_for(run / "checkpoints" / "epoch_000.ckpt", proc)
     time.sleep(0.5)
     assert proc.poll() is None
@@ -115,7 +116,7 @@ def test_sigterm_saves_last_ckpt_and_exits_cleanly_then_resumes(tmp_path, cache)
     assert epoch * STEPS_PER_EPOCH <= step <= (epoch + 1) * STEPS_PER_EPOCH  # stopped within (or at the end of) `epoch`
     assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] >= 1
 
-    dfl_train(*run_args(run, cache, f"trainer.max_epochs={epoch + 2}", "ckpt_path=last"))
+    dfl_train(*run_args(run, cache, f"trainer.max_epochs={epoch + 2}", f"system.metric_workers={workers}", "ckpt_path=last"))
     resumed = load(run)
     assert resumed["global_step"] == (epoch + 2) * STEPS_PER_EPOCH  # continued, did not start over
     torch.testing.assert_close(balancer(resumed)["frozen_weights"], balancer(saved)["frozen_weights"])
@@ -129,6 +130,9 @@ def test_sigterm_saves_last_ckpt_and_exits_cleanly_then_resumes(tmp_path, cache)
     rows = csv_rows(run)
     assert rows[: len(rows_before)] == rows_before and len(rows_before) >= STEPS_PER_EPOCH
     assert {r["epoch"] for r in rows if r.get("val/loss")} == {str(e) for e in range(epoch + 2)}
+    # every epoch's metrics, also one whose scores were still in the worker when SIGTERM came
+    assert {r["epoch"] for r in rows if r.get("val/enhanced/si_sdr")} == {str(e) for e in range(epoch + 2)}
+    assert not list((run / "checkpoints").glob(".*pending"))
 
 
 def test_ckpt_path_last_without_a_checkpoint_is_an_error_naming_the_folder(tmp_path, cache):
