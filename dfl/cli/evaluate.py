@@ -68,7 +68,7 @@ def score_file(job: tuple) -> dict:
 
 
 def score_all(jobs: list[tuple], num_workers: int, progress: bool = True) -> list[dict]:
-    """Score every file, in input order; ``num_workers <= 1`` runs serially (same numbers).
+    """Score every file, in input order; ``num_workers <= 1`` runs serially (the same numbers to float64 rounding).
 
     The workers are a :class:`~dfl.metric_pool.MetricPool`, the pool validation scores through too.
     """

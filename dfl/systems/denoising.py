@@ -49,8 +49,7 @@ class DenoisingSystem(L.LightningModule):
     visible next to ``<stage>/enhanced/*``.
 
     The metrics run in ``metric_workers`` worker processes (:class:`~dfl.metric_pool.MetricPool`;
-    None: on GPUs this host's cores shared by its training processes, one left to each, on the CPU
-    none; 0: in this process)
+    None: this host's cores shared by its training processes, one left to each; 0: in this process)
     while the model runs on the next utterances. ``val_metrics_overlap`` (with workers, while fitting): an
     epoch's scores are also left to the workers while the next epoch trains, and merged at the next
     validation's start or when fitting ends; they are then logged at the epoch and step they belong to, and
@@ -243,9 +242,7 @@ class DenoisingSystem(L.LightningModule):
             from dfl.metric_pool import MetricPool, default_workers
 
             workers = self.hparams.metric_workers
-            if workers is None and self.device.type == "cpu":
-                workers = 0  # the model's threads already use the cores: no gain measured on 2 cores
-            elif workers is None:
+            if workers is None:  # this host's cores shared by its training processes, one left to each
                 local = getattr(self._trainer, "num_devices", 1) if self._trainer is not None else 1
                 workers = default_workers(local)
             self._metric_pool = MetricPool(int(workers))
