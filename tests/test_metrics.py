@@ -321,3 +321,18 @@ def test_vbdmd_sample_values_from_the_shared_readme():
         got = compute_many(["pesq", "stoi", "snr", "csig"], clean, enh)
         assert got["pesq"] == pytest.approx(pe, abs=5e-4) and got["stoi"] == pytest.approx(se, abs=5e-4)
         assert got["snr"] > compute("snr", clean, noisy)
+
+
+def test_scores_do_not_depend_on_the_callers_blas_threads():
+    # A metric worker runs with one BLAS thread, the training process with all cores: the same numbers.
+    from threadpoolctl import threadpool_limits
+
+    clean = speech_like(10.0, seed=5)
+    noisy = noisy_version(clean, 5.0, seed=6)
+    names = ["si_sdr", "snr", "stoi", "pesq"]
+    with threadpool_limits(4):
+        many = compute_many(names, clean, noisy, SR)
+    with threadpool_limits(1):
+        one = compute_many(names, clean, noisy, SR)
+    assert many == one
+    assert all(isinstance(v, float) for v in one.values())
