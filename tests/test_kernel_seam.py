@@ -234,3 +234,22 @@ def test_the_training_system_goes_through_the_seam(cpu_kernels):
     got, _ = system._loss(system(noisy), clean, None)
     want, _ = loss(reference(noisy), clean)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+
+
+def test_a_combined_loss_with_an_stft_term_goes_through_the_seam():
+    """``loss=fl_mrstft``: the feature term runs fast, the STFT term (2048-sample frames) as it is; the same step."""
+    from dfl.kernels.frozen_feature_loss import FrozenFeatureLoss
+    from dfl.losses import CombinedLoss, FeatureLoss, MultiResolutionSTFTLoss
+    from dfl.models import LossNetwork
+    from dfl.systems import DenoisingSystem
+
+    denoiser = _trained_like("conf/model/can_paper.yaml").train()
+    reference = copy.deepcopy(denoiser)
+    loss = CombinedLoss(FeatureLoss(LossNetwork(n_layers=4, base_channels=8), layers=3),
+                        {"mrstft": {"loss": MultiResolutionSTFTLoss(), "weight": 5.0}})
+    system = DenoisingSystem(denoiser, loss, metrics=[], cpu_kernels=True)
+    assert isinstance(system._run_loss.feature, FrozenFeatureLoss)
+    noisy, clean = _signal(batch=2, length=8000), _signal(batch=2, length=8000, seed=5)
+    got, _ = system._loss(system(noisy), clean, None)
+    want, _ = loss(reference(noisy), clean)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
