@@ -83,7 +83,7 @@ def _blas_pools():
 
 def _run_family(family: str, c, e, sample_rate: int) -> dict[str, float]:
     # One BLAS thread: a multi-threaded dot product sums in another order, so the in-process route and a
-    # (single-threaded) metric worker would disagree in the last digits (ESTOI, SI-SDR).
+    # (single-threaded) metric worker would disagree in the last digits (seen in SI-SDR).
     with _blas_pools().limit(limits=1):
         values = FAMILIES[family][1](c, e, sample_rate)
     for k, v in values.items():
