@@ -98,6 +98,54 @@ class MetricPool:
         self.close()
 
 
+class CoreShare:
+    """The model's torch threads on a CPU while metric workers score: ``threads - workers`` (at least 1) while
+    any of the watched futures is pending, all of them otherwise. Model and workers then never ask for more
+    cores than the host has: oversubscribed, the model's OpenMP threads wait on each other (2 cores: a
+    1-worker validation added 1.13× the metrics' own time; sharing, see docs/performance.md).
+
+    Args:
+        workers: the pool's worker processes (0: nothing to share).
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = int(workers)
+        self._threads: int | None = None  # torch threads before yielding
+        self._watched: list | None = None
+        self._done = 0  # futures of the watched list known to be done (they finish about in order)
+
+    @property
+    def yielded(self) -> bool:
+        return self._threads is not None
+
+    def update(self, futures: list) -> None:
+        """Yield or reclaim cores for what ``futures`` (a list that grows; pass the same list) still need."""
+        if futures is not self._watched:
+            self._watched, self._done = futures, 0
+        while self._done < len(futures) and futures[self._done].done():
+            self._done += 1
+        if self._done < len(futures):
+            self.yield_cores()
+        else:
+            self.reclaim()
+
+    def yield_cores(self) -> None:
+        import torch
+
+        threads = torch.get_num_threads()
+        keep = max(1, threads - self.workers)
+        if self._threads is None and keep < threads:
+            self._threads = threads
+            torch.set_num_threads(keep)
+
+    def reclaim(self) -> None:
+        import torch
+
+        if self._threads is not None:
+            torch.set_num_threads(self._threads)
+            self._threads = None
+
+
 def result(future: Future):
     """A future's result; a worker that died (killed, out of memory) is a clear error."""
     try:

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from concurrent.futures import Future
 from pathlib import Path
 
 import lightning as L
@@ -166,5 +167,113 @@ def test_training_yields_a_core_to_the_scoring_workers_and_takes_it_back(tmp_pat
         assert torch.get_num_threads() == 3  # taken back
         assert best.best_model_path.endswith(".ckpt") and ".pending" not in best.best_model_path
         assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [Path(best.best_model_path).name]
+    finally:
+        torch.set_num_threads(threads)
+
+
+class LateFuture(Future):
+    """A metric future that stays pending until its result is asked for (a worker still scoring)."""
+
+    def __init__(self, value):
+        super().__init__()
+        self._value = value
+
+    def result(self, timeout=None):
+        if not self.done():
+            self.set_result(self._value)
+        return super().result(timeout)
+
+
+class SlowPool(MetricPool):
+    """Scores here but leaves every future pending until it is waited for: a worker slower than the model."""
+
+    def __init__(self, num_workers: int) -> None:
+        super().__init__(num_workers)
+        self.submitted = 0
+
+    def submit(self, fn, job):
+        self.submitted += 1
+        return LateFuture(fn(job))
+
+
+def test_core_share_yields_while_scores_are_pending_and_reclaims_when_done():
+    from dfl.metric_pool import CoreShare
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        cores, futures = CoreShare(workers=3), []
+        cores.update(futures)
+        assert torch.get_num_threads() == 4 and not cores.yielded  # nothing to score: all threads
+        futures.append(Future())
+        cores.update(futures)
+        assert torch.get_num_threads() == 1 and cores.yielded  # 4 - 3 workers
+        futures.append(Future())
+        futures[0].set_result(None)
+        cores.update(futures)
+        assert torch.get_num_threads() == 1  # one still pending
+        futures[1].set_result(None)
+        cores.update(futures)
+        assert torch.get_num_threads() == 4 and not cores.yielded
+        cores.update([Future()])  # a new list is watched from its start
+        assert torch.get_num_threads() == 1
+        cores.reclaim()
+        assert torch.get_num_threads() == 4
+        big = CoreShare(workers=8)  # more workers than threads: the model keeps one
+        big.update([Future()])
+        assert torch.get_num_threads() == 1
+        big.reclaim()
+        assert torch.get_num_threads() == 4
+        CoreShare(workers=0).update([Future()])  # scoring in-process: nothing to give
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(threads)
+
+
+class ModelRunsSeen(torch.nn.Module):
+    """A denoiser that records, each time validation runs it, torch's threads and the jobs submitted so far."""
+
+    def __init__(self, pool: SlowPool):
+        super().__init__()
+        from dfl.models import ContextAggregationNet
+
+        self.net = ContextAggregationNet(dilations=[1, 2, 1], channels=4)
+        self.pool = pool
+        self.seen: list[tuple[int, int]] = []
+
+    def forward(self, x):
+        if not self.training:
+            self.seen.append((torch.get_num_threads(), self.pool.submitted))
+        return self.net(x)
+
+
+def test_on_the_cpu_the_workers_start_when_the_model_has_run_on_the_whole_split(tmp_path):
+    """The model takes every core while it runs; scoring next to it would oversubscribe them (both slower)."""
+    from dfl.losses import WaveformL1Loss
+    from dfl.metric_pool import CoreShare
+    from dfl.systems import DenoisingSystem
+    from tests.conftest import write_pair_tree
+    from tests.helpers.tiny_training import datamodule
+
+    data = write_pair_tree(tmp_path / "pairs", splits=("train", "val", "test"), n=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        pool = SlowPool(1)
+        denoiser = ModelRunsSeen(pool)
+        system = DenoisingSystem(denoiser, WaveformL1Loss(), metrics=["si_sdr"], metric_workers=1, cpu_kernels=False)
+        system._metric_pool, system._cores = pool, CoreShare(1)
+        trainer = L.Trainer(default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False)
+        (val,) = trainer.validate(system, datamodule=datamodule(data))
+        assert denoiser.seen == [(3, 0)] * 3 and pool.submitted == 3  # all threads, nothing scored meanwhile
+        assert torch.get_num_threads() == 3
+        denoiser.pool = system._metric_pool = SlowPool(1)  # the pool is closed after each stage
+        (test,) = trainer.test(system, datamodule=datamodule(data))
+        assert denoiser.seen[3:] == [(3, 0)] * 3 and denoiser.pool.submitted == 3
+        system._metric_pool = MetricPool(0)  # scored in this process as each utterance is run: the same means
+        (val_in_process,) = trainer.validate(system, datamodule=datamodule(data))
+        assert val_in_process["val/enhanced/si_sdr"] == val["val/enhanced/si_sdr"]
+        assert np.isfinite(test["test/enhanced/si_sdr"])
     finally:
         torch.set_num_threads(threads)

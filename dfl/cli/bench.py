@@ -480,7 +480,7 @@ def bench_validation(utterances: int, workers: list[int], seed: int = 0, device:
     on the CPU the steps use ``k`` threads fewer until the scores are in), then the wait for the scores.
     ``added_vs_serial``: the time a setting adds above ``run_no_metrics``, over ``run_serial``'s.
     """
-    from dfl.metric_pool import MetricPool, result, score_utterance
+    from dfl.metric_pool import CoreShare, MetricPool, result, score_utterance
 
     pairs = validation_set(utterances, seed)
     audio_seconds = sum(len(c) for _, c in pairs) / SAMPLE_RATE
@@ -495,13 +495,17 @@ def bench_validation(utterances: int, workers: list[int], seed: int = 0, device:
         return out.cpu().numpy()
 
     def validate(pool: MetricPool | None) -> list:
-        futures = []
+        """As DenoisingSystem: on a CPU the workers get the jobs once the model has run on every utterance."""
+        futures, held = [], []
+        hold = device == "cpu" and pool is not None and pool.num_workers > 0
         with torch.inference_mode():
             for i, (noisy, clean) in enumerate(pairs):
                 enhanced = enhance(noisy)
-                if pool is not None:
+                if hold:
+                    held.append(job(i, clean, enhanced))
+                elif pool is not None:
                     futures.append(pool.submit(score_utterance, job(i, clean, enhanced)))
-        return futures
+        return futures + [pool.submit(score_utterance, work) for work in held]
 
     def epoch(pool: MetricPool | None) -> float:
         start = time.perf_counter()
@@ -514,20 +518,18 @@ def bench_validation(utterances: int, workers: list[int], seed: int = 0, device:
     def validate_then_train(pool: MetricPool | None, overlap: bool) -> float:
         """Validation, then ``train_steps`` training steps; with ``overlap`` the scores are waited for after them."""
         start = time.perf_counter()
-        futures = validate(pool)
-        threads = torch.get_num_threads()
-        if not overlap:
-            for f in futures:
-                result(f)
-        elif device == "cpu" and pool is not None:
-            torch.set_num_threads(max(1, threads - pool.num_workers))  # as DenoisingSystem yields cores
+        cores = CoreShare(pool.num_workers if pool is not None else 0)
         try:
+            futures = validate(pool)
+            if not overlap:
+                for f in futures:
+                    result(f)
             for _ in range(train_steps):
+                if device == "cpu":
+                    cores.update(futures)
                 step()
-                if torch.get_num_threads() != threads and all(f.done() for f in futures):
-                    torch.set_num_threads(threads)
         finally:
-            torch.set_num_threads(threads)
+            cores.reclaim()
         for f in futures:
             result(f)
         return time.perf_counter() - start

@@ -50,8 +50,10 @@ class DenoisingSystem(L.LightningModule):
 
     The metrics run in ``metric_workers`` worker processes (:class:`~dfl.metric_pool.MetricPool`;
     None: this host's cores shared by its training processes, one left to each; 0: in this process)
-    while the model runs on the next utterances. ``val_metrics_overlap`` (with workers, while fitting): an
-    epoch's scores are also left to the workers while the next epoch trains, and merged at the next
+    while the model runs on the next utterances (on a GPU; on the CPU, whose cores the model takes, once
+    it has run on the whole split). ``val_metrics_overlap`` (with workers, while fitting): an
+    epoch's scores are also left to the workers while the next epoch trains (on the CPU on one thread fewer
+    per worker until they are done), and merged at the next
     validation's start or when fitting ends; they are then logged at the epoch and step they belong to, and
     :class:`~callbacks.BestCheckpoint` decides on that epoch's snapshot (the same best checkpoint as
     without overlap). Without it they are merged at the end of the epoch, before it is logged and
@@ -112,9 +114,10 @@ class DenoisingSystem(L.LightningModule):
         self._noisy_scored: set[str] = set()
         self._records: dict[str, list[dict]] = {}  # per stage: this rank's per-utterance results (dfl.systems.scoring)
         self._scoring: dict[str, list] = {}  # per stage: futures of per-utterance metric records (dfl.metric_pool)
+        self._held_jobs: dict[str, list] = {}  # per stage: metric jobs for the workers once the model is done (CPU)
         self._metric_pool = None
         self._pending_val: dict | None = None  # an epoch's validation scores still in the workers (val_metrics_overlap)
-        self._threads_before_yield: int | None = None  # torch threads before yielding cores to the workers
+        self._cores = None  # dfl.metric_pool.CoreShare: the model's threads while the workers score (CPU)
         self.evaluated_utterances: dict[str, int] = {}  # per stage: distinct utterances in the last epoch's means
         self._unchecked_losses: list[tuple[int, torch.Tensor]] = []  # (batch, loss) not yet read: see _check_finite
         self._written_step = True  # this step's values go to the loggers: see _loggers_write_this_step
@@ -203,8 +206,8 @@ class DenoisingSystem(L.LightningModule):
         last = trainer is not None and batch_idx + 1 >= trainer.num_training_batches
         if self._written_step or last:
             self._read_unchecked_losses()
-        if self._threads_before_yield is not None and all(f.done() for f in self._pending_val["futures"]):
-            self._reclaim_cores()  # scores done: this rank's threads back (the merge waits for the next validation)
+        if self._pending_val is not None and self._cores is not None and self._cores.yielded:
+            self._cores.update(self._pending_val["futures"])  # scores done: threads back (merged at the next validation)
 
     def on_train_epoch_end(self) -> None:
         self._read_unchecked_losses()
@@ -239,14 +242,20 @@ class DenoisingSystem(L.LightningModule):
 
     def _pool(self):
         if self._metric_pool is None:
-            from dfl.metric_pool import MetricPool, default_workers
+            from dfl.metric_pool import CoreShare, MetricPool, default_workers
 
             workers = self.hparams.metric_workers
             if workers is None:  # this host's cores shared by its training processes, one left to each
                 local = getattr(self._trainer, "num_devices", 1) if self._trainer is not None else 1
                 workers = default_workers(local)
             self._metric_pool = MetricPool(int(workers))
+            self._cores = CoreShare(self._metric_pool.num_workers)
         return self._metric_pool
+
+    def _share_cores(self, futures: list) -> None:
+        """On the CPU, training runs on the cores the metric workers leave while they score ``futures``."""
+        if self.device.type == "cpu" and self._cores is not None:
+            self._cores.update(futures)
 
     def _evaluate(self, batch: dict, batch_idx: int, stage: str) -> None:
         from dfl.metric_pool import score_utterance
@@ -260,14 +269,29 @@ class DenoisingSystem(L.LightningModule):
             return
         lengths = batch.get("lengths", torch.full((noisy.shape[0],), noisy.shape[-1]))
         kinds = {"enhanced": enhanced} if stage in self._noisy_scored else {"enhanced": enhanced, "noisy": noisy}
-        as_numpy = lambda t, i, n: t[i, :n].float().cpu().numpy().astype(np.float64)  # noqa: E731
+        # the model takes every core of a CPU: the workers start when it is done (_release_held_jobs); the
+        # held copies stay float32 (half the memory; the same float64 values once converted)
+        hold = self.device.type == "cpu" and self._pool().num_workers > 0
+        dtype = np.float32 if hold else np.float64
+        as_numpy = lambda t, i, n: t[i, :n].float().cpu().numpy().astype(dtype)  # noqa: E731 (a copy)
         names = self.val_metric_names if stage == "val" else self.metric_names
         for i, uid in enumerate(ids) if names else ():
             n = int(lengths[i])
             job = (uid, as_numpy(clean, i, n), {k: as_numpy(x, i, n) for k, x in kinds.items()},
                    names, self.hparams.sample_rate)
-            # scored in a worker while this process runs the model on the next utterances
-            self._scoring.setdefault(stage, []).append(self._pool().submit(score_utterance, job))
+            if hold:
+                self._held_jobs.setdefault(stage, []).append(job)
+            else:  # scored in a worker while this process runs the model on the next utterances
+                self._scoring.setdefault(stage, []).append(self._pool().submit(score_utterance, job))
+
+    def _release_held_jobs(self, stage: str) -> None:
+        from dfl.metric_pool import score_utterance
+
+        futures = self._scoring.setdefault(stage, [])
+        for uid, clean, estimates, names, sample_rate in self._held_jobs.pop(stage, []):
+            job = (uid, clean.astype(np.float64), {k: x.astype(np.float64) for k, x in estimates.items()},
+                   names, sample_rate)
+            futures.append(self._pool().submit(score_utterance, job))
 
     def _log_epoch_means(self, stage: str, futures: list | None = None) -> dict[str, float]:
         """Wait for this rank's metrics, gather every rank's records, drop repeated utterances, log one
@@ -276,7 +300,11 @@ class DenoisingSystem(L.LightningModule):
         from dfl.metric_pool import result
 
         futures = self._scoring.pop(stage, []) if futures is None else futures
-        results = self._merge(stage, self._records.pop(stage, []) + [result(f) for f in futures])
+        try:
+            scores = [result(f) for f in futures]
+        finally:
+            self._reclaim_cores()  # the workers are done with this stage
+        results = self._merge(stage, self._records.pop(stage, []) + scores)
         for key, value in results.items():
             # identical on every rank already: their mean is the value itself
             self.log(f"{stage}/{key}", value, batch_size=1, sync_dist=True)
@@ -308,17 +336,11 @@ class DenoisingSystem(L.LightningModule):
         # the step Lightning logs this validation's loss at (the loggers' x axis), not global_step
         step = getattr(self.trainer.fit_loop.epoch_loop, "_batches_that_stepped", self.global_step)
         self._pending_val = {"epoch": self.current_epoch, "step": step, "futures": self._scoring.pop("val", [])}
-        if self.device.type == "cpu":  # the workers need cores the model's threads would otherwise take
-            threads = torch.get_num_threads()
-            keep = max(1, threads - self._pool().num_workers)
-            if keep < threads:
-                self._threads_before_yield = threads
-                torch.set_num_threads(keep)
+        self._share_cores(self._pending_val["futures"])  # the next epoch trains on the cores the workers leave
 
     def _reclaim_cores(self) -> None:
-        if self._threads_before_yield is not None:
-            torch.set_num_threads(self._threads_before_yield)
-            self._threads_before_yield = None
+        if self._cores is not None:
+            self._cores.reclaim()
 
     def merge_pending_val_scores(self) -> dict[str, float] | None:
         """Wait for a deferred epoch's scores, log them at that epoch's step, hand them to the checkpoint
@@ -361,12 +383,13 @@ class DenoisingSystem(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.merge_pending_val_scores()  # the previous epoch's, scored while this one trained
-        self._records["val"], self._scoring["val"] = [], []
+        self._records["val"], self._scoring["val"], self._held_jobs["val"] = [], [], []
 
     def on_test_epoch_start(self) -> None:
-        self._records["test"], self._scoring["test"] = [], []
+        self._records["test"], self._scoring["test"], self._held_jobs["test"] = [], [], []
 
     def on_validation_epoch_end(self) -> None:
+        self._release_held_jobs("val")
         scored = self._metrics_due("val")
         if scored and self.val_metric_names and self._overlaps_training():
             self._defer_val_scores()
@@ -412,6 +435,7 @@ class DenoisingSystem(L.LightningModule):
                 )
 
     def on_test_epoch_end(self) -> None:
+        self._release_held_jobs("test")
         self._log_epoch_means("test")
         self._noisy_scored.add("test")
 
