@@ -99,10 +99,11 @@ class MetricPool:
 
 
 class CoreShare:
-    """The model's torch threads on a CPU while metric workers score: ``threads - workers`` (at least 1) while
-    any of the watched futures is pending, all of them otherwise. Model and workers then never ask for more
-    cores than the host has: oversubscribed, the model's OpenMP threads wait on each other (2 cores: a
-    1-worker validation added 1.13× the metrics' own time; sharing, see docs/performance.md).
+    """Training's torch threads on a CPU while metric workers score: ``threads - workers`` (at least 1) while
+    any of the watched futures is pending, all of them otherwise, so training and workers do not ask for more
+    cores than there are (oversubscribed, the model's OpenMP threads wait on each other). Validation does
+    not use it: a forward pass outlasts a scoring job, so yielding per utterance left a core idle
+    (docs/performance.md#validation-metrics); its workers start once the model is done.
 
     Args:
         workers: the pool's worker processes (0: nothing to share).
