@@ -186,7 +186,9 @@ def test_nan_found_mid_stream_leaves_no_partial_file(tmp_path, model_path, monke
     args = [str(tmp_path / "late_nan.wav"), "-o", str(out), "--model", str(model_path), "--chunk-seconds", "0.1"]
     assert main(args) == 1
     assert [p for p in out.rglob("*") if p.is_file()] == []
-    assert f"{tmp_path / 'late_nan.wav'}: audio contains NaN" in capsys.readouterr().out
+    summary = capsys.readouterr().out
+    assert f"{tmp_path / 'late_nan.wav'}: audio contains NaN" in summary
+    assert "denoised 0 file(s)" in summary and "(no audio denoised)" in summary and "nan)" not in summary
 
 
 @pytest.fixture(scope="module")

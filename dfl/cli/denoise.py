@@ -162,10 +162,10 @@ def _run(args, progress: dict) -> int:
     bar.close()
     done = progress["done"]
     elapsed = time.perf_counter() - start
-    rtf = elapsed / seconds if seconds else float("nan")
+    rtf = f"real-time factor {elapsed / seconds:.3f}" if seconds else "no audio denoised"
     print(
         f"denoised {done} file(s), {seconds / 3600:.3f} h of audio in {elapsed:.1f} s "
-        f"(real-time factor {rtf:.3f}); {len(failed)} failed; "
+        f"({rtf}); {len(failed)} failed; "
         + (f"{skipped} skipped (output already there); " if skipped else "")
         + f"outputs in {args.outdir}"
     )

@@ -117,7 +117,7 @@ class DenoisingSystem(L.LightningModule):
         self._held_jobs: dict[str, list] = {}  # per stage: metric jobs for the workers once the model is done (CPU)
         self._metric_pool = None
         self._pending_val: dict | None = None  # an epoch's validation scores still in the workers (val_metrics_overlap)
-        self._cores = None  # dfl.metric_pool.CoreShare: the model's threads while the workers score (CPU)
+        self._cores = None  # dfl.metric_pool.CoreShare: training's threads while the workers score (CPU)
         self.evaluated_utterances: dict[str, int] = {}  # per stage: distinct utterances in the last epoch's means
         self._unchecked_losses: list[tuple[int, torch.Tensor]] = []  # (batch, loss) not yet read: see _check_finite
         self._written_step = True  # this step's values go to the loggers: see _loggers_write_this_step
@@ -441,6 +441,7 @@ class DenoisingSystem(L.LightningModule):
 
     def teardown(self, stage: str) -> None:
         self._pending_val = None  # scores of an interrupted fit (merged ones were logged)
+        self._held_jobs.clear()
         self._reclaim_cores()
         if self._metric_pool is not None:  # after fit / test, and after an exception
             self._metric_pool.close()
