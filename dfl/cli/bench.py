@@ -467,7 +467,8 @@ def bench_validation(utterances: int, workers: list[int], seed: int = 0, device:
     The model runs on ``device``. ``model_only`` runs the network alone; ``serial`` scores in this
     process after each utterance; ``pooled_<k>`` hands each utterance to a
     :class:`~dfl.metric_pool.MetricPool` of ``k`` processes (started and warmed before the clock
-    starts: validation keeps its pool for the whole fit) while the model runs on. ``metrics_alone``
+    starts: validation keeps its pool for the whole fit) while the model runs on (on a GPU; on the CPU
+    once the model has run on every utterance, as ``DenoisingSystem`` does). ``metrics_alone``
     is the metrics computed serially without the model: what validation would add if nothing
     overlapped. Each figure is the minimum of ``repeats`` runs, the runs of all settings interleaved
     (a busy machine slows them alike). ``added_seconds``: the time above ``model_only``;
