@@ -145,6 +145,7 @@ def test_training_yields_a_core_to_the_scoring_workers_and_takes_it_back(tmp_pat
     """On the CPU, while epoch e's scores are in the worker, epoch e+1 trains on one thread fewer."""
     from callbacks import BestCheckpoint
     from dfl.losses import WaveformL1Loss
+    from dfl.metric_pool import CoreShare
     from dfl.models import ContextAggregationNet
     from dfl.systems import DenoisingSystem
     from tests.conftest import write_pair_tree
@@ -157,6 +158,8 @@ def test_training_yields_a_core_to_the_scoring_workers_and_takes_it_back(tmp_pat
         torch.manual_seed(0)
         system = DenoisingSystem(ContextAggregationNet(dilations=[1, 2, 1], channels=4), WaveformL1Loss(),
                                  metrics=["si_sdr"], metric_workers=1)
+        # a worker still scoring when the next epoch starts (a real one may be done first: then nothing is yielded)
+        system._metric_pool, system._cores = SlowPool(1), CoreShare(1)
         record = RecordThreads()
         best = BestCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/enhanced/si_sdr", mode="max", filename="epoch_{epoch}")
         trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=3, accelerator="cpu", logger=False,
