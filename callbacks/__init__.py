@@ -4,5 +4,6 @@ from callbacks.model_summary import ModelSummary
 from callbacks.preemption import CheckpointOnSigterm
 from callbacks.throughput import TrainingThroughput
 from callbacks.wandb_media import WandbMediaLogger
+from callbacks.weight_average import DenoiserWeightAverage
 
-__all__ = ["BestCheckpoint", "CheckpointOnSigterm", "LossWeightBalancer", "ModelSummary", "TrainingThroughput", "WandbMediaLogger"]
+__all__ = ["BestCheckpoint", "CheckpointOnSigterm", "DenoiserWeightAverage", "LossWeightBalancer", "ModelSummary", "TrainingThroughput", "WandbMediaLogger"]

@@ -44,15 +44,18 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def model_record(kind: str, model: nn.Module, meta: dict | None = None) -> dict:
-    """The serialisable record of one network (used inside Lightning checkpoints too)."""
+def model_record(kind: str, model: nn.Module, meta: dict | None = None, state_dict: dict | None = None) -> dict:
+    """The serialisable record of one network (used inside Lightning checkpoints too).
+
+    ``state_dict``: weights to record instead of the model's own (e.g. an average of them).
+    """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     return {
         "dfl_format": FORMAT_VERSION,
         "kind": kind,
         "config": _plain(model.config),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": {k: v.detach().cpu() for k, v in (model.state_dict() if state_dict is None else state_dict).items()},
         "meta": _plain(meta or {}),
     }
 

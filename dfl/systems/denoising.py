@@ -449,8 +449,11 @@ class DenoisingSystem(L.LightningModule):
 
     # -- checkpoints --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Plain records so `dfl-denoise --model last.ckpt` rebuilds the network safely.
-        records = {"denoiser": model_record("denoiser", self.plain_denoiser)}
+        # Plain records so `dfl-denoise --model last.ckpt` rebuilds the network safely; the weights are the
+        # checkpoint's (a callback may have put others there, e.g. callbacks.DenoiserWeightAverage's average).
+        prefix = "denoiser._orig_mod." if self.plain_denoiser is not self.denoiser else "denoiser."
+        weights = {k: checkpoint["state_dict"][prefix + k] for k in self.plain_denoiser.state_dict()}
+        records = {"denoiser": model_record("denoiser", self.plain_denoiser, state_dict=weights)}
         lossnet = getattr(self.loss, "loss_network", None)
         if lossnet is not None and hasattr(lossnet, "config"):
             records["lossnet"] = model_record("lossnet", lossnet)

@@ -42,7 +42,7 @@ def make_trainer(root_dir: Path, max_epochs: int, callbacks, **kw) -> L.Trainer:
         logger=kw.pop("logger", False),
         enable_progress_bar=False,
         enable_model_summary=False,
-        limit_val_batches=0,
+        limit_val_batches=kw.pop("limit_val_batches", 0),
         callbacks=callbacks,
         **kw,
     )
