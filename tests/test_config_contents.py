@@ -16,6 +16,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from dfl.hydra_resolvers import CONF_DIR
 from dfl.losses import CombinedLoss, FeatureLoss, MultiResolutionSTFTLoss, WaveformL1Loss, WaveformL2Loss
@@ -205,7 +206,7 @@ def test_fl_random_ignores_a_pretrained_checkpoint(tmp_path):
 # feature loss over every layer of the paper's loss network, 10 balancing epochs (mean over them), Adam 1e-4,
 # batch size 1 whole utterances, 320 epochs; paper_l1/l2 swap the loss. The demo narrows can_paper to 32
 # channels (same layers and receptive field), identity init, synthetic data in 1-s crops of 4, lr 1e-3,
-# 2 balancing epochs.
+# 2 balancing epochs, and validates/checkpoints an average of the weights (decay 0.995); the recipes do not.
 PAPER_RECIPE = dict(data="voicebank", model="can_paper", channels=64, init="default", batch_size=1, crop=None,
                     lr=1e-4, epochs=320, balance_epochs=10, window="all", lossnet="paper")
 FACTS_EXPERIMENT = {
@@ -213,7 +214,7 @@ FACTS_EXPERIMENT = {
     "paper_l1": dict(PAPER_RECIPE, loss="l1"),
     "paper_l2": dict(PAPER_RECIPE, loss="l2"),
     "demo": dict(data="synthetic", model="can_paper", channels=32, init="identity", batch_size=4, crop=1.0,
-                 lr=1e-3, balance_epochs=2, lossnet="paper", loss="fl"),
+                 lr=1e-3, balance_epochs=2, lossnet="paper", loss="fl", weight_average=0.995),
     "eval_voicebank": dict(eval=True, split="test", data_dir="voicebank", paper_table=True),
     # make demo's last step: the demo's synthetic test split
     "eval_demo": dict(eval=True, split="test", data_dir="synthetic_speech", paper_table=False),
@@ -249,6 +250,7 @@ def test_experiment_config_is_the_documented_recipe(name):
         assert cfg.trainer.max_epochs == facts["epochs"]
     balancer = cfg.callbacks.loss_weight_balancer
     assert balancer.epochs == facts["balance_epochs"]
+    assert OmegaConf.select(cfg, "callbacks.weight_average.decay") == facts.get("weight_average")
     if "window" in facts:
         assert balancer.window == facts["window"]
     loss_facts = FACTS_LOSS[facts["loss"]]
