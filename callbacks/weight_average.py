@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from lightning.pytorch import Callback
 
-CHECKPOINT_KEY = "dfl_weight_average"  # the training weights and the update count, beside the averaged state_dict
+from dfl.checkpoints import WEIGHT_AVERAGE_KEY
 
 
 class DenoiserWeightAverage(Callback):
@@ -108,11 +108,11 @@ class DenoiserWeightAverage(Callback):
             averaged, trained = (live, other) if swapped else (other, live)
             checkpoint["state_dict"][prefix + name] = averaged
             training[name] = trained
-        checkpoint[CHECKPOINT_KEY] = {"decay": self.decay, "updates": self.updates, "training_state_dict": training}
+        checkpoint[WEIGHT_AVERAGE_KEY] = {"decay": self.decay, "updates": self.updates, "training_state_dict": training}
 
     @torch.no_grad()
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        saved = checkpoint.get(CHECKPOINT_KEY)
+        saved = checkpoint.get(WEIGHT_AVERAGE_KEY)
         if saved is None or trainer.state.fn != "fit":
             return  # its weights are the model's (and, resuming, the average's start)
         denoiser = self._denoiser(pl_module)

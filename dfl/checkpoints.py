@@ -22,6 +22,8 @@ from dfl.audio import atomic_write
 
 FORMAT_VERSION = 1
 KINDS = ("denoiser", "lossnet")
+# In a Lightning checkpoint whose weights are an average (callbacks.DenoiserWeightAverage): the training weights
+WEIGHT_AVERAGE_KEY = "dfl_weight_average"
 
 
 class CheckpointError(ValueError):

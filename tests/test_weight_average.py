@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from callbacks import DenoiserWeightAverage
-from dfl.checkpoints import load_model
+from dfl.checkpoints import WEIGHT_AVERAGE_KEY, load_model
 from tests.conftest import write_pair_tree
 from tests.helpers.tiny_training import datamodule, make_system, make_trainer
 
@@ -80,7 +80,7 @@ def test_validation_and_checkpoints_hold_the_average_and_training_continues_from
     assert_weights_close({k[len("denoiser."):]: v for k, v in saved["state_dict"].items() if k.startswith("denoiser.")}, expected)
     assert_weights_close(saved["dfl_models"]["denoiser"]["state_dict"], expected)
     assert_weights_close(weights(load_model(tmp_path / "ck" / "last.ckpt", "denoiser")), expected)
-    assert_weights_close(saved["dfl_weight_average"]["training_state_dict"], record.steps[-1])
+    assert_weights_close(saved[WEIGHT_AVERAGE_KEY]["training_state_dict"], record.steps[-1])
     # the step after a validation starts from the training weights, not the average
     assert not torch.allclose(record.steps[4]["convs.0.weight"], record.validated[0]["convs.0.weight"])
 
@@ -119,6 +119,13 @@ def test_dfl_train_with_the_averaging_checkpoints_and_tests_the_average(tmp_path
         saved = torch.load(path, weights_only=True)
         averaged = {k[len("denoiser."):]: v for k, v in saved["state_dict"].items() if k.startswith("denoiser.")}
         assert_weights_close(saved["dfl_models"]["denoiser"]["state_dict"], averaged)
-        training = saved["dfl_weight_average"]["training_state_dict"]
+        training = saved[WEIGHT_AVERAGE_KEY]["training_state_dict"]
         assert not torch.allclose(training["convs.0.weight"], averaged["convs.0.weight"]), path
     assert Path(json.loads((run / "metrics.json").read_text())["checkpoint"]).name == best.name  # tested: the average
+
+
+def test_resuming_an_averaged_checkpoint_without_the_callback_is_warned(tmp_path, data):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, save_top_k=0)
+    make_trainer(tmp_path / "a", 1, [DenoiserWeightAverage(decay=DECAY), ckpt]).fit(make_system(), datamodule=datamodule(data))
+    with pytest.warns(UserWarning, match=r"callbacks=\[default,weight_average\]"):
+        make_trainer(tmp_path / "b", 2, []).fit(make_system(), datamodule=datamodule(data), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dfl.checkpoints import model_record
+from dfl.checkpoints import WEIGHT_AVERAGE_KEY, model_record
 from dfl.losses.masking import zero_padding
 
 DEFAULT_METRICS = ("pesq", "stoi", "si_sdr")
@@ -462,3 +462,14 @@ class DenoisingSystem(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._noisy_scored |= set(checkpoint.get("dfl_noisy_scored", []))
+        trainer = self._trainer
+        if WEIGHT_AVERAGE_KEY in checkpoint and trainer is not None and trainer.state.fn == "fit" and not any(
+            type(cb).__name__ == "DenoiserWeightAverage" for cb in trainer.callbacks
+        ):
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(
+                "this checkpoint's weights are an average (callbacks.weight_average); without that callback training "
+                "goes on from the average, not from the weights it was training. Add callbacks=[default,weight_average] "
+                "to resume as if uninterrupted."
+            )
