@@ -101,7 +101,7 @@ class DenoiserWeightAverage(Callback):
             return
         denoiser = self._denoiser(pl_module)
         swapped = self._swapped  # during validation or after fitting: the model holds the average, self.average the training weights
-        prefix = _state_dict_prefix(pl_module, denoiser)
+        prefix = pl_module.denoiser_state_prefix
         training = {}
         for name, value in denoiser.state_dict().items():
             live, other = value.detach().cpu().clone(), self.average[name].detach().cpu().clone()
@@ -124,10 +124,3 @@ class DenoiserWeightAverage(Callback):
     def state_dict(self) -> dict:
         return {"decay": self.decay}  # the tensors travel in the checkpoint's own entries (see on_save_checkpoint)
 
-
-def _state_dict_prefix(pl_module, denoiser) -> str:
-    """The prefix of the denoiser's entries in the system's state_dict (``denoiser.`` or ``denoiser._orig_mod.``)."""
-    for name, module in pl_module.named_modules():
-        if module is denoiser:
-            return f"{name}."
-    raise RuntimeError("DenoiserWeightAverage: the denoiser is not a submodule of the system")

@@ -126,6 +126,11 @@ class DenoisingSystem(L.LightningModule):
     def plain_denoiser(self) -> nn.Module:
         return getattr(self.denoiser, "_orig_mod", self.denoiser)
 
+    @property
+    def denoiser_state_prefix(self) -> str:
+        """The prefix of the plain denoiser's entries in this system's state_dict (torch.compile adds ``_orig_mod.``)."""
+        return "denoiser._orig_mod." if self.plain_denoiser is not self.denoiser else "denoiser."
+
     def forward(self, noisy: torch.Tensor) -> torch.Tensor:
         return self._run_denoiser(noisy)
 
@@ -451,7 +456,7 @@ class DenoisingSystem(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Plain records so `dfl-denoise --model last.ckpt` rebuilds the network safely; the weights are the
         # checkpoint's (a callback may have put others there, e.g. callbacks.DenoiserWeightAverage's average).
-        prefix = "denoiser._orig_mod." if self.plain_denoiser is not self.denoiser else "denoiser."
+        prefix = self.denoiser_state_prefix
         weights = {k: checkpoint["state_dict"][prefix + k] for k in self.plain_denoiser.state_dict()}
         records = {"denoiser": model_record("denoiser", self.plain_denoiser, state_dict=weights)}
         lossnet = getattr(self.loss, "loss_network", None)
