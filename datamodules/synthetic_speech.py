@@ -40,8 +40,9 @@ from dfl.audio import atomic_write
 GENERATOR_VERSION = 1
 NOISE_KINDS = ("white", "pink", "brown", "babble", "hum", "clicks", "bursts")
 # Kinds chosen by name only (not in the default set): noise with a random smooth spectral
-# envelope, and babble of eSpeak NG talkers (needs ``espeakng-loader``).
-EXTRA_NOISE_KINDS = ("coloured", "tts_babble")
+# envelope, babble of eSpeak NG talkers, and distant reverberant babble over room tone (the last two
+# need ``espeakng-loader``).
+EXTRA_NOISE_KINDS = ("coloured", "tts_babble", "cafe")
 SPLITS = ("trainset", "valset", "testset")
 MARKER = ".complete"
 MANIFEST = "manifest.csv"
@@ -488,6 +489,39 @@ def _tts_babble(rng, n, sample_rate):
     return out
 
 
+def _room_reverb(rng, x, sample_rate, rt60, drr_db):
+    """``x`` in a diffuse room: a direct path plus an exponentially decaying Gaussian tail (energy falls
+    60 dB in ``rt60`` seconds) whose energy is ``drr_db`` below the direct path's; 0-5 ms pre-delay."""
+    length = int(1.2 * rt60 * sample_rate)
+    t = np.arange(length) / sample_rate
+    tail = rng.standard_normal(length) * 10 ** (-3.0 * t / rt60)
+    tail *= np.sqrt(10 ** (-drr_db / 10) / np.sum(tail**2))
+    ir = np.concatenate([[1.0], np.zeros(int(rng.uniform(0, 0.005) * sample_rate)), tail])
+    return signal.fftconvolve(x, ir)[: len(x)]
+
+
+def _cafe(rng, n, sample_rate):
+    """Distant babble in a reverberant room (cafés, canteens, open offices): 3-12 talkers (eSpeak NG
+    sentences or source-filter speech), each at its own level (-12..0 dB) and distance (direct-to-reverberant
+    ratio -12..+6 dB) in one room (RT60 0.3-1.0 s), dulled by distance (first-order low-pass at 2.5-7 kHz),
+    over room tone (1/f to 1/f² noise, 10-30 dB below the talkers)."""
+    from datamodules.tts_speech import tts_utterance
+
+    seconds = max(n / sample_rate, MIN_UTTERANCE_SECONDS)
+    rt60 = rng.uniform(0.3, 1.0)
+    out = np.zeros(n)
+    for _ in range(int(rng.integers(3, 13))):
+        make = tts_utterance if rng.random() < 0.5 else synthesize_utterance
+        talk = make(rng, sample_rate, seconds).astype(np.float64)[:n]
+        talk = np.roll(np.pad(talk, (0, n - len(talk))), int(rng.integers(n)))
+        talk = _room_reverb(rng, talk, sample_rate, rt60, rng.uniform(-12.0, 6.0))
+        out += 10 ** (rng.uniform(-12.0, 0.0) / 20) * talk / (np.sqrt(np.mean(talk**2)) + 1e-12)
+    out = signal.sosfilt(signal.butter(1, rng.uniform(2500.0, 7000.0), fs=sample_rate, output="sos"), out)
+    tone = _spectral_shape(rng, n, sample_rate, rng.uniform(1.0, 2.0), 20.0)
+    tone *= np.sqrt(np.mean(out**2) / (np.mean(tone**2) + 1e-24)) * 10 ** (-rng.uniform(10.0, 30.0) / 20)
+    return out + tone
+
+
 _NOISES = {
     "white": lambda rng, n, sr: rng.standard_normal(n),
     "pink": lambda rng, n, sr: _spectral_shape(rng, n, sr, 1.0, 20.0),
@@ -498,6 +532,7 @@ _NOISES = {
     "bursts": _bursts,
     "coloured": _coloured,
     "tts_babble": _tts_babble,
+    "cafe": _cafe,
 }
 assert tuple(_NOISES) == NOISE_KINDS + EXTRA_NOISE_KINDS
 

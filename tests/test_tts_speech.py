@@ -1,4 +1,4 @@
-"""The demo's realistic data: eSpeak NG sentences, coloured noise, TTS babble, layered noises in the corpus."""
+"""The demo's realistic data: eSpeak NG sentences, coloured noise, TTS and café babble, layered noises in the corpus."""
 
 from __future__ import annotations
 
@@ -95,6 +95,48 @@ def test_tts_babble_is_speech_band_noise():
     x = synthesize_noise("tts_babble", np.random.default_rng(2), SR)
     assert x.shape == (SR,) and np.isfinite(x).all()
     assert _band_fraction(x, 100, 4000) > 0.8
+
+
+def _frame_db(x, frame=320):
+    x = np.asarray(x, np.float64)
+    return 10 * np.log10(np.mean(x[: len(x) // frame * frame].reshape(-1, frame) ** 2, axis=1) + 1e-20)
+
+
+def test_room_reverb_has_its_direct_to_reverberant_ratio_and_decay():
+    from datamodules.synthetic_speech import _room_reverb
+
+    impulse = np.zeros(2 * SR)
+    impulse[0] = 1.0
+    for rt60, drr_db in ((0.3, 6.0), (0.6, -3.0), (1.0, -12.0)):
+        y = _room_reverb(np.random.default_rng(0), impulse, SR, rt60, drr_db)
+        assert y.shape == impulse.shape and y[0] == 1.0
+        assert np.sum(y[1:] ** 2) == pytest.approx(10 ** (-drr_db / 10), rel=1e-9)
+
+        def band_db(a, b):
+            return 10 * np.log10(np.sum(y[int(a * SR) : int(b * SR)] ** 2))
+
+        # 60 dB of decay per RT60: half of it between two windows rt60/2 apart
+        assert band_db(0.01, 0.06) - band_db(0.01 + rt60 / 2, 0.06 + rt60 / 2) == pytest.approx(30.0, abs=3.0)
+
+
+def test_cafe_noise_is_distant_reverberant_babble_over_room_tone():
+    n = 2 * SR
+    cafe = [synthesize_noise("cafe", np.random.default_rng(s), n) for s in range(6)]
+    dry = [synthesize_noise("tts_babble", np.random.default_rng(s), n) for s in range(6)]
+    for x in cafe:
+        assert x.shape == (n,) and x.dtype == np.float32 and np.isfinite(x).all()
+        assert np.sqrt(np.mean(x.astype(np.float64) ** 2)) == pytest.approx(0.1, rel=1e-3)
+        assert _band_fraction(x, 100, 4000) > 0.85, "talkers: most power in the speech band"
+        # many reverberant talkers over room tone: a continuous murmur, no frame 25 dB below the mean level
+        assert _frame_db(x).min() > 10 * np.log10(np.mean(x.astype(np.float64) ** 2)) - 25
+    # far talkers are dull (first-order low-pass at 2.5-7 kHz): under a third of close babble's power above 5 kHz
+    assert np.mean([_band_fraction(x, 5000, 8000) for x in cafe]) < 0.3 * np.mean(
+        [_band_fraction(x, 5000, 8000) for x in dry]
+    )
+    # the same seed gives the same talkers, levels and room (eSpeak NG adds slight noise: compare envelopes)
+    again = synthesize_noise("cafe", np.random.default_rng(3), n)
+    assert np.corrcoef(_frame_db(cafe[3]), _frame_db(again))[0, 1] > 0.95
+    assert np.corrcoef(_frame_db(cafe[3]), _frame_db(cafe[4]))[0, 1] < 0.6
 
 
 def test_corpus_with_tts_and_noise_layers(tmp_path):
