@@ -25,6 +25,8 @@ class SyntheticSpeechDataModule(PairedFolderDataModule):
         tts_fraction: share of eSpeak NG sentences among the clean utterances (the rest source-filter speech).
         max_noise_layers: each pair's noise sums 1 to this many kinds.
         recording_eq: colour each clean utterance like a microphone and room (low and high shelves).
+        clean_floor_db: ``(low, high)`` dB under the speech at which a recording's noise floor is added to
+            each clean utterance (None: digitally silent pauses).
         **paired_kwargs: the loading settings of :class:`PairedFolderDataModule`.
     """
 
@@ -42,6 +44,7 @@ class SyntheticSpeechDataModule(PairedFolderDataModule):
         tts_fraction: float = 0.0,
         max_noise_layers: int = 1,
         recording_eq: bool = False,
+        clean_floor_db: tuple[float, float] | None = None,
         **paired_kwargs,
     ) -> None:
         super().__init__(root=root, **paired_kwargs)
@@ -57,6 +60,7 @@ class SyntheticSpeechDataModule(PairedFolderDataModule):
             tts_fraction=tts_fraction,
             max_noise_layers=max_noise_layers,
             recording_eq=recording_eq,
+            clean_floor_db=None if clean_floor_db is None else tuple(clean_floor_db),
         )
         if noise_kinds is not None:  # None: the generator's default set
             self.generator_settings["noise_kinds"] = tuple(noise_kinds)

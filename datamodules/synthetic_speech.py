@@ -586,6 +586,7 @@ def _settings(
     tts_fraction=0.0,
     max_noise_layers=1,
     recording_eq=False,
+    clean_floor_db=None,
 ) -> dict:
     """Validate the corpus settings; return them normalised (JSON-friendly)."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -623,6 +624,14 @@ def _settings(
         extra = dict(tts_fraction=tts_fraction, max_noise_layers=int(max_noise_layers))
     if recording_eq:
         extra["recording_eq"] = True
+    if clean_floor_db is not None:
+        try:
+            below = [float(v) for v in clean_floor_db]
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"clean_floor_db must be null or [low, high] in dB, got {clean_floor_db!r}") from exc
+        if len(below) != 2 or not all(np.isfinite(below)) or not 0 <= below[0] <= below[1]:
+            raise ValueError(f"clean_floor_db must be [low, high] in dB with 0 <= low <= high, got {clean_floor_db!r}")
+        extra["clean_floor_db"] = below
     return dict(
         generator_version=GENERATOR_VERSION,
         seed=int(seed),
@@ -660,6 +669,22 @@ def write_float_wav(path: Path, wav: np.ndarray, sample_rate: int) -> Path:
             f.write(np.asarray(wav, dtype=np.float32))
 
     return atomic_write(path, _write)
+
+
+def recording_floor(
+    rng: np.random.Generator, x: np.ndarray, sample_rate: int, below_db: tuple[float, float]
+) -> np.ndarray:
+    """``x`` plus a recording's noise floor (microphone self-noise, room tone): stationary noise with
+    power ∝ 1/f**a (a in 0..1.5, flat below 20 Hz), ``below_db`` (low, high; drawn uniformly) dB under
+    ``x``'s RMS.
+
+    Real "clean" recordings are never silent (VoiceBank's clean files: ~30 dB under the speech); a denoiser
+    trained on digitally silent targets scrubs that floor from real speech (docs/demo_results.md).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    floor = _spectral_shape(rng, len(x), sample_rate, rng.uniform(0.0, 1.5), 20.0)
+    gain = np.sqrt(np.mean(x**2) / (np.mean(floor**2) + 1e-24)) * 10 ** (-rng.uniform(*below_db) / 20)
+    return x + gain * floor
 
 
 def recording_eq(rng: np.random.Generator, x: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -716,6 +741,8 @@ def _make_pair(ss: np.random.SeedSequence, settings: dict) -> tuple[np.ndarray, 
     clean = np.pad(clean, (0, n - len(clean)))
     if settings.get("recording_eq", False):  # its own stream: the other draws stay as they were
         clean = recording_eq(np.random.default_rng(ss.spawn(1)[0]), clean, sr)
+    if settings.get("clean_floor_db"):  # its own stream too
+        clean = recording_floor(np.random.default_rng(ss.spawn(1)[0]), clean, sr, settings["clean_floor_db"])
     noise = synthesize_noise(kind, noise_rng, n, sr).astype(np.float64)
     for _ in range(n_layers - 1):  # real scenes mix sources: add quieter layers of other kinds
         extra_kind = kinds[int(meta_rng.integers(len(kinds)))]
@@ -768,6 +795,7 @@ def generate_paired_corpus(
     tts_fraction: float = 0.0,
     max_noise_layers: int = 1,
     recording_eq: bool = False,
+    clean_floor_db: tuple[float, float] | None = None,
 ) -> Path:
     """Write (or reuse) the synthetic corpus at ``root`` and return ``root``.
 
@@ -783,7 +811,9 @@ def generate_paired_corpus(
     (:func:`datamodules.tts_speech.tts_utterance`) instead of source-filter speech;
     each pair's noise is 1 to ``max_noise_layers`` kinds summed (the extra ones 0-15 dB
     quieter); ``recording_eq`` colours each clean utterance like a microphone and room
-    (:func:`recording_eq`). eSpeak NG's output can differ by a little breath noise between runs, so
+    (:func:`recording_eq`); ``clean_floor_db`` (low, high) adds a recording's noise floor that many dB
+    under it (:func:`recording_floor`), so the clean targets are never digitally silent. eSpeak NG's
+    output can differ by a little breath noise between runs, so
     a corpus with TTS is reproducible in its texts, voices, noises and SNRs, and its
     files are reused through the settings hash rather than regenerated.
     """
@@ -800,6 +830,7 @@ def generate_paired_corpus(
         tts_fraction,
         max_noise_layers,
         recording_eq,
+        clean_floor_db,
     )
     digest = settings_hash(settings)
     root = Path(root)

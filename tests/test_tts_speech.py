@@ -15,6 +15,7 @@ from datamodules.synthetic_speech import (  # noqa: E402
     MARKER,
     generate_paired_corpus,
     recording_eq,
+    recording_floor,
     synthesize_noise,
     synthesize_utterance,
 )
@@ -112,11 +113,9 @@ def test_room_reverb_has_its_direct_to_reverberant_ratio_and_decay():
         assert y.shape == impulse.shape and y[0] == 1.0
         assert np.sum(y[1:] ** 2) == pytest.approx(10 ** (-drr_db / 10), rel=1e-9)
 
-        def band_db(a, b):
-            return 10 * np.log10(np.sum(y[int(a * SR) : int(b * SR)] ** 2))
-
+        early, late = (10 * np.log10(np.sum(y[int(t * SR) : int((t + 0.05) * SR)] ** 2)) for t in (0.01, 0.01 + rt60 / 2))
         # 60 dB of decay per RT60: half of it between two windows rt60/2 apart
-        assert band_db(0.01, 0.06) - band_db(0.01 + rt60 / 2, 0.06 + rt60 / 2) == pytest.approx(30.0, abs=3.0)
+        assert early - late == pytest.approx(30.0, abs=3.0)
 
 
 def test_cafe_noise_is_distant_reverberant_babble_over_room_tone():
@@ -167,7 +166,7 @@ def test_defaults_keep_the_settings_of_older_corpora(tmp_path):
         tmp_path / "synth", seed=0, n_train=1, n_val=1, n_test=1, min_seconds=0.5, max_seconds=0.5
     )
     settings = json.loads((root / MARKER).read_text())["settings"]
-    assert not {"tts_fraction", "max_noise_layers", "recording_eq"} & set(settings)
+    assert not {"tts_fraction", "max_noise_layers", "recording_eq", "clean_floor_db"} & set(settings)
     rows = list(csv.DictReader((root / "manifest.csv").open()))
     assert {r["speech"] for r in rows} == {"source_filter"}
 
@@ -179,6 +178,9 @@ def test_defaults_keep_the_settings_of_older_corpora(tmp_path):
         (dict(max_noise_layers=0), "max_noise_layers"),
         (dict(recording_eq="yes"), "recording_eq"),
         (dict(noise_kinds=["rain"]), "unknown noise kind"),
+        (dict(clean_floor_db=[40, 30]), "clean_floor_db"),
+        (dict(clean_floor_db=[-5, 30]), "clean_floor_db"),
+        (dict(clean_floor_db=30), "clean_floor_db"),
     ],
 )
 def test_bad_settings_are_refused_by_name(tmp_path, bad, match):
@@ -220,6 +222,48 @@ def test_recording_eq_colours_the_clean_speech_and_changes_nothing_else(tmp_path
         assert np.sqrt(np.mean(b**2)) == pytest.approx(np.sqrt(np.mean(a**2)), rel=1e-4)
         snr = 10 * np.log10(np.sum(b**2) / np.sum((x - b) ** 2))
         assert snr == pytest.approx(float(r["snr_db"]), abs=0.01)  # mixed at the SNR after colouring
+
+
+def test_recording_floor_is_a_steady_floor_at_its_level_under_the_speech():
+    x = synthesize_utterance(np.random.default_rng(0), SR, 2.0).astype(np.float64)
+    x_db = 10 * np.log10(np.mean(x**2))
+    levels, slopes = [], []
+    for seed in range(12):
+        y = recording_floor(np.random.default_rng(seed), x, SR, (25.0, 50.0))
+        floor = y - x
+        assert y.shape == x.shape and np.isfinite(y).all()
+        levels.append(x_db - 10 * np.log10(np.mean(floor**2)))
+        assert np.ptp(_frame_db(floor, 1600)) < 6.0, "stationary: 100-ms frames within a few dB"
+        slopes.append(_band_fraction(floor, 2000, 8000))
+    assert all(25.0 - 1e-9 <= v <= 50.0 + 1e-9 for v in levels) and np.ptp(levels) > 10
+    assert max(slopes) > 3 * min(slopes), "white to pinker floors"
+    np.testing.assert_array_equal(
+        recording_floor(np.random.default_rng(3), x, SR, (30, 40)), recording_floor(np.random.default_rng(3), x, SR, (30, 40))
+    )
+
+
+def test_clean_floor_fills_the_pauses_of_the_clean_speech_and_keeps_the_mix(tmp_path):
+    settings = dict(n_train=3, n_val=1, n_test=1, min_seconds=1.0, max_seconds=1.5, snr_range=(0.0, 20.0),
+                    noise_kinds=["pink", "hum"])  # fmt: skip
+    silent = generate_paired_corpus(tmp_path / "silent", seed=2, **settings)
+    floored = generate_paired_corpus(tmp_path / "floor", seed=2, clean_floor_db=[30, 30], **settings)
+    assert json.loads((floored / MARKER).read_text())["settings"]["clean_floor_db"] == [30.0, 30.0]
+    rows = list(csv.DictReader((floored / "manifest.csv").open()))
+    assert rows == list(csv.DictReader((silent / "manifest.csv").open()))  # same utterances, noises and SNRs
+    for r in rows:
+        a, _ = sf.read(silent / f"{r['split']}_clean" / r["name"])
+        b, _ = sf.read(floored / f"{r['split']}_clean" / r["name"])
+        x, _ = sf.read(floored / f"{r['split']}_noisy" / r["name"])
+        # the floor sits 30 dB under the speech; the silent corpus's pauses are far below that
+        floor_db = 10 * np.log10(np.mean((b - a) ** 2)) - 10 * np.log10(np.mean(a**2))
+        assert floor_db == pytest.approx(-30.0, abs=0.05)
+        assert _frame_db(b).min() > _frame_db(a).min() + 20
+        snr = 10 * np.log10(np.sum(b**2) / np.sum((x - b) ** 2))
+        assert snr == pytest.approx(float(r["snr_db"]), abs=0.01)  # mixed at the SNR of the floored speech
+    # source-filter speech only: the same settings give the same bytes
+    again = generate_paired_corpus(tmp_path / "again", seed=2, clean_floor_db=[30, 30], **settings)
+    name = rows[0]["name"]
+    assert (again / "trainset_clean" / name).read_bytes() == (floored / "trainset_clean" / name).read_bytes()
 
 
 def test_tts_speech_tags_put_voices_over_the_whole_band():
