@@ -401,12 +401,17 @@ def _spectral_shape(rng, n: int, sample_rate: int, exponent: float, f_min: float
     return sp_fft.irfft(spec, n)
 
 
+def _at_random_offset(rng, talk, n):
+    """``talk`` padded to ``n`` samples and rotated to a random start: talkers of a babble start anywhere."""
+    return np.roll(np.pad(talk, (0, n - len(talk))), int(rng.integers(n)))
+
+
 def _babble(rng, n, sample_rate):
     seconds = max(n / sample_rate, MIN_UTTERANCE_SECONDS)
     out = np.zeros(n)
     for _ in range(int(rng.integers(3, 7))):
         talk = synthesize_utterance(rng, sample_rate, seconds).astype(np.float64)[:n]
-        talk = np.roll(np.pad(talk, (0, n - len(talk))), int(rng.integers(n)))
+        talk = _at_random_offset(rng, talk, n)
         out += rng.uniform(0.5, 1.0) * talk / (np.sqrt(np.mean(talk**2)) + 1e-12)
     return out
 
@@ -484,7 +489,7 @@ def _tts_babble(rng, n, sample_rate):
     out = np.zeros(n)
     for _ in range(int(rng.integers(2, 7))):
         talk = tts_utterance(rng, sample_rate, seconds).astype(np.float64)[:n]
-        talk = np.roll(np.pad(talk, (0, n - len(talk))), int(rng.integers(n)))
+        talk = _at_random_offset(rng, talk, n)
         out += rng.uniform(0.5, 1.0) * talk / (np.sqrt(np.mean(talk**2)) + 1e-12)
     return out
 
@@ -513,7 +518,7 @@ def _cafe(rng, n, sample_rate):
     for _ in range(int(rng.integers(3, 13))):
         make = tts_utterance if rng.random() < 0.5 else synthesize_utterance
         talk = make(rng, sample_rate, seconds).astype(np.float64)[:n]
-        talk = np.roll(np.pad(talk, (0, n - len(talk))), int(rng.integers(n)))
+        talk = _at_random_offset(rng, talk, n)
         talk = _room_reverb(rng, talk, sample_rate, rt60, rng.uniform(-12.0, 6.0))
         out += 10 ** (rng.uniform(-12.0, 0.0) / 20) * talk / (np.sqrt(np.mean(talk**2)) + 1e-12)
     out = signal.sosfilt(signal.butter(1, rng.uniform(2500.0, 7000.0), fs=sample_rate, output="sos"), out)
@@ -678,8 +683,8 @@ def recording_floor(
     power ∝ 1/f**a (a in 0..1.5, flat below 20 Hz), ``below_db`` (low, high; drawn uniformly) dB under
     ``x``'s RMS.
 
-    Real "clean" recordings are never silent (VoiceBank's clean files: ~30 dB under the speech); a denoiser
-    trained on digitally silent targets scrubs that floor from real speech (docs/demo_results.md).
+    Real "clean" recordings are never silent; a denoiser trained on digitally silent targets scrubs that
+    floor from real speech (measured in docs/demo_results.md).
     """
     x = np.asarray(x, dtype=np.float64)
     floor = _spectral_shape(rng, len(x), sample_rate, rng.uniform(0.0, 1.5), 20.0)
