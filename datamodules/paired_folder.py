@@ -69,7 +69,10 @@ def scan_pair_entries(
 
 
 class PairedAudioDataset(Dataset):
-    """Noisy/clean pairs as 16 kHz mono float32 tensors; optional random fixed-length crops."""
+    """Noisy/clean pairs as 16 kHz mono float32 tensors; optional random fixed-length crops and gains.
+
+    Crops and gains are drawn per ``(seed, epoch, index)``, each from its own stream.
+    """
 
     def __init__(
         self,
@@ -80,6 +83,7 @@ class PairedAudioDataset(Dataset):
         crop_samples: int | None = None,
         seed: int = 0,
         manifest_dir: str | Path | None = None,
+        gain_db_range: tuple[float, float] | None = None,
     ) -> None:
         self.entries = scan_pair_entries(Path(noisy_dir), Path(clean_dir), manifest_dir)
         # utterance lengths at `sample_rate`, known from the headers: what length bucketing sorts by
@@ -87,6 +91,7 @@ class PairedAudioDataset(Dataset):
         self.sample_rate = sample_rate
         self.crop_samples = crop_samples
         self.seed = seed
+        self.gain_db_range = gain_db_range
 
     @property
     def pairs(self) -> list[tuple[Path, Path, int]]:
@@ -109,6 +114,8 @@ class PairedAudioDataset(Dataset):
         length = min(len(noisy), self.crop_samples or len(noisy))
         if self.crop_samples:
             noisy, clean = self._crop(noisy, clean, index, epoch)
+        if self.gain_db_range is not None:
+            noisy, clean = self._gain(noisy, clean, index, epoch)
         return {
             "noisy": torch.from_numpy(noisy),
             "clean": torch.from_numpy(clean),
@@ -125,6 +132,15 @@ class PairedAudioDataset(Dataset):
         rng = np.random.default_rng([self.seed, epoch, index])
         start = int(rng.integers(0, len(noisy) - n + 1))
         return noisy[start : start + n], clean[start : start + n]
+
+    def _gain(self, noisy: np.ndarray, clean: np.ndarray, index: int, epoch: int):
+        # its own stream (not the crop's): adding it leaves every crop where it was
+        rng = np.random.default_rng([self.seed, epoch, index, 1])
+        scale = 10 ** (rng.uniform(*self.gain_db_range) / 20)
+        peak = scale * max(float(np.abs(noisy).max(initial=0.0)), float(np.abs(clean).max(initial=0.0)))
+        if peak > 0.99:
+            scale *= 0.99 / peak
+        return (noisy * scale).astype(np.float32), (clean * scale).astype(np.float32)
 
 
 class EpochSampler(Sampler[int]):
@@ -259,6 +275,19 @@ class SplitDataModule(L.LightningDataModule):
         return self._loader("test")
 
 
+def _gain_range(value) -> tuple[float, float] | None:
+    """``data.gain_db_range`` checked: None, or ``[low, high]`` finite dB with low <= high."""
+    if value is None:
+        return None
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"data.gain_db_range must be null or [low, high] in dB, got {value!r}") from None
+    if not (np.isfinite(low) and np.isfinite(high)) or low > high:
+        raise ValueError(f"data.gain_db_range must be finite [low, high] with low <= high, got {list(value)}")
+    return low, high
+
+
 class PairedFolderDataModule(SplitDataModule):
     """Train/val/test splits from ``root/{trainset,valset,testset}_{noisy,clean}/``.
 
@@ -288,6 +317,8 @@ class PairedFolderDataModule(SplitDataModule):
         manifest_dir: where the file lists with their lengths are cached; ``None``: not cached.
         pad_to_multiple: zero-pad training batches to a multiple of this many samples.
         val_split: ``"val"`` (``valset_*``) or ``"test"`` (``testset_*``) for validation.
+        gain_db_range: ``[low, high]`` dB: each training example (noisy and clean alike) at a random
+            gain drawn uniformly from it, lowered where it would take a peak over 0.99; ``None``: as read.
     padding zeros, as in any padded batch.
     """
 
@@ -305,6 +336,7 @@ class PairedFolderDataModule(SplitDataModule):
         manifest_dir: str | Path | None = None,
         pad_to_multiple: int = 1,
         val_split: str = "val",
+        gain_db_range: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
         if val_split not in ("val", "test"):
@@ -329,6 +361,7 @@ class PairedFolderDataModule(SplitDataModule):
         self.manifest_dir = manifest_dir
         self.pad_to_multiple = pad_to_multiple
         self.val_split = val_split
+        self.gain_db_range = _gain_range(gain_db_range)
         self.datasets: dict[str, PairedAudioDataset] = {}
 
     def split_dirs(self, split: str) -> tuple[Path, Path]:
@@ -352,6 +385,7 @@ class PairedFolderDataModule(SplitDataModule):
                 crop_samples=crop,
                 seed=self.seed,
                 manifest_dir=self.manifest_dir,
+                gain_db_range=self.gain_db_range if split == "train" else None,
             )
         return self.datasets[split]
 

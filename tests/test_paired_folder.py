@@ -35,6 +35,45 @@ def test_random_crops_batch_and_are_deterministic(pair_tree):
     assert batch["noisy"].shape == (2, 1600)
 
 
+def _gain_db(gained: torch.Tensor, plain: torch.Tensor) -> float:
+    """The scale between two versions of one crop (least squares), in dB."""
+    return 20 * np.log10(float(gained @ plain) / float(plain @ plain))
+
+
+def test_training_gains_scale_the_pair_alike_within_the_range(pair_tree):
+    plain = PairedFolderDataModule(pair_tree, batch_size=2, crop_seconds=0.1, seed=3)
+    gained = PairedFolderDataModule(pair_tree, batch_size=2, crop_seconds=0.1, seed=3, gain_db_range=[-20, -5])
+    plain.setup("fit"), gained.setup("fit")
+    a, b = plain.dataset("train"), gained.dataset("train")
+    gains = []
+    for i in range(3 * len(a)):  # three epochs of three files
+        x, y = a[i], b[i]
+        g = _gain_db(y["noisy"], x["noisy"])
+        # the same crop (its position is drawn from its own stream), noisy and clean scaled by one factor
+        np.testing.assert_allclose(y["noisy"].numpy(), x["noisy"].numpy() * 10 ** (g / 20), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(y["clean"].numpy(), x["clean"].numpy() * 10 ** (g / 20), rtol=1e-5, atol=1e-7)
+        gains.append(g)
+    assert -20 - 1e-4 <= min(gains) and max(gains) <= -5 + 1e-4
+    assert max(gains) - min(gains) > 5  # drawn anew per file and epoch
+    assert torch.equal(b[4]["noisy"], b[4]["noisy"])  # deterministic per (seed, epoch, index)
+    # validation and test read the files as they are
+    assert torch.equal(gained.dataset("val")[0]["noisy"], plain.dataset("val")[0]["noisy"])
+
+
+def test_training_gains_never_push_a_peak_over_full_scale(pair_tree):
+    dm = PairedFolderDataModule(pair_tree, crop_seconds=0.1, gain_db_range=[20, 30])  # files peak at ~0.35
+    dm.setup("fit")
+    ds = dm.dataset("train")
+    peaks = [float(max(ds[i]["noisy"].abs().max(), ds[i]["clean"].abs().max())) for i in range(len(ds))]
+    np.testing.assert_allclose(peaks, 0.99, rtol=1e-5)
+
+
+@pytest.mark.parametrize("value", [[3], [6, -6], "loud", [0, float("nan")]])
+def test_bad_gain_range_is_refused_by_name(pair_tree, value):
+    with pytest.raises(ValueError, match="data.gain_db_range"):
+        PairedFolderDataModule(pair_tree, gain_db_range=value)
+
+
 def test_noisy_without_clean_pair(pair_tree):
     (pair_tree / "trainset_clean" / "u1.wav").unlink()
     with pytest.raises(DataError, match=r"u1\.wav: noisy file without its clean pair"):
