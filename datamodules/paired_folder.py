@@ -310,7 +310,7 @@ class PairedFolderDataModule(SplitDataModule):
         crop_seconds: training crop length; ``None`` trains on whole utterances.
         num_workers: DataLoader worker processes.
         sample_rate: the rate the audio is read at (files at other rates are resampled).
-        seed: the training order and crops, per epoch.
+        seed: the training order, crops and gains, per epoch.
         pin_memory: pin batches in page-locked memory (faster host-to-GPU copies).
         bucket: batch whole utterances of similar length (needs ``crop_seconds=None``).
         bucket_window: how many batches' worth of utterances are sorted by length together.
@@ -319,7 +319,6 @@ class PairedFolderDataModule(SplitDataModule):
         val_split: ``"val"`` (``valset_*``) or ``"test"`` (``testset_*``) for validation.
         gain_db_range: ``[low, high]`` dB: each training example (noisy and clean alike) at a random
             gain drawn uniformly from it, lowered where it would take a peak over 0.99; ``None``: as read.
-    padding zeros, as in any padded batch.
     """
 
     def __init__(
