@@ -21,13 +21,12 @@ from scipy.signal import oaconvolve
 from torch.utils.data import Dataset
 
 from datamodules.manifest import AudioEntry, DataError, require_usable, scan_audio_dir
-from datamodules.paired_folder import SPLITS, PairedAudioDataset, SplitDataModule
+from datamodules.paired_folder import SPLITS, PairedAudioDataset, SplitDataModule, gained_pair
 from dfl.audio import AudioError, load_mono
 
 log = logging.getLogger(__name__)
 
 _POWER_FLOOR = 1e-10  # silent segments: avoid dividing by zero, leave them (almost) silent
-_PEAK_LIMIT = 0.99  # rescale noisy and clean together when a gain would clip
 
 
 def read_segment(entry: AudioEntry, start: int, frames: int, sample_rate: int) -> np.ndarray:
@@ -129,13 +128,10 @@ class MixtureDataset(Dataset):
         noisy = speech + noise
         target = dry if self.dereverberate else speech
 
-        scale = 10 ** (gain_db / 20)
-        peak = scale * max(np.abs(noisy).max(), np.abs(target).max())
-        if peak > _PEAK_LIMIT:
-            scale *= _PEAK_LIMIT / peak
+        noisy, target = gained_pair(noisy, target, gain_db)
         return {
-            "noisy": torch.from_numpy((noisy * scale).astype(np.float32)),
-            "clean": torch.from_numpy((target * scale).astype(np.float32)),
+            "noisy": torch.from_numpy(noisy),
+            "clean": torch.from_numpy(target),
             "length": len(dry),
             "name": f"{index:06d}_{Path(clean_entry.relpath).stem}",
             "snr_db": snr_db,

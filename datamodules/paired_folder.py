@@ -68,6 +68,18 @@ def scan_pair_entries(
     return pairs
 
 
+PEAK_LIMIT = 0.99  # a training gain never takes noisy or clean over this peak
+
+
+def gained_pair(noisy: np.ndarray, clean: np.ndarray, gain_db: float) -> tuple[np.ndarray, np.ndarray]:
+    """``noisy`` and ``clean`` scaled alike by ``gain_db`` dB, less where a peak would pass :data:`PEAK_LIMIT`."""
+    scale = 10 ** (gain_db / 20)
+    peak = scale * max(float(np.abs(noisy).max(initial=0.0)), float(np.abs(clean).max(initial=0.0)))
+    if peak > PEAK_LIMIT:
+        scale *= PEAK_LIMIT / peak
+    return (noisy * scale).astype(np.float32), (clean * scale).astype(np.float32)
+
+
 class PairedAudioDataset(Dataset):
     """Noisy/clean pairs as 16 kHz mono float32 tensors; optional random fixed-length crops and gains.
 
@@ -136,11 +148,7 @@ class PairedAudioDataset(Dataset):
     def _gain(self, noisy: np.ndarray, clean: np.ndarray, index: int, epoch: int):
         # its own stream (not the crop's): adding it leaves every crop where it was
         rng = np.random.default_rng([self.seed, epoch, index, 1])
-        scale = 10 ** (rng.uniform(*self.gain_db_range) / 20)
-        peak = scale * max(float(np.abs(noisy).max(initial=0.0)), float(np.abs(clean).max(initial=0.0)))
-        if peak > 0.99:
-            scale *= 0.99 / peak
-        return (noisy * scale).astype(np.float32), (clean * scale).astype(np.float32)
+        return gained_pair(noisy, clean, rng.uniform(*self.gain_db_range))
 
 
 class EpochSampler(Sampler[int]):
