@@ -56,7 +56,8 @@ class MixtureDataset(Dataset):
     Item ``i`` of an epoch uses clean file ``i mod n_clean`` (in an order fixed by ``seed``), so an
     epoch of ``n_clean`` items visits every clean file once; noise file, noise offset, crop, SNR
     (uniform in ``snr_range`` dB), gain (uniform in ``gain_db_range`` dB, applied to noisy and
-    clean alike) and reverberation (with probability ``rir_prob``) are drawn from
+    clean alike), polarity (inverted with probability 1/2 if ``random_polarity``) and reverberation
+    (with probability ``rir_prob``) are drawn from
     ``default_rng([seed, epoch, i])``, always in the same order, so changing one option does
     not change the other draws. ``fixed=True`` ignores the epoch: a fixed validation/test set.
 
@@ -78,6 +79,7 @@ class MixtureDataset(Dataset):
         gain_db_range: Sequence[float] = (-6.0, 6.0),
         rir_prob: float = 0.0,
         dereverberate: bool = False,
+        random_polarity: bool = False,
         seed: int = 0,
         fixed: bool = False,
     ) -> None:
@@ -93,6 +95,7 @@ class MixtureDataset(Dataset):
         self.gain_db_range = tuple(float(v) for v in gain_db_range)
         self.rir_prob = rir_prob
         self.dereverberate = dereverberate
+        self.random_polarity = random_polarity
         self.seed = seed
         self.fixed = fixed
         self.clean_order = np.random.default_rng([seed, 0x5EED]).permutation(len(self.clean))
@@ -119,6 +122,7 @@ class MixtureDataset(Dataset):
         reverberate = bool(rng.random() < self.rir_prob)
         rir_entry = self.rirs[int(rng.integers(len(self.rirs)))] if self.rirs else None
         crop_at, noise_at = rng.random(), rng.random()
+        invert = bool(rng.random() < 0.5)
 
         clean_entry = self._clean_entry(index)
         dry = self._clean_segment(clean_entry, crop_at)
@@ -129,6 +133,8 @@ class MixtureDataset(Dataset):
         target = dry if self.dereverberate else speech
 
         noisy, target = gained_pair(noisy, target, gain_db)
+        if self.random_polarity and invert:
+            noisy, target = -noisy, -target
         return {
             "noisy": torch.from_numpy(noisy),
             "clean": torch.from_numpy(target),
@@ -181,6 +187,7 @@ class MixingDataModule(SplitDataModule):
         dereverberate: the target is the dry speech (``True``) or the reverberant speech (``False``).
         snr_range: ``[low, high]`` mixing SNR in dB, drawn uniformly.
         gain_db_range: ``[low, high]`` gain in dB applied to noisy and clean alike (rescaled if it would clip).
+        random_polarity: invert half of the training mixtures (noisy and clean alike), drawn per item.
         crop_seconds: training crop length; ``None``: whole utterances.
         epoch_size: mixtures per epoch; ``None``: one per clean file.
         batch_size: training mixtures per batch.
@@ -229,6 +236,7 @@ class MixingDataModule(SplitDataModule):
         pin_memory: bool = False,
         manifest_dir: str | Path | None = None,
         pad_to_multiple: int = 1,
+        random_polarity: bool = False,
     ) -> None:
         super().__init__()
         if pad_to_multiple < 1:
@@ -255,6 +263,9 @@ class MixingDataModule(SplitDataModule):
             rir_prob=rir_prob, dereverberate=dereverberate,
         )
         self.crop_samples = int(round(crop_seconds * sample_rate)) if crop_seconds else None
+        if not isinstance(random_polarity, bool):
+            raise ValueError(f"data.random_polarity must be true or false, got {random_polarity!r}")
+        self.random_polarity = random_polarity
         self.epoch_size = epoch_size
         self.batch_size, self.bucket, self.bucket_window = batch_size, bucket, bucket_window
         self.n_eval = {"val": n_val, "test": n_test}
@@ -290,7 +301,8 @@ class MixingDataModule(SplitDataModule):
         if split == "train":
             return MixtureDataset(
                 self.files("clean_dir"), self.files("noise_dir"), rirs, n_items=self.epoch_size,
-                crop_samples=self.crop_samples, seed=self.seed, **self.mix_options,
+                crop_samples=self.crop_samples, seed=self.seed, random_polarity=self.random_polarity,
+                **self.mix_options,
             )
         if self.val_root:
             prefix = SPLITS[split]

@@ -81,9 +81,9 @@ def gained_pair(noisy: np.ndarray, clean: np.ndarray, gain_db: float) -> tuple[n
 
 
 class PairedAudioDataset(Dataset):
-    """Noisy/clean pairs as 16 kHz mono float32 tensors; optional random fixed-length crops and gains.
+    """Noisy/clean pairs as 16 kHz mono float32 tensors; optional random fixed-length crops, gains and polarity.
 
-    Crops and gains are drawn per ``(seed, epoch, index)``, each from its own stream.
+    Crops, gains and polarity are drawn per ``(seed, epoch, index)``, each from its own stream.
     """
 
     def __init__(
@@ -96,6 +96,7 @@ class PairedAudioDataset(Dataset):
         seed: int = 0,
         manifest_dir: str | Path | None = None,
         gain_db_range: tuple[float, float] | None = None,
+        random_polarity: bool = False,
     ) -> None:
         self.entries = scan_pair_entries(Path(noisy_dir), Path(clean_dir), manifest_dir)
         # utterance lengths at `sample_rate`, known from the headers: what length bucketing sorts by
@@ -104,6 +105,7 @@ class PairedAudioDataset(Dataset):
         self.crop_samples = crop_samples
         self.seed = seed
         self.gain_db_range = gain_db_range
+        self.random_polarity = random_polarity
 
     @property
     def pairs(self) -> list[tuple[Path, Path, int]]:
@@ -128,6 +130,8 @@ class PairedAudioDataset(Dataset):
             noisy, clean = self._crop(noisy, clean, index, epoch)
         if self.gain_db_range is not None:
             noisy, clean = self._gain(noisy, clean, index, epoch)
+        if self.random_polarity and np.random.default_rng([self.seed, epoch, index, 2]).random() < 0.5:
+            noisy, clean = -noisy, -clean
         return {
             "noisy": torch.from_numpy(noisy),
             "clean": torch.from_numpy(clean),
@@ -318,7 +322,7 @@ class PairedFolderDataModule(SplitDataModule):
         crop_seconds: training crop length; ``None`` trains on whole utterances.
         num_workers: DataLoader worker processes.
         sample_rate: the rate the audio is read at (files at other rates are resampled).
-        seed: the training order, crops and gains, per epoch.
+        seed: the training order, crops, gains and polarity, per epoch.
         pin_memory: pin batches in page-locked memory (faster host-to-GPU copies).
         bucket: batch whole utterances of similar length (needs ``crop_seconds=None``).
         bucket_window: how many batches' worth of utterances are sorted by length together.
@@ -327,6 +331,8 @@ class PairedFolderDataModule(SplitDataModule):
         val_split: ``"val"`` (``valset_*``) or ``"test"`` (``testset_*``) for validation.
         gain_db_range: ``[low, high]`` dB: each training example (noisy and clean alike) at a random
             gain drawn uniformly from it, lowered where it would take a peak over 0.99; ``None``: as read.
+        random_polarity: invert half of the training examples (noisy and clean alike), drawn per
+            ``(seed, epoch, index)``: a model trained on one polarity is worse on the other.
     """
 
     def __init__(
@@ -344,6 +350,7 @@ class PairedFolderDataModule(SplitDataModule):
         pad_to_multiple: int = 1,
         val_split: str = "val",
         gain_db_range: tuple[float, float] | None = None,
+        random_polarity: bool = False,
     ) -> None:
         super().__init__()
         if val_split not in ("val", "test"):
@@ -369,6 +376,9 @@ class PairedFolderDataModule(SplitDataModule):
         self.pad_to_multiple = pad_to_multiple
         self.val_split = val_split
         self.gain_db_range = _gain_range(gain_db_range)
+        if not isinstance(random_polarity, bool):
+            raise ValueError(f"data.random_polarity must be true or false, got {random_polarity!r}")
+        self.random_polarity = random_polarity
         self.datasets: dict[str, PairedAudioDataset] = {}
 
     def split_dirs(self, split: str) -> tuple[Path, Path]:
@@ -393,6 +403,7 @@ class PairedFolderDataModule(SplitDataModule):
                 seed=self.seed,
                 manifest_dir=self.manifest_dir,
                 gain_db_range=self.gain_db_range if split == "train" else None,
+                random_polarity=self.random_polarity and split == "train",
             )
         return self.datasets[split]
 

@@ -84,6 +84,21 @@ def test_mixture_snr_is_the_drawn_snr(dirs):
     assert -5 <= min(drawn) and max(drawn) <= 20 and np.ptp(drawn) > 5
 
 
+def test_random_polarity_inverts_some_mixtures_and_changes_no_other_draw(dirs):
+    plain = train_set(mixing(dirs, seed=5))
+    flipped = train_set(mixing(dirs, seed=5, random_polarity=True))
+    signs = []
+    for i in range(2 * len(plain)):
+        x, y = plain[i], flipped[i]
+        sign = 1 if torch.equal(y["noisy"], x["noisy"]) else -1
+        assert torch.equal(y["noisy"], sign * x["noisy"]) and torch.equal(y["clean"], sign * x["clean"])
+        assert y["snr_db"] == x["snr_db"]
+        signs.append(sign)
+    assert set(signs) == {1, -1}
+    with pytest.raises(ValueError, match="data.random_polarity"):
+        mixing(dirs, random_polarity="no")
+
+
 def test_reverberation_convolves_the_speech_with_an_impulse_response(dirs):
     kw = dict(rir_dir=dirs / "rirs", gain_db_range=(0.0, 0.0), seed=1)
     dry = train_set(mixing(dirs, **kw))

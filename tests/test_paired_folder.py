@@ -68,6 +68,24 @@ def test_training_gains_never_push_a_peak_over_full_scale(pair_tree):
     np.testing.assert_allclose(peaks, 0.99, rtol=1e-5)
 
 
+def test_random_polarity_flips_the_pair_alike(pair_tree):
+    plain = PairedFolderDataModule(pair_tree, crop_seconds=0.1, seed=3, gain_db_range=[-20, -5])
+    flipped = PairedFolderDataModule(pair_tree, crop_seconds=0.1, seed=3, gain_db_range=[-20, -5], random_polarity=True)
+    plain.setup("fit"), flipped.setup("fit")
+    a, b = plain.dataset("train"), flipped.dataset("train")
+    signs = []
+    for i in range(4 * len(a)):  # four epochs of three files: the same crops and gains, some inverted
+        x, y = a[i], b[i]
+        sign = 1 if torch.equal(y["noisy"], x["noisy"]) else -1
+        assert torch.equal(y["noisy"], sign * x["noisy"]) and torch.equal(y["clean"], sign * x["clean"])
+        signs.append(sign)
+    assert set(signs) == {1, -1}
+    assert torch.equal(b[5]["noisy"], b[5]["noisy"])  # deterministic per (seed, epoch, index)
+    assert torch.equal(flipped.dataset("val")[0]["noisy"], plain.dataset("val")[0]["noisy"])
+    with pytest.raises(ValueError, match="data.random_polarity"):
+        PairedFolderDataModule(pair_tree, random_polarity="false")
+
+
 @pytest.mark.parametrize("value", [[3], [6, -6], "loud", [0, float("nan")]])
 def test_bad_gain_range_is_refused_by_name(pair_tree, value):
     with pytest.raises(ValueError, match="data.gain_db_range"):
