@@ -187,7 +187,6 @@ class MixingDataModule(SplitDataModule):
         dereverberate: the target is the dry speech (``True``) or the reverberant speech (``False``).
         snr_range: ``[low, high]`` mixing SNR in dB, drawn uniformly.
         gain_db_range: ``[low, high]`` gain in dB applied to noisy and clean alike (rescaled if it would clip).
-        random_polarity: invert half of the training mixtures (noisy and clean alike), drawn per item.
         crop_seconds: training crop length; ``None``: whole utterances.
         epoch_size: mixtures per epoch; ``None``: one per clean file.
         batch_size: training mixtures per batch.
@@ -206,7 +205,7 @@ class MixingDataModule(SplitDataModule):
         pin_memory: pin batches in page-locked memory.
         manifest_dir: where the file lists with their lengths are cached; ``None``: not cached.
         pad_to_multiple: zero-pad training batches to a multiple of this many samples.
-    which is logged).
+        random_polarity: invert half of the training mixtures (noisy and clean alike), drawn per item.
     """
 
     def __init__(

@@ -245,3 +245,25 @@ def test_training_after_fast_inference_in_the_same_thread():
     y = fused(torch.randn(2, 9000))
     y.square().mean().backward()
     assert all(p.grad is not None and p.grad.isfinite().all() for p in fused.parameters())
+
+
+def test_training_step_is_the_same_at_any_thread_count():
+    # CPU training changes its thread count while metric workers score (dfl.metric_pool.CoreShare): a step that
+    # depended on it would make two runs of one config differ. 4 x 16000 samples: large enough for torch to
+    # split a sum between threads.
+    _, fused = _pair()
+    gen = torch.Generator().manual_seed(5)
+    x, target = torch.randn(4, 16000, generator=gen), torch.randn(4, 16000, generator=gen)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            fused.zero_grad()
+            (fused(x) - target).abs().mean().backward()
+            results.append([p.grad.clone() for p in fused.parameters()])
+    finally:
+        torch.set_num_threads(threads)
+    names = [name for name, _ in fused.model.named_parameters()]
+    for name, a, b in zip(names, *results):
+        assert torch.equal(a, b), name

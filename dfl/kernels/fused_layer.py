@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -387,7 +388,10 @@ class _OutputConvDeferredNorm(torch.autograd.Function):
                                                        weight.detach().reshape(-1), spec.shift, dz[b], sums,
                                                        weight_grad)  # fmt: skip
         grad_scale, grad_offset = kernels.norm_grads(sums, spec.shift)
-        return dz, grad_scale, grad_offset, weight_grad.float().view_as(weight), g.sum().reshape(1), None
+        # numpy's pairwise sum: the same at any thread count (torch's float sum splits by threads, and the CPU
+        # training's threads change while metric workers score: the run would not repeat)
+        bias_grad = g.new_tensor([np.sum(g.numpy(), dtype=np.float64)])
+        return dz, grad_scale, grad_offset, weight_grad.float().view_as(weight), bias_grad, None
 
 
 def output_conv_deferred_norm(z: torch.Tensor, below: tuple, output: torch.nn.Conv1d, length: int,
