@@ -21,7 +21,7 @@ from scipy.signal import oaconvolve
 from torch.utils.data import Dataset
 
 from datamodules.manifest import AudioEntry, DataError, require_usable, scan_audio_dir
-from datamodules.paired_folder import SPLITS, PairedAudioDataset, SplitDataModule, gained_pair
+from datamodules.paired_folder import SPLITS, PairedAudioDataset, SplitDataModule, _polarity_flag, gained_pair
 from dfl.audio import AudioError, load_mono
 
 log = logging.getLogger(__name__)
@@ -262,9 +262,7 @@ class MixingDataModule(SplitDataModule):
             rir_prob=rir_prob, dereverberate=dereverberate,
         )
         self.crop_samples = int(round(crop_seconds * sample_rate)) if crop_seconds else None
-        if not isinstance(random_polarity, bool):
-            raise ValueError(f"data.random_polarity must be true or false, got {random_polarity!r}")
-        self.random_polarity = random_polarity
+        self.random_polarity = _polarity_flag(random_polarity)
         self.epoch_size = epoch_size
         self.batch_size, self.bucket, self.bucket_window = batch_size, bucket, bucket_window
         self.n_eval = {"val": n_val, "test": n_test}

@@ -300,6 +300,13 @@ def _gain_range(value) -> tuple[float, float] | None:
     return low, high
 
 
+def _polarity_flag(value) -> bool:
+    """``data.random_polarity`` checked: a boolean (a string such as ``"false"`` would count as true)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"data.random_polarity must be true or false, got {value!r}")
+    return value
+
+
 class PairedFolderDataModule(SplitDataModule):
     """Train/val/test splits from ``root/{trainset,valset,testset}_{noisy,clean}/``.
 
@@ -376,9 +383,7 @@ class PairedFolderDataModule(SplitDataModule):
         self.pad_to_multiple = pad_to_multiple
         self.val_split = val_split
         self.gain_db_range = _gain_range(gain_db_range)
-        if not isinstance(random_polarity, bool):
-            raise ValueError(f"data.random_polarity must be true or false, got {random_polarity!r}")
-        self.random_polarity = random_polarity
+        self.random_polarity = _polarity_flag(random_polarity)
         self.datasets: dict[str, PairedAudioDataset] = {}
 
     def split_dirs(self, split: str) -> tuple[Path, Path]:
