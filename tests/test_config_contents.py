@@ -205,8 +205,9 @@ def test_fl_random_ignores_a_pretrained_checkpoint(tmp_path):
 # Experiments (docs/training.md and each experiment's header): the paper's recipe is VoiceBank-DEMAND, can_paper, the
 # feature loss over every layer of the paper's loss network, 10 balancing epochs (mean over them), Adam 1e-4,
 # batch size 1 whole utterances, 320 epochs; paper_l1/l2 swap the loss. The demo narrows can_paper to 32
-# channels (same layers and receptive field), identity init, synthetic data in 1-s crops of 4, lr 1e-3,
-# 2 balancing epochs, and validates/checkpoints an average of the weights (decay 0.995); the recipes do not.
+# channels and 14 layers (dilations up to 1024: receptive field 4099 samples, 0.26 s), identity init, synthetic
+# data in 1-s crops of 4, lr 1e-3, 2 balancing epochs, and validates/checkpoints an average of the weights
+# (decay 0.995); the recipes do not.
 PAPER_RECIPE = dict(data="voicebank", model="can_paper", channels=64, init="default", batch_size=1, crop=None,
                     lr=1e-4, epochs=320, balance_epochs=10, window="all", lossnet="paper")
 FACTS_EXPERIMENT = {
@@ -214,7 +215,8 @@ FACTS_EXPERIMENT = {
     "paper_l1": dict(PAPER_RECIPE, loss="l1"),
     "paper_l2": dict(PAPER_RECIPE, loss="l2"),
     "demo": dict(data="synthetic", model="can_paper", channels=32, init="identity", batch_size=4, crop=1.0,
-                 lr=1e-3, balance_epochs=2, lossnet="paper", loss="fl", weight_average=0.995),
+                 lr=1e-3, balance_epochs=2, lossnet="paper", loss="fl", weight_average=0.995,
+                 model_facts=dict(dilations=[1, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 1], receptive_field=4099)),
     "eval_voicebank": dict(eval=True, split="test", data_dir="voicebank", paper_table=True),
     # make demo's last step: the demo's synthetic test split
     "eval_demo": dict(eval=True, split="test", data_dir="synthetic_speech", paper_table=False),
@@ -241,7 +243,7 @@ def test_experiment_config_is_the_documented_recipe(name):
         assert Path(cfg.data.root).name == "voicebank"
     assert cfg.data.batch_size == facts["batch_size"] and cfg.data.crop_seconds == facts["crop"]
     # the denoiser: the model's documented facts, at the experiment's width
-    model_facts = FACTS_MODEL[facts["model"]]
+    model_facts = dict(FACTS_MODEL[facts["model"]], **facts.get("model_facts", {}))
     net = build(cfg.model)
     check_denoiser(net, model_facts, channels=facts["channels"])
     assert net.config["init"] == facts["init"]
