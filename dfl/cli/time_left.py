@@ -5,8 +5,8 @@ included, and those take longer on a slower machine. So it counts from its own s
 left, less a reserve for what runs besides it (the corpus generation before the training's clock starts, the test,
 the report), and at least ``--floor``.
 
-    python -m dfl.cli.time_left --start "$(date +%s)" --budget 900 --reserve 120   # 13 minutes for the training
-    00:00:13:00
+    python -m dfl.cli.time_left --start "$(date +%s)" --budget 900 --reserve 120   # ~13 minutes for the training
+    00:00:12:59
 """
 
 from __future__ import annotations
