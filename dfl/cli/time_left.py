@@ -1,9 +1,9 @@
 """``python -m dfl.cli.time_left``: the training time left in a wall-clock budget, as ``trainer.max_time``.
 
-`make demo` promises its result within 15 minutes on a 2-core CPU, the install and the loss network's pretraining
-included, and those take longer on a slower machine. So it counts from its own start and gives the training what is
-left, less a reserve for what runs besides it (the corpus generation before the training's clock starts, the test,
-the report), and at least ``--floor``.
+`make demo` promises its result within a wall-clock budget (the Makefile's ``DEMO_BUDGET_S``), the install and the
+loss network's pretraining included, and those take longer on a slower machine. So it counts from its own start and
+gives the training what is left, less a reserve for what runs besides it (the corpus generation before the
+training's clock starts, the test, the report), and at least ``--floor``.
 
     python -m dfl.cli.time_left --start "$(date +%s)" --budget 900 --reserve 120   # ~13 minutes for the training
     00:00:12:59
